@@ -1,0 +1,56 @@
+# imgcls: `make demo` and `make test` from a fresh clone; `make` lists every target.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Keep Keras, MLflow and BentoML off the network and out of $HOME.
+export MLFLOW_DISABLE_TELEMETRY := true
+export BENTOML_DO_NOT_TRACK := true
+export DO_NOT_TRACK := true
+export TF_CPP_MIN_LOG_LEVEL := 2
+export KERAS_HOME := $(CURDIR)/.imgcls/keras
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-fast lint format bench bench-train bench-serve browser compose-config clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c requirements.lock -e ".[cpu,dev]"
+	touch $@
+
+install: $(BIN)/.installed ## create .venv and install the pinned dependencies
+
+browser: ## install Debian's chromium for the page tests (needs root; skipped otherwise)
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) ; } \
+	  || echo "chromium not installed: browser tests will be skipped"
+
+demo: install ## train, register, promote and serve the digits demo, then show a prediction
+	$(BIN)/imgcls demo
+
+test: install browser ## run the test suite (about ten minutes on 2 cores)
+	$(BIN)/pytest -q
+
+test-fast: install ## the suite without the slow tests
+	$(BIN)/pytest -q -m "not slow"
+
+lint: install ## ruff lint and format check
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: install ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+bench-train: install ## training quality and speed benchmarks (needs ../shared), see docs/benchmarks.md
+	$(BIN)/python bench/train_bench.py
+
+bench-serve: install ## serving throughput/latency benchmark, see docs/benchmarks.md
+	$(BIN)/python bench/serve_bench.py
+
+compose-config: install ## validate docker-compose.yml with the Compose binary
+	$(BIN)/docker-compose config --quiet 2>/dev/null || $(BIN)/docker compose config --quiet
+
+clean: ## remove the virtual environment and local project data
+	rm -rf $(VENV) .imgcls

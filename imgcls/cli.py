@@ -1,0 +1,61 @@
+"""The `imgcls` command: each stage registers its own subcommands.
+
+`training/cli.py`, `registry/cli.py` and `service/cli.py` each expose `register(subparsers)`;
+this module only collects them, configures logging and runs the chosen command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+# Stage modules that contribute subcommands, in the order of the model's life.
+_STAGES = ("training.cli", "registry.cli", "service.cli", "imgcls.demo")
+
+
+def _quiet_environment() -> None:
+    """No telemetry, no TensorFlow banner: set before any heavy import."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every stage's subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="imgcls",
+        description="Train, track, promote and serve transfer-learning image classifiers.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _STAGES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    _quiet_environment()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("mlflow", "alembic", "urllib3", "absl", "h5py", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

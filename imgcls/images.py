@@ -1,0 +1,79 @@
+"""The one image preprocessing used outside the Keras graph: decode, to RGB, resize.
+
+Matches Keras' `image_dataset_from_directory` (bilinear `resize`, no antialiasing), so a
+model sees the same pixels in training and serving. Decoding uses Pillow; for JPEG this is
+libjpeg's accurate IDCT, which can differ from TensorFlow's default fast IDCT by a few
+levels (see docs/benchmarks.md). No TensorFlow import: this runs on any Keras backend.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Pillow's own default bomb guard is ~89 MP; serving sets a tighter one.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a usable image; the message says why, for a 4xx or a CLI line."""
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes to an (H, W, 3) uint8 RGB array.
+
+    Greyscale, palette, RGBA, CMYK and 16-bit images become 8-bit RGB; animated images
+    give their first frame. EXIF orientation is not applied, as in training (TensorFlow's
+    decoder ignores it too), so both sides see the pixels as stored.
+    """
+    if not data:
+        raise ImageDecodeError("empty upload: no image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"image is {width}x{height} = {width * height} pixels, "
+                    f"over the limit of {max_pixels}"
+                )
+            img.seek(0)
+            return np.asarray(_to_rgb(img), dtype=np.uint8)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"image is too large to decode safely: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError("not an image: the file format was not recognised") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"image is truncated or corrupt: {exc}") from exc
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB, the way training's decoder produces it (alpha is dropped, not composited)."""
+    img.load()
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits rather than clip.
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def resize_image(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize (H, W, 3) pixels to `size` = (height, width) as float32, like Keras' loader."""
+    import keras  # deferred: importing Keras starts its backend
+
+    arr = np.asarray(pixels, dtype=np.float32)
+    if arr.shape[:2] == tuple(size):
+        return arr
+    out = keras.ops.image.resize(arr, tuple(size), interpolation="bilinear")
+    return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
+
+
+def load_image(data: bytes, size: tuple[int, int], **kwargs) -> np.ndarray:
+    """Decode and resize image bytes: the model's input for one image, float32 (H, W, 3)."""
+    return resize_image(decode_image(data, **kwargs), size)

@@ -1,0 +1,32 @@
+"""What travels with a saved model: its classes, input size, backbone and metrics.
+
+Stored as MLflow model metadata (`log_model(metadata=...)`) and as BentoML model metadata,
+so the service never re-derives class names from a folder listing.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ModelCard(BaseModel):
+    """Facts about a trained model that every consumer of it needs."""
+
+    class_names: list[str] = Field(min_length=2)
+    image_size: tuple[int, int] = Field(description="(height, width) of the model's input.")
+    backbone: str
+    metrics: dict[str, float] = Field(default_factory=dict)
+    dataset_fingerprint: str | None = None
+    # The saved model takes raw RGB pixels 0-255 at `image_size`; see imgcls.images.
+    input_format: str = "rgb_uint8_range"
+
+    def to_metadata(self) -> dict:
+        """A JSON-safe dict for MLflow/BentoML metadata."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_metadata(cls, metadata: dict | None) -> ModelCard:
+        """Rebuild a card from stored metadata; raises ValueError if it is missing."""
+        if not metadata or "class_names" not in metadata:
+            raise ValueError("model has no imgcls metadata (class_names, image_size, backbone)")
+        return cls.model_validate(metadata)
