@@ -9,6 +9,7 @@ levels (see docs/benchmarks.md). No TensorFlow import: this runs on any Keras ba
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -26,41 +27,56 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
 
     Greyscale, palette, RGBA, CMYK and 16-bit images become 8-bit RGB; animated images
     give their first frame. EXIF orientation is not applied, as in training (TensorFlow's
-    decoder ignores it too), so both sides see the pixels as stored.
+    decoder ignores it too), so both sides see the pixels as stored. Raises
+    ImageDecodeError for empty, unrecognised, truncated, corrupt or oversized images;
+    `max_pixels` is checked from the header, before any pixel is decoded.
     """
     if not data:
         raise ImageDecodeError("empty upload: no image bytes")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    f"image is {width}x{height} = {width * height} pixels, "
-                    f"over the limit of {max_pixels}"
-                )
-            img.seek(0)
-            return np.asarray(_to_rgb(img), dtype=np.uint8)
+        with warnings.catch_warnings():
+            # Pillow only warns between its limit and twice it; a bomb is an error here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                _check_pixel_count(img.size, max_pixels)
+                img.seek(0)
+                return np.asarray(_to_rgb(img), dtype=np.uint8)
     except ImageDecodeError:
         raise
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"image is too large to decode safely: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("not an image: the file format was not recognised") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"image is truncated or corrupt: {exc}") from exc
+
+
+def _check_pixel_count(size: tuple[int, int], max_pixels: int) -> None:
+    """Refuse an image whose header announces more than `max_pixels` (decompression bomb)."""
+    width, height = size
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+        )
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB, the way training's decoder produces it (alpha is dropped, not composited)."""
     img.load()
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits rather than clip.
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode.startswith("I") or img.mode == "F":
+        img = Image.fromarray(_high_byte(np.asarray(img)), "L")
     if img.mode == "P" and "transparency" in img.info:
+        # Through RGBA so the palette's colours are kept and the alpha is dropped.
         img = img.convert("RGBA")
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _high_byte(values: np.ndarray) -> np.ndarray:
+    """16-bit samples to 8 bits as TensorFlow does it: a right shift by 8, floor(x / 256)."""
+    wide = np.clip(np.asarray(values, dtype=np.float64), 0, 65535).astype(np.uint32)
+    return (wide >> 8).astype(np.uint8)
 
 
 def resize_image(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -1,0 +1,163 @@
+"""The typed configuration of a training run: one pydantic model, validated at start.
+
+A YAML file (`--config run.yaml`) gives any subset of fields; command-line options
+override it; everything else takes the defaults below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Backbone = Literal["vgg16", "resnet50", "simple_cnn"]
+
+# Input sizes the backbones were trained at; any size >= 32 works for the convolutions.
+DEFAULT_IMAGE_SIZE = {"vgg16": 224, "resnet50": 224, "simple_cnn": 28}
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(_Strict):
+    """Random augmentation layers inside the graph (active only while training)."""
+
+    enabled: bool = True
+    flip: Literal["horizontal", "vertical", "horizontal_and_vertical", "none"] = "horizontal"
+    rotation: float = Field(0.05, ge=0, le=0.5, description="fraction of a full turn")
+    zoom: float = Field(0.1, ge=0, lt=1)
+    contrast: float = Field(0.1, ge=0, lt=1)
+    translation: float = Field(0.1, ge=0, lt=1)
+
+
+class HeadConfig(_Strict):
+    """The dense classifier put on top of the backbone."""
+
+    pooling: Literal["avg", "max", "flatten"] = "avg"
+    dense_units: list[int] = Field(default_factory=lambda: [256])
+    dropout: float = Field(0.3, ge=0, lt=1)
+
+    @field_validator("dense_units")
+    @classmethod
+    def _positive_units(cls, units: list[int]) -> list[int]:
+        if any(u < 1 for u in units):
+            raise ValueError("every dense layer needs at least 1 unit")
+        return units
+
+
+class FineTuneConfig(_Strict):
+    """Optional second phase: unfreeze the top of the backbone at a low learning rate."""
+
+    unfreeze_layers: int = Field(0, ge=0, description="top backbone layers to unfreeze; 0 = off")
+    epochs: int = Field(5, ge=1)
+    # 100x below the usual head rate, so pretrained filters move slowly.
+    learning_rate: float = Field(1e-5, gt=0, lt=1)
+
+
+class TrainConfig(_Strict):
+    """Everything that defines a training run; logged in full as MLflow params."""
+
+    data: Path
+    backbone: Backbone = "vgg16"
+    weights: str = Field("imagenet", description="'imagenet', 'none' or a local weights file")
+    image_size: int | None = Field(None, ge=32, le=1024, description="default: the backbone's")
+    epochs: int = Field(20, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    learning_rate: float = Field(1e-3, gt=0, lt=1)
+    seed: int = 42
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    fine_tune: FineTuneConfig = Field(default_factory=FineTuneConfig)
+    early_stopping_patience: int = Field(5, ge=1)
+    reduce_lr_patience: int = Field(2, ge=1)
+    class_weight: Literal["none", "balanced"] = "none"
+    cache_features: bool = Field(True, description="run a frozen backbone once when not augmenting")
+    distribute: Literal["none", "mirrored", "multi_worker"] = "none"
+    mixed_precision: Literal["auto", "on", "off"] = Field("auto", description="auto: on GPU only")
+    # A largest/smallest class ratio above this is reported as heavy imbalance.
+    imbalance_ratio_warning: float = Field(10.0, ge=1)
+
+    @field_validator("weights")
+    @classmethod
+    def _known_weights(cls, weights: str) -> str:
+        if weights in ("imagenet", "none"):
+            return weights
+        if not Path(weights).is_file():
+            raise ValueError(f"weights file not found: {weights} (or use 'imagenet' / 'none')")
+        return weights
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.backbone == "simple_cnn" and self.fine_tune.unfreeze_layers:
+            raise ValueError("fine_tune.unfreeze_layers: simple_cnn is fully trainable already")
+        if self.val_fraction + self.test_fraction >= 0.8:
+            raise ValueError("val_fraction + test_fraction leave too little data to train on")
+        return self
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the model input."""
+        size = self.image_size or DEFAULT_IMAGE_SIZE[self.backbone]
+        return (size, size)
+
+    @property
+    def weights_arg(self) -> str | None:
+        """The value for keras.applications' `weights=` argument."""
+        return None if self.weights == "none" else self.weights
+
+    def flat_params(self) -> dict[str, str]:
+        """The resolved config as flat `a.b` keys, for MLflow params."""
+        return dict(_flatten(self.model_dump(mode="json") | {"image_size": self.input_size[0]}))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", str(value)
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> TrainConfig:
+    """Build a TrainConfig from an optional YAML file plus overrides (None = not given).
+
+    Raises ConfigError whose message names each bad field and the file.
+    """
+    values: dict[str, Any] = _read_yaml(path) if path else {}
+    for key, value in overrides.items():
+        if value is not None:
+            _set_dotted(values, key, value)
+    try:
+        return TrainConfig.model_validate(values)
+    except ValidationError as exc:
+        source = f" in {path}" if path else ""
+        lines = [f"  {'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"invalid training config{source}:\n" + "\n".join(lines)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must be a mapping of field: value")
+    return values
+
+
+def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        values = values.setdefault(part, {})
+    values[leaf] = value

@@ -1,0 +1,297 @@
+"""From a class-per-folder tree to validated train/validation/test datasets.
+
+`scan_dataset` checks every file before training starts (bad files are left out and
+listed; an unusable dataset stops with a message naming the problem and the path).
+The split is fixed in a manifest, and each split is read by Keras'
+`image_dataset_from_directory` from a view of symbolic links to the good files only,
+so the loader never meets a bad file mid-epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imgcls.images import ImageDecodeError, decode_image
+
+log = logging.getLogger(__name__)
+
+# The extensions Keras' image_dataset_from_directory loads; other files are skipped.
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+
+
+class DatasetError(ValueError):
+    """The folder cannot be trained on; the message names the problem and the path."""
+
+
+@dataclass
+class DatasetScan:
+    """The outcome of checking a dataset folder: usable files per split, and what was left out."""
+
+    root: Path
+    class_names: list[str]
+    layout: str  # "folders" (train/val/test sub-folders) or "single" (split by seed)
+    files: dict[str, list[tuple[str, int]]]  # split -> [(path relative to root, label)]
+    bad_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def class_counts(self) -> dict[str, int]:
+        """Usable images per class, all splits together."""
+        counts = Counter(label for items in self.files.values() for _, label in items)
+        return {name: counts[i] for i, name in enumerate(self.class_names)}
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the file list and sizes: same data, same fingerprint."""
+        digest = hashlib.sha256("\n".join(self.class_names).encode())
+        for split in SPLITS:
+            for rel, label in sorted(self.files[split]):
+                size = (self.root / rel).stat().st_size
+                digest.update(f"\n{split}/{label}/{rel}:{size}".encode())
+        return digest.hexdigest()[:16]
+
+    def manifest(self) -> dict:
+        """A JSON-able record of the split, enough to rebuild any split later."""
+        return {
+            "root": str(self.root),
+            "class_names": self.class_names,
+            "layout": self.layout,
+            "fingerprint": self.fingerprint,
+            "files": {s: [list(item) for item in self.files[s]] for s in SPLITS},
+        }
+
+    def report(self) -> dict:
+        """What the scan found, for the terminal and as a run artifact."""
+        return {
+            "root": str(self.root),
+            "layout": self.layout,
+            "class_counts": self.class_counts,
+            "split_sizes": {s: len(self.files[s]) for s in SPLITS},
+            "bad_files": [{"path": p, "reason": r} for p, r in self.bad_files],
+            "warnings": self.warnings,
+        }
+
+
+def scan_dataset(
+    root: Path,
+    *,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 42,
+    imbalance_ratio_warning: float = 10.0,
+) -> DatasetScan:
+    """Check a class-per-folder tree and fix its train/val/test split.
+
+    Layouts: `root/<class>/*` (split by a seeded, stratified draw) or
+    `root/{train,val,test}/<class>/*` (a missing val or test is carved from train).
+    """
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder not found: {root}")
+    split_dirs = _split_dirs(root)
+    layout = "folders" if split_dirs else "single"
+    class_names = _class_names(split_dirs.get("train", root))
+    per_split, bad, exif = _check_files(root, split_dirs or {"train": root}, class_names)
+    _require_usable(root, class_names, per_split)
+    files = _assign_splits(per_split, val_fraction, test_fraction, seed)
+    scan = DatasetScan(root, class_names, layout, files, bad)
+    scan.warnings = _warnings(scan, exif, imbalance_ratio_warning)
+    return scan
+
+
+def _split_dirs(root: Path) -> dict[str, Path]:
+    found = {
+        _SPLIT_ALIASES[p.name.lower()]: p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.lower() in _SPLIT_ALIASES
+    }
+    if found and "train" not in found:
+        raise DatasetError(f"{root} has {sorted(found)} folders but no train/ folder")
+    return found
+
+
+def _class_names(folder: Path) -> list[str]:
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise DatasetError(f"no class folders in {folder}: expected one sub-folder per class")
+    if len(names) < 2:
+        raise DatasetError(f"only one class ({names[0]}) in {folder}: need at least two")
+    return names
+
+
+def _check_files(root: Path, split_dirs: dict[str, Path], class_names: list[str]):
+    """Decode every candidate file once; returns usable files, bad files, EXIF-rotated count."""
+    candidates, bad = [], []
+    for split, folder in split_dirs.items():
+        for label, name in enumerate(class_names):
+            class_dir = folder / name
+            if not class_dir.is_dir():
+                continue
+            for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
+                rel = str(path.relative_to(root))
+                if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                    bad.append(
+                        (rel, f"not an image file Keras loads ({path.suffix or 'no extension'})")
+                    )
+                else:
+                    candidates.append((split, rel, label))
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        verdicts = list(pool.map(lambda c: _check_image(root / c[1]), candidates))
+    per_split: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
+    exif = 0
+    for (split, rel, label), (reason, rotated) in zip(candidates, verdicts, strict=True):
+        if reason:
+            bad.append((rel, reason))
+        else:
+            per_split[split].append((rel, label))
+            exif += rotated
+    return per_split, bad, exif
+
+
+def _check_image(path: Path) -> tuple[str | None, bool]:
+    """(reason it is unusable or None, whether it carries an EXIF rotation)."""
+    try:
+        data = path.read_bytes()
+        decode_image(data)
+    except (ImageDecodeError, OSError) as exc:
+        return str(exc), False
+    return None, _has_exif_rotation(data)
+
+
+def _has_exif_rotation(data: bytes) -> bool:
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.getexif().get(0x0112, 1) not in (1, None)
+    except Exception:  # noqa: BLE001 - EXIF is advisory only
+        return False
+
+
+def _require_usable(root: Path, class_names: list[str], per_split) -> None:
+    counts = Counter(label for items in per_split.values() for _, label in items)
+    empty = [name for i, name in enumerate(class_names) if counts[i] == 0]
+    if empty:
+        raise DatasetError(
+            f"class folder(s) with no usable images under {root}: {', '.join(empty)}"
+        )
+    few = [name for i, name in enumerate(class_names) if counts[i] < 3]
+    if few:
+        raise DatasetError(
+            f"class(es) with fewer than 3 usable images under {root} (one each is needed "
+            f"for train, validation and test): {', '.join(few)}"
+        )
+
+
+def _assign_splits(per_split, val_fraction, test_fraction, seed):
+    """Carve missing val/test splits from train, stratified per class, seeded."""
+    files = {s: list(per_split[s]) for s in SPLITS}
+    need = [(s, f) for s, f in (("test", test_fraction), ("val", val_fraction)) if not files[s]]
+    if not need:
+        return files
+    rng = random.Random(seed)
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for item in files["train"]:
+        by_class.setdefault(item[1], []).append(item)
+    files["train"] = []
+    for items in by_class.values():
+        rng.shuffle(items)
+        for split, fraction in need:
+            take = max(1, round(len(items) * fraction)) if len(items) > len(need) else 0
+            files[split] += items[:take]
+            items = items[take:]
+        files["train"] += items
+    return {s: sorted(v) for s, v in files.items()}
+
+
+def _warnings(scan: DatasetScan, exif_rotated: int, ratio_limit: float) -> list[str]:
+    out = []
+    counts = scan.class_counts
+    ratio = max(counts.values()) / max(1, min(counts.values()))
+    if ratio > ratio_limit:
+        out.append(
+            f"heavy class imbalance: largest/smallest class = {ratio:.1f} "
+            f"({counts}); consider class_weight: balanced"
+        )
+    for split in SPLITS:
+        missing = [
+            n for i, n in enumerate(scan.class_names) if all(lb != i for _, lb in scan.files[split])
+        ]
+        if missing:
+            out.append(f"{split} split has no images of: {', '.join(missing)}")
+    if exif_rotated:
+        out.append(f"{exif_rotated} image(s) carry an EXIF rotation; they are read as stored")
+    if scan.bad_files:
+        out.append(f"{len(scan.bad_files)} file(s) left out (see data_report.json)")
+    return out
+
+
+def scan_from_manifest(manifest: dict) -> DatasetScan:
+    """Rebuild a scan from a logged manifest; raises DatasetError if files have gone."""
+    root = Path(manifest["root"])
+    files = {s: [(rel, int(label)) for rel, label in manifest["files"][s]] for s in SPLITS}
+    missing = [rel for items in files.values() for rel, _ in items if not (root / rel).is_file()]
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} file(s) of the logged split are missing under {root}, e.g. {missing[0]}"
+        )
+    return DatasetScan(root, list(manifest["class_names"]), manifest["layout"], files)
+
+
+def write_view(scan: DatasetScan, split: str, dest: Path) -> Path:
+    """Write `dest/<class>/<file>` symlinks to the usable files of one split; returns dest."""
+    for name in scan.class_names:
+        (dest / name).mkdir(parents=True, exist_ok=True)
+    for index, (rel, label) in enumerate(scan.files[split]):
+        source = scan.root / rel
+        link = dest / scan.class_names[label] / f"{index:07d}{source.suffix.lower()}"
+        link.symlink_to(source)
+    return dest
+
+
+def load_split(
+    scan: DatasetScan,
+    split: str,
+    view_dir: Path,
+    image_size: tuple[int, int],
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 42,
+):
+    """A batched tf.data.Dataset of (raw RGB float32 images, int labels) for one split."""
+    import keras
+
+    folder = write_view(scan, split, Path(view_dir) / split)
+    return keras.utils.image_dataset_from_directory(
+        folder,
+        labels="inferred",
+        label_mode="int",
+        class_names=scan.class_names,
+        color_mode="rgb",
+        batch_size=batch_size,
+        image_size=image_size,
+        shuffle=shuffle,
+        seed=seed,
+        interpolation="bilinear",
+        follow_links=True,
+        verbose=False,
+    )
+
+
+def save_manifest(scan: DatasetScan, path: Path) -> Path:
+    """Write the split manifest as JSON; returns the path."""
+    path.write_text(json.dumps(scan.manifest(), indent=1))
+    return path

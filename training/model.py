@@ -1,0 +1,172 @@
+"""Keras models: a frozen keras.applications backbone with a dense head, or the course CNN.
+
+Every model takes raw RGB pixels 0-255 at its input size. Augmentation and the backbone's
+own preprocessing are layers inside the graph, built from stock Keras layers only (no
+`Lambda`), so the saved `.keras` file loads with `safe_mode=True` on any backend.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+
+from training.config import AugmentConfig, HeadConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+# keras.applications VGG16/ResNet50 use "caffe" preprocessing: RGB -> BGR, minus the
+# ImageNet channel means (in BGR order), no scaling.
+_CAFFE_BGR_MEAN = np.array([103.939, 116.779, 123.68], dtype="float32")
+_APPLICATIONS = {"vgg16": "VGG16", "resnet50": "ResNet50"}
+
+
+@dataclass
+class ParamCounts:
+    """Parameter counts the course teaches to read: total, trainable, frozen."""
+
+    total: int
+    trainable: int
+    frozen: int
+
+
+def build_model(config: TrainConfig, num_classes: int) -> keras.Model:
+    """The full classifier for `config`: raw pixels in, class probabilities out."""
+    inputs = keras.Input(shape=(*config.input_size, 3), name="image")
+    x = inputs
+    if config.augment.enabled:
+        x = build_augmentation(config.augment, config.seed)(x)
+    if config.backbone == "simple_cnn":
+        outputs = _simple_cnn_layers(x, num_classes)
+    else:
+        x = caffe_preprocessing()(x)
+        backbone = build_backbone(config.backbone, config.weights_arg, config.input_size)
+        # training=False keeps BatchNorm in inference mode, also when fine-tuning later.
+        x = backbone(x, training=False)
+        outputs = build_head(config.head, backbone.output.shape[1:], num_classes)(x)
+    return keras.Model(inputs, outputs, name=f"{config.backbone}_classifier")
+
+
+def build_backbone(name: str, weights: str | None, input_size: tuple[int, int]) -> keras.Model:
+    """A frozen keras.applications backbone without its top, named "backbone".
+
+    `weights` is "imagenet" (downloaded by Keras), None (random) or a local weights file.
+    """
+    constructor = getattr(keras.applications, _APPLICATIONS[name])
+    backbone = constructor(include_top=False, weights=weights, input_shape=(*input_size, 3))
+    backbone.name = "backbone"
+    backbone.trainable = False
+    return backbone
+
+
+def caffe_preprocessing() -> keras.layers.Layer:
+    """VGG16/ResNet50 `preprocess_input` as a frozen 1x1 convolution (channel swap + mean).
+
+    Exact: each output is one input times 1.0 plus a bias. Kept in float32 under mixed
+    precision so the ImageNet means are not rounded.
+    """
+    swap = np.zeros((1, 1, 3, 3), dtype="float32")
+    for out_channel, in_channel in enumerate((2, 1, 0)):
+        swap[0, 0, in_channel, out_channel] = 1.0
+    layer = keras.layers.Conv2D(3, 1, name="caffe_preprocess", trainable=False, dtype="float32")
+    layer.build((None, None, None, 3))
+    layer.set_weights([swap, -_CAFFE_BGR_MEAN])
+    return layer
+
+
+def build_augmentation(config: AugmentConfig, seed: int) -> keras.Sequential:
+    """Random flip/rotation/zoom/contrast/translation; identity at inference time."""
+    layers: list[keras.layers.Layer] = []
+    if config.flip != "none":
+        layers.append(keras.layers.RandomFlip(config.flip, seed=seed))
+    if config.rotation:
+        layers.append(keras.layers.RandomRotation(config.rotation, seed=seed))
+    if config.zoom:
+        layers.append(keras.layers.RandomZoom(config.zoom, seed=seed))
+    if config.translation:
+        layers.append(
+            keras.layers.RandomTranslation(config.translation, config.translation, seed=seed)
+        )
+    if config.contrast:
+        # value_range: the model sees raw 0-255 pixels here.
+        layers.append(keras.layers.RandomContrast(config.contrast, value_range=(0, 255), seed=seed))
+    return keras.Sequential(layers, name="augmentation")
+
+
+def build_head(config: HeadConfig, feature_shape, num_classes: int) -> keras.Sequential:
+    """The trainable classifier on top of backbone features (a sub-model named "head")."""
+    layers: list[keras.layers.Layer] = [keras.Input(shape=tuple(feature_shape))]
+    pooling = {
+        "avg": keras.layers.GlobalAveragePooling2D,
+        "max": keras.layers.GlobalMaxPooling2D,
+        "flatten": keras.layers.Flatten,
+    }[config.pooling]
+    layers.append(pooling(name="pool"))
+    for i, units in enumerate(config.dense_units):
+        layers.append(keras.layers.Dense(units, activation="relu", name=f"dense_{i}"))
+        if config.dropout:
+            layers.append(keras.layers.Dropout(config.dropout, name=f"dropout_{i}"))
+    # float32 output: softmax under mixed precision stays numerically sound.
+    layers.append(
+        keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs")
+    )
+    return keras.Sequential(layers, name="head")
+
+
+def _simple_cnn_layers(x, num_classes: int):
+    """The course's small CNN: 81,200 parameters on 28x28 greyscale (81,488 on RGB)."""
+    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv1")(x)
+    x = keras.layers.MaxPooling2D(name="pool1")(x)
+    x = keras.layers.Conv2D(32, 2, padding="same", activation="relu", name="conv2")(x)
+    x = keras.layers.MaxPooling2D(name="pool2")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(50, activation="relu", name="dense")(x)
+    return keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs")(x)
+
+
+def feature_extractor(model: keras.Model) -> keras.Model | None:
+    """Input -> frozen backbone features (no augmentation), sharing the model's layers.
+
+    Used to cache features; None if the model has no backbone (simple_cnn).
+    """
+    names = [layer.name for layer in model.layers]
+    if "backbone" not in names:
+        return None
+    inputs = keras.Input(shape=model.input_shape[1:], name="image")
+    x = inputs
+    for layer in model.layers[1 : names.index("head")]:
+        if layer.name != "augmentation":
+            x = layer(x, training=False)
+    return keras.Model(inputs, x, name="feature_extractor")
+
+
+def unfreeze_top(model: keras.Model, layers: int) -> int:
+    """Make the top `layers` backbone layers trainable (BatchNorm stays frozen); returns count."""
+    backbone = model.get_layer("backbone")
+    backbone.trainable = True
+    weighted = [layer for layer in backbone.layers if layer.weights]
+    for layer in backbone.layers:
+        layer.trainable = False
+    opened = 0
+    for layer in weighted[-layers:]:
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = True
+            opened += 1
+    return opened
+
+
+def count_params(model: keras.Model) -> ParamCounts:
+    """Total, trainable and frozen parameter counts."""
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    frozen = sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
+    return ParamCounts(total=trainable + frozen, trainable=trainable, frozen=frozen)
+
+
+def model_summary(model: keras.Model) -> str:
+    """Keras' summary (expanded nested models) as text."""
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, **_: lines.append(line), expand_nested=True)
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""MLflow wiring for training runs: where runs go, what a run records, how it ends."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import subprocess
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+
+from imgcls.modelcard import ModelCard
+from imgcls.settings import TrackingSettings
+
+log = logging.getLogger(__name__)
+
+
+def configure_mlflow(settings: TrackingSettings) -> str:
+    """Point MLflow at the configured store and experiment; returns the experiment id.
+
+    A local SQLite store puts its artifacts in `home/mlartifacts`, created on first use.
+    """
+    uri = settings.resolved_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(settings.experiment_name)
+    if experiment is not None:
+        experiment_id = experiment.experiment_id
+    else:
+        experiment_id = mlflow.create_experiment(
+            settings.experiment_name, artifact_location=settings.artifact_root()
+        )
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+@contextlib.contextmanager
+def tracked_run(settings: TrackingSettings, run_name: str | None = None, tags: dict | None = None):
+    """An MLflow run that ends FINISHED, FAILED on an error, or KILLED on Ctrl-C."""
+    configure_mlflow(settings)
+    run = mlflow.start_run(run_name=run_name, tags=tags)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
+def git_revision() -> str | None:
+    """The code's git commit, when it runs from a checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def log_dataset(scan, context: str = "training") -> None:
+    """Dataset fingerprint, class counts, split sizes and the left-out files."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    report = scan.report()
+    dataset = MetaDataset(
+        source=LocalArtifactDatasetSource(str(scan.root)),
+        name=scan.root.name,
+        digest=scan.fingerprint,
+    )
+    mlflow.log_input(dataset, context=context)
+    mlflow.set_tags({"dataset.fingerprint": scan.fingerprint, "dataset.root": str(scan.root)})
+    mlflow.log_params({f"data.count.{k}": v for k, v in report["class_counts"].items()})
+    mlflow.log_params({f"data.split.{k}": v for k, v in report["split_sizes"].items()})
+    mlflow.log_param("data.bad_files", len(scan.bad_files))
+    mlflow.log_dict(report, "data/data_report.json")
+    mlflow.log_dict(scan.manifest(), "data/split.json")
+
+
+def log_figure(figure, name: str) -> None:
+    """Log a matplotlib figure under plots/ and close it."""
+    if figure is None:
+        return
+    import matplotlib.pyplot as plt
+
+    mlflow.log_figure(figure, f"plots/{name}.png")
+    plt.close(figure)
+
+
+class EpochMetricsLogger(keras.callbacks.Callback):
+    """Per-epoch metrics to MLflow; `offset` continues the step count across phases."""
+
+    def __init__(self, offset: int = 0, prefix: str = ""):
+        super().__init__()
+        self.offset, self.prefix = offset, prefix
+
+    def on_epoch_end(self, epoch, logs=None):
+        values = {f"{self.prefix}{k}": float(v) for k, v in (logs or {}).items() if np.isscalar(v)}
+        if self.model is not None and hasattr(self.model, "optimizer"):
+            values["learning_rate"] = float(
+                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+            )
+        mlflow.log_metrics(values, step=self.offset + epoch)
+
+
+def log_keras_model(model: keras.Model, card: ModelCard, example: np.ndarray) -> str:
+    """Log the model with signature, input example, requirements and its card; returns its URI."""
+    from mlflow.models import infer_signature
+
+    example = example.astype("float32")
+    signature = infer_signature(example, np.asarray(model.predict_on_batch(example)))
+    with _example_folder_created():
+        info = mlflow.keras.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=example,
+            pip_requirements=_pip_requirements(),
+            metadata=card.to_metadata(),
+        )
+    mlflow.log_dict(card.to_metadata(), "model_card.json")
+    return info.model_uri
+
+
+@contextlib.contextmanager
+def _example_folder_created():
+    """mlflow 3.17's Keras flavour writes the input example before it creates the model
+    folder (FileNotFoundError); create the folder first, for the duration of one call."""
+    import os
+
+    from mlflow.keras import save as keras_save
+
+    original = keras_save._save_example
+
+    def save_example(mlflow_model, input_example, path, *args, **kwargs):
+        os.makedirs(path, exist_ok=True)
+        return original(mlflow_model, input_example, path, *args, **kwargs)
+
+    keras_save._save_example = save_example
+    try:
+        yield
+    finally:
+        keras_save._save_example = original
+
+
+def _pip_requirements() -> list[str]:
+    import importlib.metadata as md
+
+    reqs = [f"keras=={keras.__version__}", f"numpy=={np.__version__}"]
+    for name in ("tensorflow-cpu", "tensorflow", "pillow"):
+        try:
+            version = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+        # tensorflow-cpu is the Linux CPU build of tensorflow; servers may have either.
+        reqs.append(f"{'tensorflow' if name.startswith('tensorflow') else name}=={version}")
+    return sorted(set(reqs))
+
+
+def log_text(text: str, path: str) -> None:
+    """Log a text artifact."""
+    mlflow.log_text(text, path)

@@ -1,0 +1,356 @@
+"""`train(config) -> TrainResult`: a folder of images becomes a tracked MLflow run.
+
+Steps: scan the folder -> load the splits -> build the model -> fit the head (on cached
+backbone features when nothing is random) -> optional fine-tuning -> evaluate on the
+held-out split -> log pictures and the model with its card.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+
+from imgcls.modelcard import ModelCard
+from imgcls.settings import TrackingSettings
+from training import evaluate as ev
+from training import tracking
+from training.config import TrainConfig
+from training.data import DatasetScan, load_split, scan_dataset
+from training.model import (
+    ParamCounts,
+    build_model,
+    count_params,
+    feature_extractor,
+    model_summary,
+    unfreeze_top,
+)
+
+log = logging.getLogger(__name__)
+
+# Decoded training images are kept in memory between epochs below this size.
+IMAGE_CACHE_BUDGET_BYTES = 2 * 1024**3
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced; the model is the one logged to MLflow."""
+
+    run_id: str
+    model_uri: str
+    card: ModelCard
+    metrics: dict[str, float]
+    evaluation: ev.Evaluation
+    history: dict[str, list[float]]
+    scan: DatasetScan
+    model: keras.Model
+    params: ParamCounts
+    epoch_seconds: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Splits:
+    """Batched tf.data datasets of raw pixels and int labels."""
+
+    train: object
+    val: object
+    test: object
+
+
+def train(config: TrainConfig, settings: TrackingSettings | None = None) -> TrainResult:
+    """Train, evaluate and log one model; the MLflow run is FAILED/KILLED if this raises."""
+    settings = settings or TrackingSettings()
+    scan = scan_dataset(
+        config.data,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+        imbalance_ratio_warning=config.imbalance_ratio_warning,
+    )
+    for warning in scan.warnings:
+        log.warning("%s", warning)
+    tags = {"backbone": config.backbone, "git.revision": tracking.git_revision() or "unknown"}
+    with tracking.tracked_run(settings, tags=tags) as run, _training_context(config) as strategy:
+        log.info("MLflow run %s (experiment %s)", run.info.run_id, settings.experiment_name)
+        mlflow.log_params(config.flat_params())
+        tracking.log_dataset(scan)
+        with tempfile.TemporaryDirectory(prefix="imgcls-view-") as view:
+            splits = load_splits(scan, config, Path(view))
+            return _run(config, scan, splits, strategy, run.info.run_id)
+
+
+def _run(
+    config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_id: str
+) -> TrainResult:
+    with strategy.scope():
+        model = build_model(config, len(scan.class_names))
+        compile_model(model, config.learning_rate)
+    params = _log_architecture(model)
+    history, seconds = fit_model(model, splits, config, scan)
+    evaluation = ev.evaluate_model(model, splits.test, scan.class_names)
+    metrics = evaluation.metrics()
+    mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
+    test_images = np.concatenate([np.asarray(x) for x, _ in splits.test])
+    _log_pictures(model, config, splits, evaluation, history, test_images)
+    card = ModelCard(
+        class_names=scan.class_names,
+        image_size=config.input_size,
+        backbone=config.backbone,
+        metrics={k: metrics[k] for k in ("accuracy", "macro_f1")},
+        dataset_fingerprint=scan.fingerprint,
+    )
+    model_uri = tracking.log_keras_model(model, card, test_images[:1])
+    return TrainResult(
+        run_id, model_uri, card, metrics, evaluation, history, scan, model, params, seconds
+    )
+
+
+def load_splits(scan: DatasetScan, config: TrainConfig, view_dir: Path) -> Splits:
+    """Train (shuffled each epoch), validation and test datasets, prefetched."""
+    import tensorflow as tf
+
+    size, batch = config.input_size, config.batch_size
+    train = load_split(scan, "train", view_dir, size, batch, shuffle=True, seed=config.seed)
+    image_bytes = len(scan.files["train"]) * size[0] * size[1] * 3 * 4
+    if image_bytes <= IMAGE_CACHE_BUDGET_BYTES:
+        # Cache decoded pixels unbatched, then reshuffle per epoch: decode once, not per epoch.
+        train = (
+            train.unbatch().cache().shuffle(len(scan.files["train"]), seed=config.seed).batch(batch)
+        )
+    val = load_split(scan, "val", view_dir, size, batch).cache()
+    test = load_split(scan, "test", view_dir, size, batch).cache()
+    autotune = tf.data.AUTOTUNE
+    return Splits(train.prefetch(autotune), val.prefetch(autotune), test.prefetch(autotune))
+
+
+def compile_model(model: keras.Model, learning_rate: float) -> None:
+    """Adam + sparse categorical cross-entropy + accuracy."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=["accuracy"],
+    )
+
+
+@contextlib.contextmanager
+def _training_context(config: TrainConfig):
+    """Seeds, determinism, mixed precision and the tf.distribute strategy for one run."""
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(config.seed)
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        tf.config.experimental.enable_op_determinism()  # repeatable runs on CPU
+    previous_policy = keras.mixed_precision.dtype_policy().name
+    use_mixed = config.mixed_precision == "on" or (config.mixed_precision == "auto" and gpus)
+    if use_mixed:
+        keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        yield _strategy(config.distribute)
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous_policy)
+
+
+def _strategy(name: str):
+    import tensorflow as tf
+
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":  # reads the cluster from TF_CONFIG
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _log_architecture(model: keras.Model) -> ParamCounts:
+    params = count_params(model)
+    mlflow.log_params(
+        {
+            "params.total": params.total,
+            "params.trainable": params.trainable,
+            "params.frozen": params.frozen,
+        }
+    )
+    tracking.log_text(model_summary(model), "model/summary.txt")
+    log.info(
+        "parameters: %s total, %s trainable, %s frozen",
+        f"{params.total:,}",
+        f"{params.trainable:,}",
+        f"{params.frozen:,}",
+    )
+    return params
+
+
+def fit_model(model: keras.Model, splits: Splits, config: TrainConfig, scan: DatasetScan):
+    """Phase 1 (head; cached features when possible) then optional fine-tuning.
+
+    Returns the merged per-epoch history and the wall-clock seconds of each epoch.
+    """
+    timer = EpochTimer()
+    extractor = feature_extractor(model)
+    class_weight = _class_weights(scan, config)
+    if extractor is None:
+        history = _fit_full(model, splits, config, class_weight, [timer], offset=0)
+    elif not config.augment.enabled and config.cache_features:
+        history = _fit_head_on_cached_features(
+            model, extractor, splits, config, class_weight, timer
+        )
+    else:
+        val_callback = CachedValidation(model.get_layer("head"), extractor, splits.val)
+        history = _fit_full(
+            model, splits, config, class_weight, [val_callback, timer], offset=0, validate=False
+        )
+    if config.fine_tune.unfreeze_layers and extractor is not None:
+        history = _merge(
+            history, _fine_tune(model, splits, config, class_weight, timer, len(history["loss"]))
+        )
+    return history, timer.seconds
+
+
+def _fit_full(model, splits, config, class_weight, callbacks, offset, validate=True, epochs=None):
+    result = model.fit(
+        splits.train,
+        validation_data=splits.val if validate else None,
+        epochs=epochs or config.epochs,
+        class_weight=class_weight,
+        callbacks=[*callbacks, *_standard_callbacks(config, offset)],
+        verbose=_verbosity(),
+    )
+    return result.history
+
+
+def _verbosity() -> int:
+    """Keras' live progress bar on a terminal, one line per epoch in logs."""
+    import sys
+
+    return 1 if sys.stdout.isatty() else 2
+
+
+def _fit_head_on_cached_features(model, extractor, splits, config, class_weight, timer):
+    """Run the frozen backbone once per split, then train only the head on the features."""
+    timer.start_once()
+    train_x, train_y = _features(extractor, splits.train)
+    val_x, val_y = _features(extractor, splits.val)
+    log.info("cached backbone features: train %s, val %s", train_x.shape, val_x.shape)
+    head = model.get_layer("head")
+    compile_model(head, config.learning_rate)
+    result = head.fit(
+        train_x,
+        train_y,
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        shuffle=True,
+        validation_data=(val_x, val_y),
+        class_weight=class_weight,
+        callbacks=[timer, *_standard_callbacks(config, 0)],
+        verbose=_verbosity(),
+    )
+    return result.history
+
+
+def _features(extractor, dataset):
+    xs, ys = [], []
+    for images, labels in dataset:
+        xs.append(np.asarray(extractor(images, training=False)))
+        ys.append(np.asarray(labels))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _fine_tune(model, splits, config, class_weight, timer, offset):
+    opened = unfreeze_top(model, config.fine_tune.unfreeze_layers)
+    log.info(
+        "fine-tuning: %d backbone layers unfrozen at lr %g", opened, config.fine_tune.learning_rate
+    )
+    compile_model(model, config.fine_tune.learning_rate)
+    mlflow.log_param("fine_tune.layers_unfrozen", opened)
+    return _fit_full(
+        model, splits, config, class_weight, [timer], offset, epochs=config.fine_tune.epochs
+    )
+
+
+def _standard_callbacks(config: TrainConfig, offset: int) -> list[keras.callbacks.Callback]:
+    return [
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True
+        ),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience
+        ),
+        tracking.EpochMetricsLogger(offset=offset),
+    ]
+
+
+def _class_weights(scan: DatasetScan, config: TrainConfig) -> dict[int, float] | None:
+    if config.class_weight != "balanced":
+        return None
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = np.array([label for _, label in scan.files["train"]])
+    classes = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=classes, y=labels)
+    return {int(c): float(w) for c, w in zip(classes, weights, strict=True)}
+
+
+def _merge(first: dict, second: dict) -> dict:
+    return {
+        k: list(first.get(k, [])) + list(second.get(k, [])) for k in first.keys() | second.keys()
+    }
+
+
+class CachedValidation(keras.callbacks.Callback):
+    """Validation on backbone features computed once: the frozen backbone gives the same
+    features every epoch, so only the head runs. Adds val_loss/val_accuracy to the logs."""
+
+    def __init__(self, head: keras.Model, extractor: keras.Model, dataset):
+        super().__init__()
+        self.head = head
+        self.features, self.labels = _features(extractor, dataset)
+
+    def on_epoch_end(self, epoch, logs=None):
+        probs = np.asarray(self.head.predict(self.features, verbose=0), dtype="float64")
+        picked = probs[np.arange(len(self.labels)), self.labels]
+        logs = logs if logs is not None else {}
+        logs["val_loss"] = float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())
+        logs["val_accuracy"] = float((probs.argmax(axis=1) == self.labels).mean())
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall-clock seconds per epoch; epoch 1 of a cached run includes feature extraction."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: list[float] = []
+        self._start: float | None = None
+
+    def start_once(self) -> None:
+        import time
+
+        self._start = self._start or time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start_once()
+
+    def on_epoch_end(self, epoch, logs=None):
+        import time
+
+        self.seconds.append(time.perf_counter() - self._start)
+        self._start = None
+
+
+def _log_pictures(model, config, splits, evaluation, history, test_images) -> None:
+    tracking.log_figure(ev.confusion_figure(evaluation), "confusion_matrix")
+    tracking.log_figure(ev.curves_figure(history), "training_curves")
+    tracking.log_figure(ev.misclassified_figure(evaluation, test_images), "misclassified")
+    tracking.log_figure(ev.kernels_figure(model), "first_layer_kernels")
+    tracking.log_figure(ev.activations_figure(model, test_images[0]), "activation_maps")
+    if config.augment.enabled:
+        sample = next(iter(splits.train))[0]
+        augmentation = model.get_layer("augmentation")
+        tracking.log_figure(
+            ev.augmentation_figure(augmentation, np.asarray(sample)), "augmentation_preview"
+        )
