@@ -88,8 +88,7 @@ def config_from_args(args: argparse.Namespace):
     from training.config import load_config
 
     overrides = {
-        field: getattr(args, flag[2:].replace("-", "_"))
-        for flag, (field, _) in TRAIN_OPTIONS.items()
+        field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _) in TRAIN_OPTIONS.items()
     }
     overrides["data"] = args.data
     overrides["class_weight"] = args.class_weight
@@ -135,9 +134,7 @@ def print_result(result) -> None:
     console = Console()
     for path, reason in result.scan.bad_files:
         console.print(f"[yellow]left out[/yellow] {path}: {reason}")
-    table = Table(
-        title=f"run {result.run_id} - test split ({len(result.evaluation.y_true)} images)"
-    )
+    table = Table(title=f"run {result.run_id} - test split ({len(result.evaluation.y_true)} images)")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("accuracy", f"{result.metrics['accuracy']:.4f}")

@@ -140,9 +140,7 @@ def _check_files(root: Path, split_dirs: dict[str, Path], class_names: list[str]
             for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
                 rel = str(path.relative_to(root))
                 if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                    bad.append(
-                        (rel, f"not an image file Keras loads ({path.suffix or 'no extension'})")
-                    )
+                    bad.append((rel, f"not an image file Keras loads ({path.suffix or 'no extension'})"))
                 else:
                     candidates.append((split, rel, label))
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
@@ -184,9 +182,7 @@ def _require_usable(root: Path, class_names: list[str], per_split) -> None:
     counts = Counter(label for items in per_split.values() for _, label in items)
     empty = [name for i, name in enumerate(class_names) if counts[i] == 0]
     if empty:
-        raise DatasetError(
-            f"class folder(s) with no usable images under {root}: {', '.join(empty)}"
-        )
+        raise DatasetError(f"class folder(s) with no usable images under {root}: {', '.join(empty)}")
     few = [name for i, name in enumerate(class_names) if counts[i] < 3]
     if few:
         raise DatasetError(
@@ -226,9 +222,7 @@ def _warnings(scan: DatasetScan, exif_rotated: int, ratio_limit: float) -> list[
             f"({counts}); consider class_weight: balanced"
         )
     for split in SPLITS:
-        missing = [
-            n for i, n in enumerate(scan.class_names) if all(lb != i for _, lb in scan.files[split])
-        ]
+        missing = [n for i, n in enumerate(scan.class_names) if all(lb != i for _, lb in scan.files[split])]
         if missing:
             out.append(f"{split} split has no images of: {', '.join(missing)}")
     if exif_rotated:

@@ -179,9 +179,7 @@ def kernels_figure(model, limit: int = 32):
         k = kernel[..., i]
         k = (k - k.min()) / (np.ptp(k) or 1.0) * 255.0
         tiles.append(np.repeat(k, 3, axis=-1) if k.shape[-1] == 1 else k[..., :3])
-    return image_grid_figure(
-        np.stack(tiles), [f"{layer.name}:{i}" for i in range(count)], columns=8
-    )
+    return image_grid_figure(np.stack(tiles), [f"{layer.name}:{i}" for i in range(count)], columns=8)
 
 
 def activations_figure(model, image: np.ndarray, limit: int = 16):

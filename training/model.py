@@ -86,9 +86,7 @@ def build_augmentation(config: AugmentConfig, seed: int) -> keras.Sequential:
     if config.zoom:
         layers.append(keras.layers.RandomZoom(config.zoom, seed=seed))
     if config.translation:
-        layers.append(
-            keras.layers.RandomTranslation(config.translation, config.translation, seed=seed)
-        )
+        layers.append(keras.layers.RandomTranslation(config.translation, config.translation, seed=seed))
     if config.contrast:
         # value_range: the model sees raw 0-255 pixels here.
         layers.append(keras.layers.RandomContrast(config.contrast, value_range=(0, 255), seed=seed))
@@ -109,9 +107,7 @@ def build_head(config: HeadConfig, feature_shape, num_classes: int) -> keras.Seq
         if config.dropout:
             layers.append(keras.layers.Dropout(config.dropout, name=f"dropout_{i}"))
     # float32 output: softmax under mixed precision stays numerically sound.
-    layers.append(
-        keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs")
-    )
+    layers.append(keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs"))
     return keras.Sequential(layers, name="head")
 
 

@@ -108,9 +108,7 @@ class EpochMetricsLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         values = {f"{self.prefix}{k}": float(v) for k, v in (logs or {}).items() if np.isscalar(v)}
         if self.model is not None and hasattr(self.model, "optimizer"):
-            values["learning_rate"] = float(
-                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
-            )
+            values["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         mlflow.log_metrics(values, step=self.offset + epoch)
 
 

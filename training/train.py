@@ -85,9 +85,7 @@ def train(config: TrainConfig, settings: TrackingSettings | None = None) -> Trai
             return _run(config, scan, splits, strategy, run.info.run_id)
 
 
-def _run(
-    config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_id: str
-) -> TrainResult:
+def _run(config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_id: str) -> TrainResult:
     with strategy.scope():
         model = build_model(config, len(scan.class_names))
         compile_model(model, config.learning_rate)
@@ -106,9 +104,7 @@ def _run(
         dataset_fingerprint=scan.fingerprint,
     )
     model_uri = tracking.log_keras_model(model, card, test_images[:1])
-    return TrainResult(
-        run_id, model_uri, card, metrics, evaluation, history, scan, model, params, seconds
-    )
+    return TrainResult(run_id, model_uri, card, metrics, evaluation, history, scan, model, params, seconds)
 
 
 def load_splits(scan: DatasetScan, config: TrainConfig, view_dir: Path) -> Splits:
@@ -120,9 +116,7 @@ def load_splits(scan: DatasetScan, config: TrainConfig, view_dir: Path) -> Split
     image_bytes = len(scan.files["train"]) * size[0] * size[1] * 3 * 4
     if image_bytes <= IMAGE_CACHE_BUDGET_BYTES:
         # Cache decoded pixels unbatched, then reshuffle per epoch: decode once, not per epoch.
-        train = (
-            train.unbatch().cache().shuffle(len(scan.files["train"]), seed=config.seed).batch(batch)
-        )
+        train = train.unbatch().cache().shuffle(len(scan.files["train"]), seed=config.seed).batch(batch)
     val = load_split(scan, "val", view_dir, size, batch).cache()
     test = load_split(scan, "test", view_dir, size, batch).cache()
     autotune = tf.data.AUTOTUNE
@@ -197,9 +191,7 @@ def fit_model(model: keras.Model, splits: Splits, config: TrainConfig, scan: Dat
     if extractor is None:
         history = _fit_full(model, splits, config, class_weight, [timer], offset=0)
     elif not config.augment.enabled and config.cache_features:
-        history = _fit_head_on_cached_features(
-            model, extractor, splits, config, class_weight, timer
-        )
+        history = _fit_head_on_cached_features(model, extractor, splits, config, class_weight, timer)
     else:
         val_callback = CachedValidation(model.get_layer("head"), extractor, splits.val)
         history = _fit_full(
@@ -263,14 +255,10 @@ def _features(extractor, dataset):
 
 def _fine_tune(model, splits, config, class_weight, timer, offset):
     opened = unfreeze_top(model, config.fine_tune.unfreeze_layers)
-    log.info(
-        "fine-tuning: %d backbone layers unfrozen at lr %g", opened, config.fine_tune.learning_rate
-    )
+    log.info("fine-tuning: %d backbone layers unfrozen at lr %g", opened, config.fine_tune.learning_rate)
     compile_model(model, config.fine_tune.learning_rate)
     mlflow.log_param("fine_tune.layers_unfrozen", opened)
-    return _fit_full(
-        model, splits, config, class_weight, [timer], offset, epochs=config.fine_tune.epochs
-    )
+    return _fit_full(model, splits, config, class_weight, [timer], offset, epochs=config.fine_tune.epochs)
 
 
 def _standard_callbacks(config: TrainConfig, offset: int) -> list[keras.callbacks.Callback]:
@@ -278,9 +266,7 @@ def _standard_callbacks(config: TrainConfig, offset: int) -> list[keras.callback
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True
         ),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience
-        ),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience),
         tracking.EpochMetricsLogger(offset=offset),
     ]
 
@@ -297,9 +283,7 @@ def _class_weights(scan: DatasetScan, config: TrainConfig) -> dict[int, float] |
 
 
 def _merge(first: dict, second: dict) -> dict:
-    return {
-        k: list(first.get(k, [])) + list(second.get(k, [])) for k in first.keys() | second.keys()
-    }
+    return {k: list(first.get(k, [])) + list(second.get(k, [])) for k in first.keys() | second.keys()}
 
 
 class CachedValidation(keras.callbacks.Callback):
@@ -351,6 +335,4 @@ def _log_pictures(model, config, splits, evaluation, history, test_images) -> No
     if config.augment.enabled:
         sample = next(iter(splits.train))[0]
         augmentation = model.get_layer("augmentation")
-        tracking.log_figure(
-            ev.augmentation_figure(augmentation, np.asarray(sample)), "augmentation_preview"
-        )
+        tracking.log_figure(ev.augmentation_figure(augmentation, np.asarray(sample)), "augmentation_preview")
