@@ -67,7 +67,7 @@ class TrainConfig(_Strict):
     data: Path
     backbone: Backbone = "vgg16"
     weights: str = Field("imagenet", description="'imagenet', 'none' or a local weights file")
-    image_size: int | None = Field(None, ge=32, le=1024, description="default: the backbone's")
+    image_size: int | None = Field(None, ge=8, le=1024, description="default: the backbone's")
     epochs: int = Field(20, ge=1, le=10_000)
     batch_size: int = Field(32, ge=1, le=4096)
     learning_rate: float = Field(1e-3, gt=0, lt=1)
@@ -99,6 +99,8 @@ class TrainConfig(_Strict):
     def _consistent(self) -> TrainConfig:
         if self.backbone == "simple_cnn" and self.fine_tune.unfreeze_layers:
             raise ValueError("fine_tune.unfreeze_layers: simple_cnn is fully trainable already")
+        if self.backbone != "simple_cnn" and self.image_size is not None and self.image_size < 32:
+            raise ValueError(f"image_size: {self.backbone} needs at least 32 pixels")
         if self.val_fraction + self.test_fraction >= 0.8:
             raise ValueError("val_fraction + test_fraction leave too little data to train on")
         return self

@@ -17,6 +17,7 @@ import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from imgcls.images import ImageDecodeError, decode_image
@@ -50,9 +51,9 @@ class DatasetScan:
         counts = Counter(label for items in self.files.values() for _, label in items)
         return {name: counts[i] for i, name in enumerate(self.class_names)}
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """A hash of the file list and sizes: same data, same fingerprint."""
+        """A hash of the file list and sizes, taken once: same data, same fingerprint."""
         digest = hashlib.sha256("\n".join(self.class_names).encode())
         for split in SPLITS:
             for rel, label in sorted(self.files[split]):

@@ -60,10 +60,13 @@ def metric_safe(name: str) -> str:
 
 
 def evaluate_model(model, dataset, class_names: list[str]) -> Evaluation:
-    """Run `model` over a batched (images, labels) dataset; order is preserved."""
+    """Run `model` over a batched (images, labels) dataset; order is preserved.
+
+    Calls the model directly (inference mode): no tf.distribute splitting of batches.
+    """
     probs, labels = [], []
     for images, batch_labels in dataset:
-        probs.append(np.asarray(model.predict_on_batch(images)))
+        probs.append(np.asarray(model(images, training=False)))
         labels.append(np.asarray(batch_labels))
     return Evaluation(class_names, np.concatenate(labels), np.concatenate(probs).astype("float32"))
 

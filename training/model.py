@@ -55,10 +55,34 @@ def build_backbone(name: str, weights: str | None, input_size: tuple[int, int]) 
     `weights` is "imagenet" (downloaded by Keras), None (random) or a local weights file.
     """
     constructor = getattr(keras.applications, _APPLICATIONS[name])
-    backbone = constructor(include_top=False, weights=weights, input_shape=(*input_size, 3))
+    from_file = weights not in (None, "imagenet")
+    backbone = constructor(
+        include_top=False, weights=None if from_file else weights, input_shape=(*input_size, 3)
+    )
+    if from_file:
+        load_weights_strictly(backbone, weights)
     backbone.name = "backbone"
     backbone.trainable = False
     return backbone
+
+
+def load_weights_strictly(model: keras.Model, path: str) -> None:
+    """Load a weights file and fail if any weight array did not come from it.
+
+    Keras only warns when a file does not match the architecture and leaves those layers
+    as they were; every weight is set to NaN first, so a half-loaded backbone is caught.
+    """
+    model.set_weights([np.full(w.shape, np.nan, dtype=w.dtype) for w in model.get_weights()])
+    try:
+        model.load_weights(path)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ValueError(f"weights file {path} does not fit {model.name}: {exc}") from exc
+    missing = sum(bool(np.isnan(w).any()) for w in model.get_weights())
+    if missing:
+        raise ValueError(
+            f"weights file {path} does not fit {model.name}: {missing} of "
+            f"{len(model.get_weights())} weight arrays were not in it"
+        )
 
 
 def caffe_preprocessing() -> keras.layers.Layer:

@@ -296,7 +296,8 @@ class CachedValidation(keras.callbacks.Callback):
         self.features, self.labels = _features(extractor, dataset)
 
     def on_epoch_end(self, epoch, logs=None):
-        probs = np.asarray(self.head.predict(self.features, verbose=0), dtype="float64")
+        batches = np.array_split(self.features, max(1, len(self.features) // 256))
+        probs = np.concatenate([np.asarray(self.head(b, training=False)) for b in batches]).astype("float64")
         picked = probs[np.arange(len(self.labels)), self.labels]
         logs = logs if logs is not None else {}
         logs["val_loss"] = float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())

@@ -1,0 +1,96 @@
+"""Shared test set-up: quiet, offline, and every store inside the test's own folders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Before anything imports Keras, MLflow or BentoML.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CLASS_COLOURS = {"circle": (220, 40, 40), "square": (40, 200, 60), "stripes": (40, 60, 220)}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Keras, MLflow and BentoML write under a per-session temp folder, never $HOME."""
+    home = tmp_path_factory.getbasetemp() / "home"
+    monkeypatch.setenv("KERAS_HOME", str(home / "keras"))
+    monkeypatch.setenv("BENTOML_HOME", str(home / "bentoml"))
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def draw_shape(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A learnable RGB image of one class: a coloured circle, square or stripes, jittered."""
+    yy, xx = np.mgrid[:size, :size] / size
+    cx, cy = rng.uniform(0.35, 0.65, 2)
+    if kind == "circle":
+        mask = (xx - cx) ** 2 + (yy - cy) ** 2 < 0.07
+    elif kind == "square":
+        mask = (abs(xx - cx) < 0.22) & (abs(yy - cy) < 0.22)
+    else:
+        mask = np.sin((xx + yy) * 18 + rng.uniform(0, 3)) > 0
+    image = np.full((size, size, 3), 235, dtype=np.float64)
+    image[mask] = CLASS_COLOURS[kind]
+    image += rng.normal(0, 8, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_shapes_dataset(root: Path, per_class: int = 12, size: int = 32, seed: int = 0) -> Path:
+    """3 classes x `per_class` images: PNG and JPEG mixed, one greyscale, one RGBA."""
+    rng = np.random.default_rng(seed)
+    for kind in CLASS_COLOURS:
+        folder = root / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = Image.fromarray(draw_shape(kind, size, rng))
+            if i % 3 == 0:
+                image.save(folder / f"{kind}_{i}.jpg", quality=95)
+            else:
+                image.save(folder / f"{kind}_{i}.png")
+    Image.fromarray(draw_shape("circle", size, rng)).convert("L").save(root / "circle" / "grey.png")
+    Image.fromarray(draw_shape("square", size, rng)).convert("RGBA").save(root / "square" / "rgba.png")
+    return root
+
+
+@pytest.fixture
+def shapes_dir(tmp_path) -> Path:
+    """A fresh tiny dataset folder the test may modify."""
+    return write_shapes_dataset(tmp_path / "shapes")
+
+
+@pytest.fixture(scope="session")
+def shapes_dir_shared(tmp_path_factory) -> Path:
+    """A tiny dataset shared by tests that only read it."""
+    return write_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes")
+
+
+@pytest.fixture
+def tracking(tmp_path):
+    """TrackingSettings on a fresh SQLite MLflow store inside tmp_path."""
+    from imgcls.settings import TrackingSettings
+
+    return TrackingSettings(home=tmp_path / "imgcls", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def quick_config(data: Path, **overrides):
+    """A training config small enough for a test: simple CNN, 32x32, few epochs."""
+    from training.config import load_config
+
+    values = {"backbone": "simple_cnn", "image_size": 32, "epochs": 3, "batch_size": 8}
+    return load_config(None, data=data, **(values | overrides))
+
+
+def chromium() -> str | None:
+    """Path of Debian's chromium, or None (browser tests skip)."""
+    return shutil.which("chromium") or shutil.which("chromium-browser")

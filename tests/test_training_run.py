@@ -1,0 +1,195 @@
+"""Real training runs on tiny data, tracked in a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from imgcls.images import load_image
+from tests.conftest import quick_config
+from training.train import train
+
+NO_AUGMENT = {"augment.enabled": False}
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_tiny_dataset_is_learned(shapes_dir_shared, tracking):
+    config = quick_config(shapes_dir_shared, epochs=25, learning_rate=3e-3, **NO_AUGMENT)
+    result = train(config, tracking)
+    loss, accuracy = result.history["loss"], result.history["accuracy"]
+    assert loss[-1] < 0.5 * loss[0]
+    assert accuracy[-1] > accuracy[0] and max(accuracy) >= 0.9
+
+
+def test_run_records_config_curves_metrics_pictures_and_model(shapes_dir_shared, tracking):
+    config = quick_config(shapes_dir_shared, backbone="vgg16", weights="none", epochs=2, **NO_AUGMENT)
+    result = train(config, tracking)
+    client = MlflowClient(tracking.resolved_tracking_uri())
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["backbone"] == "vgg16" and run.data.params["head.pooling"] == "avg"
+    assert int(run.data.params["params.frozen"]) > int(run.data.params["params.trainable"]) > 0
+    assert run.data.tags["dataset.fingerprint"] == result.scan.fingerprint
+    assert {"test_accuracy", "test_macro_f1", "test_recall_circle", "test_f1_stripes"} <= set(
+        run.data.metrics
+    )
+    assert len(client.get_metric_history(result.run_id, "val_loss")) == len(result.history["loss"])
+    assert {
+        "plots/confusion_matrix.png",
+        "plots/training_curves.png",
+        "plots/first_layer_kernels.png",
+        "plots/activation_maps.png",
+        "data/data_report.json",
+        "data/split.json",
+        "model/summary.txt",
+        "model_card.json",
+    } <= _artifacts(client, result.run_id)
+    assert run.inputs.dataset_inputs[0].dataset.digest == result.scan.fingerprint
+
+
+def test_logged_model_reloads_with_its_card_and_predicts_the_same(shapes_dir_shared, tracking):
+    result = train(quick_config(shapes_dir_shared, epochs=2, **NO_AUGMENT), tracking)
+    mlflow.set_tracking_uri(tracking.resolved_tracking_uri())
+    info = mlflow.models.get_model_info(result.model_uri)
+    assert info.metadata["class_names"] == ["circle", "square", "stripes"]
+    assert info.metadata["image_size"] == [32, 32]
+    assert info.signature is not None and info.saved_input_example_info is not None
+    reloaded = mlflow.keras.load_model(result.model_uri)
+    files = [shapes_dir_shared / rel for rel, _ in result.scan.files["test"]]
+    pixels = np.stack([load_image(f.read_bytes(), (32, 32)) for f in files])
+    np.testing.assert_allclose(
+        reloaded.predict_on_batch(pixels), result.model.predict_on_batch(pixels), atol=1e-6
+    )
+
+
+@pytest.mark.slow
+def test_augmented_resnet_with_fine_tuning(shapes_dir_shared, tracking):
+    config = quick_config(
+        shapes_dir_shared,
+        backbone="resnet50",
+        weights="none",
+        epochs=2,
+        **{"fine_tune.unfreeze_layers": 3, "fine_tune.epochs": 1},
+    )
+    result = train(config, tracking)
+    assert len(result.history["loss"]) == 3 and "val_loss" in result.history
+    client = MlflowClient(tracking.resolved_tracking_uri())
+    assert "plots/augmentation_preview.png" in _artifacts(client, result.run_id)
+    assert int(client.get_run(result.run_id).data.params["fine_tune.layers_unfrozen"]) > 0
+    assert [m.step for m in client.get_metric_history(result.run_id, "loss")] == [0, 1, 2]
+
+
+def test_same_seed_same_model(shapes_dir_shared, tracking):
+    config = quick_config(shapes_dir_shared, epochs=2, seed=7)
+    first, second = train(config, tracking), train(config, tracking)
+    assert first.scan.files == second.scan.files
+    for a, b in zip(first.model.get_weights(), second.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_failing_run_is_marked_failed(shapes_dir_shared, tracking, tmp_path):
+    wrong = tmp_path / "resnet.weights.h5"
+    keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(wrong)
+    config = quick_config(shapes_dir_shared, backbone="vgg16", weights=str(wrong))
+    with pytest.raises(ValueError, match="does not fit"):
+        train(config, tracking)
+    client = MlflowClient(tracking.resolved_tracking_uri())
+    runs = client.search_runs([client.get_experiment_by_name(tracking.experiment_name).experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert client.search_registered_models() == []
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_logical_cpus(shapes_dir_shared, tmp_path):
+    script = textwrap.dedent(f"""
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from imgcls.settings import TrackingSettings
+        from tests.conftest import quick_config
+        from training.train import train
+        config = quick_config({str(shapes_dir_shared)!r}, epochs=2, distribute="mirrored")
+        result = train(config, TrackingSettings(home={str(tmp_path)!r}, tracking_uri="sqlite:///{tmp_path}/m.db"))
+        print("REPLICAS", tf.distribute.MirroredStrategy().num_replicas_in_sync, "ACC", result.metrics["accuracy"])
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=os.getcwd()
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "REPLICAS 2" in out.stdout
+
+
+def test_cli_trains_with_mlflow_environment_variables(shapes_dir_shared, tmp_path):
+    env = os.environ | {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/cli.db",
+        "MLFLOW_EXPERIMENT_NAME": "cli-exp",
+    }
+    args = [
+        "--data",
+        str(shapes_dir_shared),
+        "--backbone",
+        "simple_cnn",
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--no-augment",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "imgcls.cli", "train", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "run id:" in out.stdout and "macro-F1" in out.stdout and "recall circle" in out.stdout
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert len(client.search_runs([client.get_experiment_by_name("cli-exp").experiment_id])) == 1
+
+
+def test_cli_rejects_bad_options_with_the_field_name(shapes_dir_shared, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "imgcls.cli", "train", "--data", str(shapes_dir_shared), "--epochs", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2 and "epochs" in out.stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imgcls.cli",
+            "train",
+            "--data",
+            str(tmp_path / "none"),
+            "--backbone",
+            "simple_cnn",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert (
+        out.returncode == 2
+        and "dataset folder not found" in out.stdout
+        and str(tmp_path / "none") in out.stdout
+    )
