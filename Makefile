@@ -49,8 +49,9 @@ bench-train: install ## training quality and speed benchmarks (needs ../shared),
 bench-serve: install ## serving throughput/latency benchmark, see docs/benchmarks.md
 	$(BIN)/python bench/serve_bench.py
 
-compose-config: install ## validate docker-compose.yml with the Compose binary
-	$(BIN)/docker-compose config --quiet 2>/dev/null || $(BIN)/docker compose config --quiet
+compose-config: install ## validate docker-compose.yml (with .env, or the placeholders of .env.example)
+	@envf=$$([ -f .env ] && echo .env || echo .env.example); \
+	err=$$($(BIN)/docker-compose --env-file $$envf config --quiet 2>&1); [ -z "$$err" ] || { echo "$$err"; exit 1; }; echo "docker-compose.yml is valid"
 
 clean: ## remove the virtual environment and local project data
 	rm -rf $(VENV) .imgcls

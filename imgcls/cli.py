@@ -24,6 +24,14 @@ def _quiet_environment() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def _project_environment() -> None:
+    """Keep BentoML's model store in the project folder unless BENTOML_HOME says otherwise,
+    so `pipeline` (which imports champions) and `serve` (which loads them) agree."""
+    from imgcls.settings import TrackingSettings
+
+    os.environ.setdefault("BENTOML_HOME", str((TrackingSettings().home / "bentoml").resolve()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every stage's subcommands."""
     parser = argparse.ArgumentParser(
@@ -46,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     _quiet_environment()
+    _project_environment()
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

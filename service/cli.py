@@ -1,0 +1,82 @@
+"""`imgcls serve`: run the BentoML prediction service on the champion.
+
+The options become IMGCLS_SERVE_* variables for the server processes, which read them
+through `ServiceSettings` when BentoML imports `service.service`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from .settings import ENV_PREFIX
+
+SERVICE = "service.service:ImageClassifier"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `serve` subcommand."""
+    p = subparsers.add_parser(
+        "serve",
+        help="serve the champion over HTTP (BentoML)",
+        description="Serve the champion: POST /predict, /predict_batch, /explain; GET / "
+        "(web page), /metadata, /livez, /readyz, /metrics. Unset options come from "
+        f"{ENV_PREFIX}* variables or .env.",
+    )
+    p.add_argument("--port", type=int, help="HTTP port (default 3000)")
+    p.add_argument("--host", help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument(
+        "--source",
+        choices=["bentoml", "mlflow"],
+        help="load the champion from the BentoML model store (default) or from the MLflow "
+        "registry (models:/<name>@<alias>)",
+    )
+    p.add_argument("--model-name", help="registered model name (default image-classifier)")
+    p.add_argument("--alias", help="MLflow alias to serve with --source mlflow (default champion)")
+    p.add_argument("--bento-tag", help="exact BentoML model tag name:version to serve")
+    p.add_argument("--top-k", type=int, help="default number of labels per prediction (3)")
+    p.add_argument(
+        "--no-batching",
+        dest="batching",
+        action="store_const",
+        const=False,
+        help="turn adaptive batching off (for comparisons)",
+    )
+    p.add_argument("--max-batch-size", type=int, help="largest adaptive batch (32)")
+    p.add_argument("--max-latency-ms", type=int, help="longest wait to fill a batch (20)")
+    p.add_argument("--max-upload-bytes", type=int, help="largest request body; above: 413")
+    p.add_argument("--max-pixels", type=int, help="largest image, width x height (40e6)")
+    p.add_argument("--max-batch-images", type=int, help="most images per /predict_batch (32)")
+    p.add_argument("--gpu", action="store_const", const=True, help="declare one GPU for the model")
+    p.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run `bentoml serve` in the foreground with the options as environment variables."""
+    from .settings import ServiceSettings
+
+    os.environ.update(settings_env(args))
+    settings = ServiceSettings()  # validated here, with a clear message, not in a worker
+    # Pass every resolved value (.env included) on to the server processes.
+    env = {f"{ENV_PREFIX}{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}
+    print(f"serving on http://{settings.host}:{settings.port} (source: {settings.source})")
+    return subprocess.call(serve_command(settings.host, settings.port), env={**os.environ, **env})
+
+
+def settings_env(args: argparse.Namespace) -> dict[str, str]:
+    """IMGCLS_SERVE_* variables for the options given on the command line."""
+    names = [
+        "port", "host", "source", "model_name", "alias", "bento_tag", "top_k", "batching",
+        "max_batch_size", "max_latency_ms", "max_upload_bytes", "max_pixels",
+        "max_batch_images", "gpu",
+    ]  # fmt: skip
+    values = {name: getattr(args, name, None) for name in names}
+    return {f"{ENV_PREFIX}{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
+            for k, v in values.items() if v is not None}  # fmt: skip
+
+
+def serve_command(host: str, port: int) -> list[str]:
+    """The `bentoml serve` command line for the service."""
+    return [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]

@@ -1,0 +1,116 @@
+"""Request guards for the HTTP front: JSON errors for client mistakes, the byte limit (413)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+Scope = dict[str, Any]
+
+
+def error_response(status: int, message: str, **extra: Any) -> JSONResponse:
+    """The service's one error shape: `{"error": reason}` with a 4xx status."""
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+class Rejected(Exception):
+    """A client mistake, answered with `status` and `{"error": message}`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def install_error_handlers(app: Any) -> None:
+    """Map `Rejected` and FastAPI's request validation errors to 4xx JSON answers."""
+    from fastapi.exceptions import RequestValidationError
+
+    async def rejected(_request: Any, exc: Rejected) -> JSONResponse:
+        return error_response(exc.status, exc.message)
+
+    async def invalid(_request: Any, exc: RequestValidationError) -> JSONResponse:
+        return error_response(400, _describe(exc.errors()), detail=_jsonable(exc.errors()))
+
+    app.add_exception_handler(Rejected, rejected)
+    app.add_exception_handler(RequestValidationError, invalid)
+
+
+def _describe(errors: list[dict]) -> str:
+    """One line for validation errors, e.g. `missing form field 'image'`."""
+    parts = []
+    for err in errors:
+        field = ".".join(str(p) for p in err.get("loc", ())[1:]) or "request"
+        if err.get("type") == "missing":
+            parts.append(f"missing form field {field!r} (send the file as multipart field {field!r})")
+        else:
+            parts.append(f"invalid field {field!r}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def _jsonable(errors: list[dict]) -> list[dict]:
+    """Validation errors without their inputs (an upload is not JSON)."""
+    keep = ("type", "loc", "msg")
+    return [{k: err[k] for k in keep if k in err} for err in errors]
+
+
+class BodyLimitMiddleware:
+    """ASGI middleware: a body over `max_bytes` gets a 413 before it is parsed.
+
+    A declared Content-Length is checked up front; a chunked body is counted as it
+    arrives and, once over the limit, the app's answer is replaced by the 413.
+    """
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._reject(scope, receive, send, declared.isdigit())
+        state = {"received": 0, "over": False}
+
+        async def counting_receive() -> dict:
+            message = await receive()
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > self.max_bytes:
+                    state["over"] = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: dict) -> None:
+            if not state["over"]:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                await self._too_large()(scope, _no_body, send)
+
+        await self.app(scope, counting_receive, guarded_send)
+
+    async def _reject(self, scope: Scope, receive: Any, send: Any, numeric: bool) -> None:
+        if not numeric:
+            return await error_response(400, "invalid Content-Length header")(scope, receive, send)
+        await self._drain(receive)
+        await self._too_large()(scope, receive, send)
+
+    async def _drain(self, receive: Any) -> None:
+        """Read and drop some of the body, so the client gets to read the 413.
+
+        A client still writing its upload when the server closes sees a reset instead of
+        the answer; twice the limit is enough to let ordinary clients finish.
+        """
+        seen = 0
+        while seen <= 2 * self.max_bytes:
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return
+
+    def _too_large(self) -> JSONResponse:
+        return error_response(413, f"request body is over the limit of {self.max_bytes} bytes")
+
+
+async def _no_body() -> dict:
+    return {"type": "http.request", "body": b"", "more_body": False}

@@ -1,0 +1,150 @@
+"""The served model: a Keras classifier with its card, shared by tests, CLI and service.
+
+Keras and NumPy only, no TensorFlow import, so it runs on any Keras backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+import numpy as np
+
+from imgcls.images import DEFAULT_MAX_PIXELS, decode_image, load_image, resize_image
+from imgcls.modelcard import ModelCard
+
+from . import gradcam
+
+logger = logging.getLogger(__name__)
+
+
+class Prediction(TypedDict):
+    """One label of a top-k answer."""
+
+    label: str
+    probability: float
+
+
+def top_k(probabilities: np.ndarray, class_names: list[str], k: int) -> list[Prediction]:
+    """The `k` most probable labels of one probability vector, most probable first."""
+    order = np.argsort(-np.asarray(probabilities), kind="stable")[: max(1, k)]
+    return [Prediction(label=class_names[i], probability=float(probabilities[i])) for i in order]
+
+
+@dataclass
+class Predictor:
+    """A loaded model, its card, and where it came from (registered name and version)."""
+
+    model: Any
+    card: ModelCard
+    version: str
+    name: str = "image-classifier"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    _split: gradcam.ConvSplit | None = field(default=None, init=False, repr=False)
+
+    def preprocess(self, data: bytes) -> np.ndarray:
+        """Image bytes to this model's (H, W, 3) float32 input; raises ImageDecodeError."""
+        return load_image(data, tuple(self.card.image_size), max_pixels=self.max_pixels)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """Softmax outputs (N, classes) for an (N, H, W, 3) float32 batch."""
+        batch = np.asarray(batch, dtype=np.float32)
+        if len(batch) == 0:
+            return np.zeros((0, len(self.card.class_names)), np.float32)
+        padded = _pad_batch(batch)
+        out = self.model.predict_on_batch(padded)
+        return np.asarray(out, dtype=np.float32)[: len(batch)]
+
+    def predict(self, images: list[np.ndarray], k: int = 3) -> list[list[Prediction]]:
+        """Top-k labels for each preprocessed image, in order."""
+        if not images:
+            return []
+        probs = self.probabilities(np.stack(images))
+        return [top_k(row, self.card.class_names, k) for row in probs]
+
+    def predict_bytes(self, blobs: list[bytes], k: int = 3) -> list[list[Prediction]]:
+        """Top-k labels for each encoded image; raises ImageDecodeError on the first bad one."""
+        return self.predict([self.preprocess(data) for data in blobs], k)
+
+    def heatmap(self, x: np.ndarray, class_index: int | None = None) -> np.ndarray:
+        """Grad-CAM (h, w) in [0, 1] of one model input; default class: the predicted one."""
+        if class_index is None:
+            class_index = int(np.argmax(self.probabilities(x[None])[0]))
+        if self._split is None:
+            self._split = gradcam.split_at_last_conv(self.model)
+        return gradcam.gradcam_heatmap(self._split, x, class_index)
+
+    def explain(self, image: bytes | np.ndarray, class_index: int | None = None) -> bytes:
+        """Grad-CAM overlay (PNG bytes) of an encoded image or its decoded uint8 pixels."""
+        pixels = image
+        if isinstance(image, bytes):
+            pixels = decode_image(image, max_pixels=self.max_pixels)
+        x = resize_image(pixels, tuple(self.card.image_size))
+        return gradcam.overlay_png(pixels, self.heatmap(x, class_index))
+
+    def warm_up(self) -> None:
+        """One prediction on a blank image, so the first request does not pay for tracing."""
+        h, w = self.card.image_size
+        self.probabilities(np.zeros((1, h, w, 3), np.float32))
+        logger.info("model %s v%s is warm", self.name, self.version)
+
+    def metadata(self) -> dict[str, Any]:
+        """What /metadata shows: name, version and the model card."""
+        return {"model": self.name, "version": self.version, **self.card.to_metadata()}
+
+
+def _pad_batch(batch: np.ndarray) -> np.ndarray:
+    """On JAX, pad to a power of two so jit compiles a few shapes, not one per batch size."""
+    if _backend() != "jax":
+        return batch
+    size = 1 << (len(batch) - 1).bit_length()
+    pad = np.zeros((size - len(batch), *batch.shape[1:]), batch.dtype)
+    return np.concatenate([batch, pad]) if len(pad) else batch
+
+
+@functools.cache
+def _backend() -> str:
+    import keras
+
+    return keras.backend.backend()
+
+
+def configure_accelerator() -> None:
+    """Let TensorFlow grow GPU memory as needed instead of grabbing it all (TF only)."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf  # only on the TensorFlow backend
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised: growth can no longer be changed
+            logger.warning("could not enable memory growth on %s", gpu.name)
+
+
+def load_predictor(settings: Any) -> Predictor:
+    """Load the configured champion (BentoML store or MLflow registry) and warm it up.
+
+    `settings` is a `service.settings.ServiceSettings`.
+    """
+    from imgcls.settings import TrackingSettings
+
+    from . import store
+
+    configure_accelerator()
+    tracking = TrackingSettings()
+    name = settings.model_name or tracking.registered_model_name
+    if settings.source == "mlflow":
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking.resolved_tracking_uri())
+        model, card, version = store.load_from_mlflow(f"models:/{name}@{settings.alias}")
+    else:
+        model, card, version = store.load_from_bento_store(settings.bento_tag or name)
+    predictor = Predictor(model, card, version, name=name, max_pixels=settings.max_pixels)
+    predictor.warm_up()
+    return predictor

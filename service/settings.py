@@ -1,0 +1,52 @@
+"""Settings of the prediction service, read from `IMGCLS_SERVE_*` variables (or `.env`).
+
+`imgcls serve` turns its options into these variables, so the BentoML server processes
+(which import `service.service` on their own) see the same values.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "IMGCLS_SERVE_"
+
+
+class ServiceSettings(BaseSettings):
+    """How the service finds its model and how much work it accepts per request."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore")
+
+    source: Literal["bentoml", "mlflow"] = Field(
+        "bentoml",
+        description="Where the champion comes from: the BentoML model store or the MLflow "
+        "registry (models:/<name>@<alias>).",
+    )
+    model_name: str | None = Field(
+        None,
+        description="Registered model name; default: IMGCLS_REGISTERED_MODEL_NAME (image-classifier).",
+    )
+    alias: str = Field("champion", description="MLflow alias to serve (source=mlflow).")
+    bento_tag: str | None = Field(
+        None,
+        description="Exact BentoML model tag (name:version); default: the latest <name>.",
+    )
+    top_k: int = Field(3, ge=1, description="Default number of labels per prediction.")
+    batching: bool = Field(True, description="Adaptive batching of /predict requests.")
+    # 32 matches the benchmark's top concurrency; bigger batches only add latency on CPU.
+    max_batch_size: int = Field(32, ge=2, description="Largest adaptive batch.")
+    # 20 ms: long enough to gather concurrent requests, short against a CNN's own latency.
+    max_latency_ms: int = Field(20, ge=1, description="Longest wait to fill a batch.")
+    # Threads of the HTTP front process: concurrent requests decode in parallel and
+    # reach the batcher together; one thread would serialise them and defeat batching.
+    front_threads: int = Field(32, ge=1)
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest request body; above it: 413.")
+    # 40 MP covers any camera photo; a decompression bomb announces far more.
+    max_pixels: int = Field(40_000_000, ge=1, description="Largest image (width x height).")
+    max_batch_images: int = Field(32, ge=1, description="Most images per /predict_batch.")
+    gpu: bool = Field(False, description="Declare one GPU for the model process.")
+    port: int = Field(3000, ge=1, le=65535, description="HTTP port of `imgcls serve`.")
+    host: str = Field("127.0.0.1", description="Interface `imgcls serve` binds to.")
+    timeout_s: int = Field(60, ge=1, description="Per-request timeout.")

@@ -1,0 +1,203 @@
+"""Helpers for the service tests: a tiny real classifier, real image files, a real server.
+
+Imported by tests/test_service*.py and tests/test_images.py (kept out of conftest.py so
+the stages' test helpers do not collide).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from imgcls.modelcard import ModelCard
+
+CLASSES = ["red", "green", "blue"]
+SIZE = (32, 32)
+QUIET_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "DO_NOT_TRACK": "true",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+
+
+def tiny_card() -> ModelCard:
+    """The card of `build_tiny_model`."""
+    return ModelCard(
+        class_names=CLASSES,
+        image_size=SIZE,
+        backbone="tiny-cnn",
+        metrics={"val_accuracy": 1.0},
+        dataset_fingerprint="test",
+    )
+
+
+def build_tiny_model():
+    """Input(32,32,3) raw pixels -> Rescaling -> Conv2D -> GAP -> Dense softmax, 3 classes.
+
+    The conv kernel is set so a mostly red/green/blue image gets that label: the test
+    can then assert on the label a user would expect.
+    """
+    import keras
+
+    inputs = keras.Input((*SIZE, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(3, 3, padding="same", activation="relu", name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(3, activation="softmax", name="head")(x)
+    model = keras.Model(inputs, outputs)
+    kernel = np.zeros((3, 3, 3, 3), np.float32)
+    kernel[1, 1] = np.eye(3) * 2 - 0.5  # channel c excites filter c, inhibits the others
+    model.get_layer("conv").set_weights([kernel, np.zeros(3, np.float32)])
+    model.get_layer("head").set_weights([np.eye(3, dtype=np.float32) * 6, np.zeros(3, np.float32)])
+    return model
+
+
+def save_tiny_model(folder: Path) -> Path:
+    """The tiny model saved as a `.keras` file in `folder`."""
+    path = folder / "tiny.keras"
+    build_tiny_model().save(path)
+    return path
+
+
+def colour_image(colour: str, size: tuple[int, int] = (48, 40), seed: int = 0) -> np.ndarray:
+    """An (h, w, 3) uint8 image dominated by `colour`, with some noise."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 60, size=(*size, 3)).astype(np.uint8)
+    pixels[..., CLASSES.index(colour)] = rng.integers(180, 256, size=size)
+    return pixels
+
+
+def encode(pixels: np.ndarray, fmt: str, **params) -> bytes:
+    """`pixels` encoded by Pillow in `fmt` (PNG, JPEG, GIF...)."""
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt, **params)
+    return out.getvalue()
+
+
+def png16(values: np.ndarray) -> bytes:
+    """A 16-bit PNG of uint16 (h, w, 1|3|4) samples, written by hand (Pillow cannot)."""
+    h, w, c = values.shape
+    colour_type = {1: 0, 3: 2, 4: 6}[c]
+    raw = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A small PNG whose header announces width x height pixels (a decompression bomb)."""
+    row = b"\x00" + bytes(width)
+    body = zlib.compress(row * 64, 9)  # only some rows: the header alone must be refused
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+def cmyk_jpeg(colour: str) -> bytes:
+    """A CMYK JPEG of a `colour` image."""
+    out = io.BytesIO()
+    Image.fromarray(colour_image(colour)).convert("CMYK").save(out, format="JPEG", quality=95)
+    return out.getvalue()
+
+
+def palette_png_with_transparency(colour: str) -> bytes:
+    """A palette (P) PNG with a transparent palette entry."""
+    img = Image.fromarray(colour_image(colour)).convert("P", palette=Image.Palette.ADAPTIVE)
+    out = io.BytesIO()
+    img.save(out, format="PNG", transparency=0)
+    return out.getvalue()
+
+
+def animated_gif(first: str, second: str) -> bytes:
+    """A two-frame GIF whose first frame is `first`-coloured."""
+    frames = [Image.fromarray(colour_image(c, seed=i)) for i, c in enumerate((first, second))]
+    out = io.BytesIO()
+    frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    return out.getvalue()
+
+
+def exif_rotated_jpeg(pixels: np.ndarray, orientation: int = 6) -> bytes:
+    """A JPEG with an EXIF Orientation tag (pixels stored as given, not rotated)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(pixels, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def service_env(bentoml_home: Path, **settings: object) -> dict[str, str]:
+    """Environment for a `bentoml serve` child: quiet, tmp BENTOML_HOME, IMGCLS_SERVE_*."""
+    env = {**os.environ, **QUIET_ENV, "BENTOML_HOME": str(bentoml_home)}
+    env.update({f"IMGCLS_SERVE_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
+    """`bentoml serve service.service:ImageClassifier` on `port`, output to `log`."""
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:ImageClassifier"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def wait_ready(base_url: str, proc: subprocess.Popen, log: Path, timeout: float = 150) -> None:
+    """Wait until GET /readyz answers 200; fail with the server log if it dies or stalls."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"server not ready in {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop the server process group this test started (SIGTERM, then SIGKILL)."""
+    import signal
+
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)

@@ -1,0 +1,292 @@
+"""The real service: one `bentoml serve` process, real HTTP, real image files, a real browser."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgcls.images import load_image
+from tests.service_fixtures import (
+    CLASSES,
+    SIZE,
+    animated_gif,
+    bomb_png,
+    cmyk_jpeg,
+    colour_image,
+    encode,
+    exif_rotated_jpeg,
+    free_port,
+    palette_png_with_transparency,
+    png16,
+    save_tiny_model,
+    service_env,
+    start_server,
+    stop_server,
+    tiny_card,
+    wait_ready,
+)
+
+pytestmark = pytest.mark.slow
+MAX_UPLOAD = 1_000_000
+MAX_PIXELS = 1_000_000
+MAX_BATCH_IMAGES = 4
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_file) -> str:
+    """A real server on the tiny model (BentoML store, registry version 7); its base URL."""
+    home = tmp_path_factory.mktemp("bentoml_home")
+    env = service_env(
+        home,
+        max_upload_bytes=MAX_UPLOAD,
+        max_pixels=MAX_PIXELS,
+        max_batch_images=MAX_BATCH_IMAGES,
+        max_latency_ms=50,
+    )
+    card = tiny_card().model_dump_json()
+    save = (
+        "import sys; from imgcls.modelcard import ModelCard; from service.store import "
+        "save_to_bento_store as s; "
+        "s(sys.argv[1], ModelCard.model_validate_json(sys.argv[2]), 'image-classifier', 7)"
+    )
+    subprocess.run([sys.executable, "-c", save, str(model_file), card], env=env, check=True)
+    port, log = free_port(), home / "server.log"
+    proc = start_server(env, port, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, log)
+        yield url
+    finally:
+        stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(model_file):
+    import keras
+
+    return keras.saving.load_model(model_file, safe_mode=True)
+
+
+def predict(url: str, data: bytes, name: str = "x.png", field: str = "image", **form) -> httpx.Response:
+    return httpx.post(f"{url}/predict", files={field: (name, data)}, data=form, timeout=30)
+
+
+def assert_still_serving(url: str) -> None:
+    response = predict(url, encode(colour_image("green"), "PNG"))
+    assert response.status_code == 200 and response.json()["predictions"][0]["label"] == "green"
+
+
+def test_probes_and_metadata(server):
+    assert httpx.get(f"{server}/livez").status_code == 200
+    assert httpx.get(f"{server}/readyz").status_code == 200
+    meta = httpx.get(f"{server}/metadata").json()
+    assert meta["class_names"] == CLASSES and meta["version"] == "7"
+    assert meta["image_size"] == list(SIZE) and meta["backbone"] == "tiny-cnn"
+    assert meta["metrics"] == {"val_accuracy": 1.0} and meta["model"] == "image-classifier"
+
+
+@pytest.mark.parametrize(
+    ("data", "name", "label"),
+    [
+        (encode(colour_image("red"), "PNG"), "red.png", "red"),
+        (encode(colour_image("blue"), "JPEG", quality=95), "blue.jpg", "blue"),
+        (cmyk_jpeg("green"), "cmyk.jpg", "green"),
+        (png16(colour_image("blue").astype(np.uint16) * 257), "deep.png", "blue"),
+        (palette_png_with_transparency("red"), "palette.png", "red"),
+        (animated_gif("green", "red"), "anim.gif", "green"),
+        (exif_rotated_jpeg(colour_image("red", size=(30, 50))), "rotated.jpg", "red"),
+    ],
+    ids=["png", "jpeg", "cmyk", "16-bit", "palette-transparency", "animated-gif", "exif"],
+)
+def test_predict_labels_real_files(server, data, name, label):
+    response = predict(server, data, name)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "image-classifier" and body["version"] == "7"
+    assert [p["label"] for p in body["predictions"]][0] == label
+    assert len(body["predictions"]) == 3
+    assert sum(p["probability"] for p in body["predictions"]) == pytest.approx(1, abs=1e-5)
+
+
+def test_greyscale_and_top_k(server):
+    grey = encode(np.full((20, 30), 128, np.uint8), "PNG")
+    response = predict(server, grey, top_k="1")
+    assert response.status_code == 200 and len(response.json()["predictions"]) == 1
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_http_probabilities_equal_the_model_in_memory(server, tiny_model, fmt):
+    """Train/serve parity: same file, same probabilities, at a size that needs resizing."""
+    data = encode(colour_image("green", size=(45, 61), seed=5), fmt)
+    body = predict(server, data, f"x.{fmt.lower()}", top_k="3").json()
+    served = {p["label"]: p["probability"] for p in body["predictions"]}
+    expected = tiny_model.predict(load_image(data, SIZE)[None], verbose=0)[0]
+    np.testing.assert_allclose([served[c] for c in CLASSES], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("files", "status", "reason"),
+    [
+        ({"image": ("notes.txt", b"not an image, just text")}, 400, "not an image"),
+        ({"image": ("empty.png", b"")}, 400, "empty upload"),
+        ({"image": ("cut.jpg", encode(colour_image("red"), "JPEG")[:300])}, 400, "truncated"),
+        ({"image": ("cut.png", encode(colour_image("red"), "PNG")[:150])}, 400, "truncated"),
+        ({"picture": ("red.png", encode(colour_image("red"), "PNG"))}, 400, "field 'image'"),
+        ({"image": ("bomb.png", bomb_png(1500, 1500))}, 400, "over the limit of 1000000"),
+        ({"image": ("huge.bin", bytes(MAX_UPLOAD + 10))}, 413, "over the limit"),
+    ],
+    ids=["not-image", "empty", "truncated-jpeg", "truncated-png", "wrong-field", "bomb", "too-big"],
+)
+def test_bad_input_gets_4xx_json_and_server_keeps_serving(server, files, status, reason):
+    response = httpx.post(f"{server}/predict", files=files, timeout=30)
+    assert response.status_code == status, response.text
+    assert reason in response.json()["error"]
+    assert_still_serving(server)
+
+
+def test_predict_batch_in_order_and_bounded(server):
+    files = [("images", (f"{c}.png", encode(colour_image(c), "PNG"))) for c in CLASSES]
+    body = httpx.post(f"{server}/predict_batch", files=files, timeout=30).json()
+    assert [r["predictions"][0]["label"] for r in body["results"]] == CLASSES
+    assert body["version"] == "7"
+
+    too_many = files * 2
+    response = httpx.post(f"{server}/predict_batch", files=too_many, timeout=30)
+    assert response.status_code == 400 and "too many images: 6" in response.json()["error"]
+
+    one_bad = [files[0], ("images", ("bad.png", b"garbage"))]
+    response = httpx.post(f"{server}/predict_batch", files=one_bad, timeout=30)
+    assert response.status_code == 400 and "image 1 (bad.png)" in response.json()["error"]
+    assert_still_serving(server)
+
+
+def test_explain_returns_a_png_overlay(server):
+    data = encode(colour_image("red"), "PNG")
+    response = httpx.post(f"{server}/explain", files={"image": ("red.png", data)}, timeout=60)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    overlay = np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"))
+    assert overlay.shape == (48, 40, 3)
+    assert not np.array_equal(overlay, colour_image("red"))  # the heat-map is drawn on it
+    bad = httpx.post(f"{server}/explain", files={"image": ("x.gif", b"GIF89a")}, timeout=30)
+    assert bad.status_code == 400 and "error" in bad.json()
+
+
+def test_concurrent_requests_are_batched_and_counted(server):
+    data = encode(colour_image("blue"), "PNG")
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda _: predict(server, data), range(32)))
+    assert all(r.json()["predictions"][0]["label"] == "blue" for r in responses)
+    metrics = httpx.get(f"{server}/metrics").text
+    assert 'imgcls_predictions_total{label="blue"}' in metrics
+    assert "imgcls_prediction_confidence_bucket" in metrics
+    sizes = _adaptive_batch_sizes(metrics)
+    assert sizes["count"] > 0 and sizes["sum"] > sizes["count"], sizes  # some batch > 1
+
+
+def _adaptive_batch_sizes(metrics: str) -> dict[str, float]:
+    """Sum and count of BentoML's adaptive batch size histogram for `classify`."""
+    totals = {"sum": 0.0, "count": 0.0}
+    for line in metrics.splitlines():
+        for key in totals:
+            if line.startswith(f"bentoml_service_adaptive_batch_size_{key}") and "classify" in line:
+                totals[key] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium")
+def test_page_shows_the_label_of_an_uploaded_file(server, tmp_path):
+    image = tmp_path / "red.png"
+    image.write_bytes(encode(colour_image("red"), "PNG"))
+    with Chromium(tmp_path / "profile") as page:
+        page.call("Page.enable")
+        page.call("Page.navigate", url=f"{server}/")
+        page.wait_for("document.readyState === 'complete' && !!document.getElementById('file')")
+        doc = page.call("DOM.getDocument")
+        node = page.call("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")
+        page.call("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(image)])
+        page.wait_for("document.getElementById('top-label').dataset.state === 'done'")
+        assert page.evaluate("document.getElementById('top-label').textContent") == "red"
+        assert page.evaluate("document.querySelectorAll('#bars .bar').length") == 3
+        page.wait_for("document.getElementById('overlay').naturalWidth > 0")
+
+
+class Chromium:
+    """Headless chromium driven over the DevTools protocol (a tiny CDP client)."""
+
+    def __init__(self, profile: Path) -> None:
+        self.profile = profile
+        self.proc: subprocess.Popen | None = None
+        self._ids = iter(range(1, 1_000_000))
+
+    def __enter__(self) -> Chromium:
+        from httpx_ws import connect_ws
+
+        port = free_port()
+        cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+        cmd += [f"--remote-debugging-port={port}", f"--user-data-dir={self.profile}"]
+        self.proc = subprocess.Popen([*cmd, "about:blank"], stderr=subprocess.DEVNULL)
+        target = self._page_target(f"http://127.0.0.1:{port}")
+        self._client = httpx.Client()
+        self._ws_cm = connect_ws(target["webSocketDebuggerUrl"], self._client)
+        self.ws = self._ws_cm.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ws_cm.__exit__(*exc)
+        self._client.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+    def _page_target(self, base: str) -> dict:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                targets = httpx.get(f"{base}/json/list", timeout=2).json()
+                pages = [t for t in targets if t.get("type") == "page"]
+                if pages:
+                    return pages[0]
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError("chromium did not open its DevTools port")
+
+    def call(self, method: str, **params) -> dict:
+        """Send one CDP command and return its result (events in between are skipped)."""
+        call_id = next(self._ids)
+        self.ws.send_text(json.dumps({"id": call_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.receive_text(timeout=30))
+            if message.get("id") == call_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message["result"]
+
+    def evaluate(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.evaluate(expression):
+                return
+            time.sleep(0.2)
+        errors = self.evaluate("document.getElementById('error')?.textContent")
+        raise TimeoutError(f"page never satisfied {expression!r} (page error: {errors!r})")

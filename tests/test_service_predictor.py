@@ -1,0 +1,111 @@
+"""The Predictor, Grad-CAM and the model stores, in process with real Keras/MLflow/BentoML."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service import gradcam
+from service.predictor import Predictor, load_predictor, top_k
+from service.settings import ServiceSettings
+from service.store import load_from_bento_store, load_from_mlflow, save_to_bento_store
+from tests.service_fixtures import CLASSES, SIZE, build_tiny_model, colour_image, encode, tiny_card
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return build_tiny_model()
+
+
+def test_predict_bytes_gives_the_expected_labels(tiny_model):
+    predictor = Predictor(tiny_model, tiny_card(), "3")
+    blobs = [encode(colour_image(c), "PNG") for c in CLASSES]
+    results = predictor.predict_bytes(blobs, k=2)
+    assert [r[0]["label"] for r in results] == CLASSES
+    assert all(len(r) == 2 and r[0]["probability"] > 0.9 for r in results)
+
+
+def test_top_k_orders_by_probability():
+    assert [p["label"] for p in top_k(np.array([0.2, 0.5, 0.3]), CLASSES, 3)] == [
+        "green",
+        "blue",
+        "red",
+    ]
+
+
+def test_bento_store_round_trip(tmp_path, tiny_model):
+    tiny_model.save(tmp_path / "m.keras")
+    tag = save_to_bento_store(tmp_path / "m.keras", tiny_card(), "roundtrip", 4, {"stage": "t"})
+    model, card, version = load_from_bento_store("roundtrip")
+    assert tag.startswith("roundtrip:") and version == "4" and card == tiny_card()
+    x = np.random.default_rng(0).uniform(0, 255, (2, *SIZE, 3)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(x, verbose=0), tiny_model.predict(x, verbose=0))
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path):
+    """A real SQLite MLflow store in tmp_path, set as the current one for this test only."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)  # also unsets MLFLOW_TRACKING_URI
+
+
+def test_mlflow_champion_is_loaded_with_its_card_and_version(tmp_path, monkeypatch, mlflow_uri, tiny_model):
+    import mlflow
+
+    artifacts = (tmp_path / "artifacts").as_uri()  # not ./mlruns in the working tree
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("svc", artifacts))
+    card = tiny_card()
+    for _ in range(2):  # two versions: the alias, not "latest", must decide
+        with mlflow.start_run():
+            info = mlflow.keras.log_model(tiny_model, name="model", metadata=card.to_metadata())
+        mlflow.register_model(info.model_uri, "clf")
+    mlflow.MlflowClient().set_registered_model_alias("clf", "champion", "1")
+
+    model, loaded_card, version = load_from_mlflow("models:/clf@champion")
+    assert version == "1" and loaded_card == card
+    monkeypatch.setenv("IMGCLS_TRACKING_URI", mlflow_uri)
+    predictor = load_predictor(ServiceSettings(source="mlflow", model_name="clf"))
+    assert predictor.version == "1" and predictor.name == "clf"
+    assert predictor.predict_bytes([encode(colour_image("blue"), "PNG")])[0][0]["label"] == "blue"
+
+
+def test_gradcam_points_at_the_coloured_patch(tiny_model):
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    pixels[4:24, 4:24, 0] = 255  # a red patch, top-left
+    predictor = Predictor(tiny_model, tiny_card(), "1")
+    x = predictor.preprocess(encode(pixels, "PNG"))
+    heat = gradcam.gradcam_heatmap(gradcam.split_at_last_conv(tiny_model), x, 0)
+    assert heat.shape == SIZE
+    top_left, rest = heat[:12, :12].mean(), heat[16:, 16:].mean()
+    assert top_left > 0.5 > rest
+
+
+def test_gradcam_reaches_into_a_nested_keras_applications_backbone():
+    import keras
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.Sequential([keras.layers.RandomFlip("horizontal")], name="augment")(inputs)
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(x)
+    backbone = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    x = backbone(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+
+    split = gradcam.split_at_last_conv(model)
+    assert split.layer_name == "block5_conv3"
+    image = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
+    features, context = split.to_conv(image)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(split.from_conv(features, context)),
+        model.predict(image, verbose=0),
+        atol=1e-6,
+    )
+    png = Predictor(model, tiny_card(), "1").explain(encode(colour_image("red"), "PNG"))
+    assert Image.open(io.BytesIO(png)).size == (40, 48)
