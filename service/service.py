@@ -85,6 +85,9 @@ class ImageClassifier:
     def __init__(self) -> None:
         self.settings = SETTINGS
         self._meta: dict | None = None
+        # Warm the resize path (it imports Keras and its backend, seconds on a cold
+        # process) before /readyz says ready, not on the first client's request.
+        resize_image(np.zeros((4, 4, 3), dtype=np.uint8), (2, 2))
 
     def __is_ready__(self) -> bool:
         """Ready once the model process has loaded and warmed up the champion."""

@@ -1,0 +1,125 @@
+"""`imgcls demo`: the whole product on embedded defaults, offline, in about a minute.
+
+Writes the digits demo dataset, runs the retrain pipeline (train -> register -> gate ->
+promote), starts the BentoML service on the champion and shows one prediction made over
+HTTP. Everything lives in the local project folder (`.imgcls/`, see TrackingSettings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+# The demo's embedded run config: the course CNN suits 8x8 digits shown at 32x32.
+# No horizontal flips: a mirrored digit is another symbol.
+DEMO_CONFIG = {
+    "backbone": "simple_cnn",
+    "image_size": 32,
+    "epochs": 15,
+    "augment": {"flip": "none", "rotation": 0.03, "zoom": 0.05, "translation": 0.05, "contrast": 0.0},
+}
+
+
+def register(subparsers) -> None:
+    """Add `imgcls demo`."""
+    parser = subparsers.add_parser(
+        "demo",
+        help="train, register, promote and serve the digits demo, then show a prediction",
+        description="End to end on embedded defaults: scikit-learn's digits become a "
+        "class-per-folder dataset, the pipeline trains and promotes a champion, and the "
+        "BentoML service answers one prediction over HTTP.",
+    )
+    parser.add_argument(
+        "--port", type=int, default=3000, help="service port (default 3000; a free one if taken)"
+    )
+    parser.add_argument("--epochs", type=int, help="override the demo's 15 epochs")
+    parser.add_argument("--keep-serving", action="store_true", help="leave the service running until Ctrl-C")
+    parser.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The demo's steps; returns 0 when a prediction came back over HTTP."""
+    from imgcls.settings import TrackingSettings
+    from registry.cli import print_decision
+    from registry.pipeline import run_pipeline
+    from registry.settings import RegistrySettings
+    from training.config import load_config
+    from training.demo_data import write_digits_dataset
+
+    tracking, registry = TrackingSettings(), RegistrySettings()
+    data = write_digits_dataset(tracking.home / "demo-data" / "digits")
+    config = load_config(None, data=data, **(DEMO_CONFIG | ({"epochs": args.epochs} if args.epochs else {})))
+    print(f"1/3 training on {data} and registering in {tracking.resolved_tracking_uri()}")
+    outcome = run_pipeline(config, tracking, registry)
+    print_decision(outcome.decision, registry)
+    sample = data / "7" / sorted(os.listdir(data / "7"))[0]
+    port = args.port if _port_free(args.port) else _free_port()
+    print(f"2/3 starting the BentoML service on http://127.0.0.1:{port}")
+    with _service(port) as server:
+        _wait_ready(server, port)
+        print(f"3/3 POST {sample} to /predict")
+        print(json.dumps(_predict(port, sample), indent=2))
+        if args.keep_serving:
+            print(f"serving on http://127.0.0.1:{port} (web page at /) - Ctrl-C to stop")
+            with contextlib.suppress(KeyboardInterrupt):
+                server.wait()
+    print("done: `imgcls serve` serves the champion again, `imgcls ui` opens MLflow")
+    return 0
+
+
+@contextlib.contextmanager
+def _service(port: int):
+    from service.cli import serve_command
+
+    env = os.environ | {"IMGCLS_SERVE_SOURCE": "bentoml", "IMGCLS_SERVE_PORT": str(port)}
+    server = subprocess.Popen(serve_command("127.0.0.1", port), env=env)
+    try:
+        yield server
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def _wait_ready(server: subprocess.Popen, port: int, timeout_s: float = 180) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the service exited with code {server.returncode} before it was ready")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"the service was not ready after {timeout_s:.0f} s")
+
+
+def _predict(port: int, image: Path) -> dict:
+    import httpx
+
+    with image.open("rb") as file:
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/predict", files={"image": (image.name, file, "image/png")}, timeout=30
+        )
+    response.raise_for_status()
+    return response.json()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
