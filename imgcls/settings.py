@@ -15,7 +15,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class TrackingSettings(BaseSettings):
     """Where runs, artifacts and registered models are stored."""
 
-    model_config = SettingsConfigDict(env_prefix="IMGCLS_", env_file=".env", extra="ignore")
+    # populate_by_name: `TrackingSettings(tracking_uri=...)` works besides the env aliases.
+    model_config = SettingsConfigDict(
+        env_prefix="IMGCLS_", env_file=".env", extra="ignore", populate_by_name=True
+    )
 
     home: Path = Field(
         Path(".imgcls"),

@@ -17,15 +17,32 @@ from imgcls.settings import TrackingSettings
 log = logging.getLogger(__name__)
 
 
+def open_store(settings: TrackingSettings) -> str:
+    """Point MLflow's tracking and registry at the configured store; returns its URI.
+
+    A new local SQLite store is created under a file lock: MLflow's schema migration fails
+    ("duplicate column") when two processes create the same database at once.
+    """
+    import fcntl
+
+    uri = settings.resolved_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        database.parent.mkdir(parents=True, exist_ok=True)
+        with open(database.with_name(database.name + ".init.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            mlflow.MlflowClient(uri, uri).search_registered_models(max_results=1)
+    return uri
+
+
 def configure_mlflow(settings: TrackingSettings) -> str:
     """Point MLflow at the configured store and experiment; returns the experiment id.
 
     A local SQLite store puts its artifacts in `home/mlartifacts`, created on first use.
     """
-    uri = settings.resolved_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
+    open_store(settings)
     experiment = mlflow.get_experiment_by_name(settings.experiment_name)
     if experiment is not None:
         experiment_id = experiment.experiment_id

@@ -1,0 +1,120 @@
+"""Register a run's model as a new version, and read versions back (tags, card, model).
+
+A version is created with `imgcls.status=candidate`; the gate later marks it `promoted`
+or `rejected`, and a pipeline that stops half-way marks it `interrupted` or `failed`.
+Only the `champion` alias says which version is served.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from imgcls.modelcard import ModelCard
+from imgcls.settings import TrackingSettings
+from registry.settings import RegistrySettings
+
+log = logging.getLogger(__name__)
+
+STATUS_TAG = "imgcls.status"
+# Metrics copied onto a version's tags, so `models list` needs no run look-ups.
+KEY_METRICS = ("accuracy", "macro_f1")
+
+
+class RegistryError(RuntimeError):
+    """A registry request that cannot be carried out; the message says why."""
+
+
+def connect(tracking: TrackingSettings) -> MlflowClient:
+    """A client on the configured store (created safely on first use); also points the
+    `mlflow` module at it."""
+    from training.tracking import open_store
+
+    uri = open_store(tracking)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def version_tags(run_id: str, card: ModelCard, metrics: dict[str, float], git_revision: str | None) -> dict:
+    """The tags a new version carries: where it came from and how it scored."""
+    tags = {
+        "run_id": run_id,
+        "backbone": card.backbone,
+        "dataset.fingerprint": card.dataset_fingerprint or "unknown",
+        "class_names": json.dumps(card.class_names),
+        "image_size": f"{card.image_size[0]}x{card.image_size[1]}",
+        "git.revision": git_revision or "unknown",
+        STATUS_TAG: "candidate",
+    }
+    tags.update({f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()})
+    return tags
+
+
+def register_candidate(
+    settings: RegistrySettings, model_uri: str, run_id: str, card: ModelCard, metrics: dict[str, float]
+) -> str:
+    """Create a new version of the registered model from a logged model; returns its number.
+
+    MLflow must already point at the store (see `connect`).
+    """
+    from training.tracking import git_revision
+
+    tags = version_tags(run_id, card, metrics, git_revision())
+    version = mlflow.register_model(model_uri, settings.model_name, tags=tags)
+    log.info("registered %s version %s from run %s", settings.model_name, version.version, run_id)
+    return str(version.version)
+
+
+def set_status(client: MlflowClient, settings: RegistrySettings, version: str, status: str) -> None:
+    """Record where a version stands (candidate, promoted, rejected, interrupted, failed)."""
+    client.set_model_version_tag(settings.model_name, version, STATUS_TAG, status)
+
+
+def champion_version(client: MlflowClient, settings: RegistrySettings) -> str | None:
+    """The version the champion alias points at, or None when there is no champion yet."""
+    try:
+        return str(client.get_model_version_by_alias(settings.model_name, settings.alias).version)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def get_version(client: MlflowClient, settings: RegistrySettings, version: str | int):
+    """The ModelVersion; RegistryError naming the version when it does not exist."""
+    try:
+        return client.get_model_version(settings.model_name, str(version))
+    except MlflowException as exc:
+        raise RegistryError(f"{settings.model_name} has no version {version}") from exc
+
+
+def version_card(settings: RegistrySettings, version: str) -> ModelCard:
+    """The ModelCard stored with a version's model (classes, input size, backbone)."""
+    info = mlflow.models.get_model_info(f"models:/{settings.model_name}/{version}")
+    return ModelCard.from_metadata(info.metadata)
+
+
+def download_keras_file(settings: RegistrySettings, version: str, dest: Path) -> Path:
+    """Download a version's model into `dest`; returns the path of its `.keras` file."""
+    uri = f"models:/{settings.model_name}/{version}"
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    found = sorted(local.rglob("*.keras"))
+    if not found:
+        raise RegistryError(f"version {version} has no .keras file in its MLflow model")
+    return found[0]
+
+
+def load_version_model(settings: RegistrySettings, version: str):
+    """(keras.Model, ModelCard) of a registered version, loaded safely and uncompiled."""
+    import keras
+
+    card = version_card(settings, version)
+    with tempfile.TemporaryDirectory(prefix="imgcls-registry-") as tmp:
+        path = download_keras_file(settings, version, Path(tmp))
+        model = keras.saving.load_model(path, safe_mode=True, compile=False)
+    return model, card

@@ -1,0 +1,39 @@
+"""Typed settings of the model registry: which model, which alias, how strict the gate is.
+
+Read from environment variables (prefix `IMGCLS_REGISTRY_`, and an optional `.env`) when a
+command starts, never at import.
+"""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RegistrySettings(BaseSettings):
+    """Where versions are registered and what a candidate must do to become champion."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="IMGCLS_REGISTRY_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    model_name: str = Field(
+        "image-classifier",
+        # The same variable TrackingSettings.registered_model_name reads, so both agree.
+        validation_alias=AliasChoices("IMGCLS_REGISTRY_MODEL_NAME", "IMGCLS_REGISTERED_MODEL_NAME"),
+        description="Registered model name in the MLflow model registry.",
+    )
+    alias: str = Field("champion", description="Alias that marks the served model.")
+    gate_metric: str = Field("macro_f1", description="Metric the gate compares (higher is better).")
+    # One percentage point: smaller differences are within the noise of a re-run.
+    margin: float = Field(0.01, ge=-1, le=1, description="How much the candidate must beat the champion by.")
+    # Five points: a better average must not hide a class that got clearly worse.
+    max_recall_drop: float = Field(0.05, ge=0, le=1, description="Largest allowed per-class recall drop.")
+    # A first model below this is no better than guessing on a small problem.
+    first_model_floor: float = Field(0.5, ge=0, le=1, description="Gate metric a first champion needs.")
+    bento_import: bool = Field(True, description="Import each new champion into the BentoML store.")
+    bento_model_name: str = Field("image-classifier", description="Model name in the BentoML store.")
+    # Training a candidate takes minutes; waiting longer than this for the lock means a stuck peer.
+    lock_timeout_s: float = Field(600.0, gt=0, description="Seconds to wait for the registry lock.")
+    # A crashed process's remote lease expires after this; longer than any alias move takes.
+    lease_s: float = Field(120.0, gt=0, description="Lifetime of a remote registry lease.")

@@ -1,0 +1,137 @@
+"""`imgcls ui` for real: an `mlflow server` process on a free port, a pipeline run through
+it over HTTP, and Debian's headless chromium reading the React UI's rendered DOM."""
+
+from __future__ import annotations
+
+import html
+import re
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tests.registry_fixtures import (
+    free_port,
+    quick_config,
+    registry_settings,
+    start_imgcls,
+    stop,
+    tracking_settings,
+    wait_for_http,
+    write_dataset,
+)
+
+pytestmark = pytest.mark.slow
+EXPERIMENT = "ui-test-experiment"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """`imgcls ui` on a fresh SQLite store, and one pipeline run through it over HTTP."""
+    from imgcls.settings import TrackingSettings
+    from registry.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("ui")
+    port = free_port()
+    server_side = tracking_settings(root)
+    env = {"MLFLOW_TRACKING_URI": server_side.resolved_tracking_uri(), "IMGCLS_HOME": str(server_side.home)}
+    process = start_imgcls(["ui", "--port", str(port)], env, root / "ui.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/health", process)
+        tracking = TrackingSettings(
+            home=root / "client", MLFLOW_TRACKING_URI=url, MLFLOW_EXPERIMENT_NAME=EXPERIMENT
+        )
+        settings = registry_settings(model_name="ui-clf")
+        outcome = run_pipeline(quick_config(write_dataset(root / "shapes")), tracking, settings)
+        yield {"url": url, "root": root, "tracking": tracking, "settings": settings, "outcome": outcome}
+    finally:
+        stop(process)
+
+
+def test_ui_prints_its_url_and_serves_the_store(served):
+    log = (served["root"] / "ui.log").read_text()
+    assert f"MLflow UI: {served['url']}" in log
+
+
+def test_pipeline_through_a_real_mlflow_server(served):
+    from mlflow import MlflowClient
+
+    from registry.history import read_history
+    from registry.lock import LEASE_TAG
+
+    outcome, settings = served["outcome"], served["settings"]
+    assert outcome.decision.passed and outcome.exit_code == 0
+    client = MlflowClient(tracking_uri=served["url"], registry_uri=served["url"])
+    assert str(client.get_model_version_by_alias(settings.model_name, "champion").version) == outcome.version
+    assert [m.to_version for m in read_history(client, settings)] == [outcome.version]
+    assert LEASE_TAG not in client.get_registered_model(settings.model_name).tags  # lease released
+    assert client.get_run(outcome.result.run_id).info.artifact_uri.startswith("mlflow-artifacts:")
+
+
+def test_remote_lease_admits_one_holder_at_a_time(served):
+    from mlflow import MlflowClient
+
+    from registry.lock import tag_lease
+
+    client = MlflowClient(tracking_uri=served["url"], registry_uri=served["url"])
+    held: list[tuple[float, float]] = []
+
+    def hold():
+        with tag_lease(client, served["settings"]):
+            start = time.monotonic()
+            time.sleep(0.5)
+            held.append((start, time.monotonic()))
+
+    threads = [threading.Thread(target=hold) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(held) == 3
+    spans = sorted(held)
+    assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:], strict=False)), spans
+
+
+def _page_text(url: str, profile) -> str:
+    """The visible text of a page after chromium ran its scripts (headless, DOM dump)."""
+    from tests.registry_fixtures import chromium
+
+    out = subprocess.run(
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=20000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    out = re.sub(r"<script.*?</script>|<style.*?</style>", " ", out, flags=re.S)
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", out)).split())
+
+
+@pytest.mark.browser
+def test_browser_finds_experiment_run_and_champion(served, tmp_path):
+    from tests.registry_fixtures import chromium
+
+    if chromium() is None:
+        pytest.skip("chromium is not installed (make browser)")
+    import mlflow
+
+    url, outcome = served["url"], served["outcome"]
+    run = mlflow.MlflowClient(tracking_uri=url).get_run(outcome.result.run_id)
+    assert EXPERIMENT in _page_text(f"{url}/#/experiments", tmp_path / "p1")
+    runs_page = _page_text(f"{url}/#/experiments/{run.info.experiment_id}/runs", tmp_path / "p2")
+    assert run.info.run_name in runs_page
+    model_page = _page_text(f"{url}/#/models/{served['settings'].model_name}", tmp_path / "p3")
+    row = re.search(rf"Version {outcome.version} (.*?)(Version \d|Previous)", model_page)
+    assert row, model_page[:2000]
+    assert "@ champion" in row.group(1) and outcome.result.run_id in row.group(1)
