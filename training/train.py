@@ -246,9 +246,14 @@ def _fit_head_on_cached_features(model, extractor, splits, config, class_weight,
 
 
 def _features(extractor, dataset):
+    """Backbone features and labels of a whole dataset, in one pass (so they stay aligned
+    even when the dataset reshuffles per iteration); the call is compiled once."""
+    import tensorflow as tf
+
+    forward = tf.function(lambda images: extractor(images, training=False), reduce_retracing=True)
     xs, ys = [], []
     for images, labels in dataset:
-        xs.append(np.asarray(extractor(images, training=False)))
+        xs.append(np.asarray(forward(images)))
         ys.append(np.asarray(labels))
     return np.concatenate(xs), np.concatenate(ys)
 
