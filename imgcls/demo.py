@@ -78,15 +78,26 @@ def _service(port: int):
     from service.cli import serve_command
 
     env = os.environ | {"IMGCLS_SERVE_SOURCE": "bentoml", "IMGCLS_SERVE_PORT": str(port)}
-    server = subprocess.Popen(serve_command("127.0.0.1", port), env=env)
+    # Its own process group: stopping it stops BentoML's worker processes too.
+    server = subprocess.Popen(serve_command("127.0.0.1", port), env=env, start_new_session=True)
     try:
         yield server
     finally:
-        server.terminate()
+        _stop_group(server)
+
+
+def _stop_group(server: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, SIGKILL it if it has not exited in 20 s."""
+    import signal
+
+    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, sig)
         try:
-            server.wait(timeout=20)
+            server.wait(timeout=wait_s)
+            return
         except subprocess.TimeoutExpired:
-            server.kill()
+            continue
 
 
 def _wait_ready(server: subprocess.Popen, port: int, timeout_s: float = 180) -> None:

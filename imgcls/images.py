@@ -1,9 +1,9 @@
 """The one image preprocessing used outside the Keras graph: decode, to RGB, resize.
 
-Matches Keras' `image_dataset_from_directory` (bilinear `resize`, no antialiasing), so a
-model sees the same pixels in training and serving. Decoding uses Pillow; for JPEG this is
-libjpeg's accurate IDCT, which can differ from TensorFlow's default fast IDCT by a few
-levels (see docs/benchmarks.md). No TensorFlow import: this runs on any Keras backend.
+`load_image` gives a model its input. Training writes every image of a split through it
+(as lossless model-size PNGs that `image_dataset_from_directory` then reads unchanged) and
+the service calls it on each upload, so both see identical pixels: one decoder (Pillow),
+one resize, one rounding. No TensorFlow import: this runs on any Keras backend.
 """
 
 from __future__ import annotations
@@ -79,17 +79,31 @@ def _high_byte(values: np.ndarray) -> np.ndarray:
     return (wide >> 8).astype(np.uint8)
 
 
-def resize_image(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize (H, W, 3) pixels to `size` = (height, width) as float32, like Keras' loader."""
+def prepare_image(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 pixels -> the model's `size` = (height, width), uint8.
+
+    A photo at least twice the target is first shrunk by an integer box filter (cheap in
+    8 bits, and it keeps fine detail from aliasing), then resized bilinearly by Keras and
+    rounded: the result is exactly representable as a PNG, so training can store it.
+    """
+    pixels = np.asarray(pixels, dtype=np.uint8)
+    height, width = size
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    factor = min(pixels.shape[0] // (2 * height), pixels.shape[1] // (2 * width))
+    if factor >= 2:
+        pixels = np.asarray(Image.fromarray(pixels).reduce(factor))
     import keras  # deferred: importing Keras starts its backend
 
-    arr = np.asarray(pixels, dtype=np.float32)
-    if arr.shape[:2] == tuple(size):
-        return arr
-    out = keras.ops.image.resize(arr, tuple(size), interpolation="bilinear")
-    return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
+    out = keras.ops.image.resize(pixels.astype(np.float32), (height, width), interpolation="bilinear")
+    return np.clip(np.round(keras.ops.convert_to_numpy(out)), 0, 255).astype(np.uint8)
+
+
+def resize_image(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Decoded pixels -> the model's float32 (H, W, 3) input (see `prepare_image`)."""
+    return prepare_image(pixels, size).astype(np.float32)
 
 
 def load_image(data: bytes, size: tuple[int, int], **kwargs) -> np.ndarray:
-    """Decode and resize image bytes: the model's input for one image, float32 (H, W, 3)."""
+    """Image bytes -> the model's float32 (H, W, 3) input; raises ImageDecodeError."""
     return resize_image(decode_image(data, **kwargs), size)

@@ -55,10 +55,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """Run `bentoml serve` in the foreground with the options as environment variables."""
+    from pydantic import ValidationError
+
     from .settings import ServiceSettings
 
     os.environ.update(settings_env(args))
-    settings = ServiceSettings()  # validated here, with a clear message, not in a worker
+    try:
+        settings = ServiceSettings()  # validated here, with a clear message, not in a worker
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = f"{ENV_PREFIX}{'_'.join(map(str, error['loc'])).upper()}"
+            print(f"error: {name}={error.get('input')!r}: {error['msg']}")
+        return 2
     # Pass every resolved value (.env included) on to the server processes.
     env = {f"{ENV_PREFIX}{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}
     print(f"serving on http://{settings.host}:{settings.port} (source: {settings.source})")

@@ -99,3 +99,29 @@ def test_manifest_rebuilds_the_split_and_notices_missing_files(shapes_dir):
     (shapes_dir / scan.files["test"][0][0]).unlink()
     with pytest.raises(DatasetError, match="missing"):
         scan_from_manifest(manifest)
+
+
+def _odd_images(folder):
+    """Files whose decoding differs between naive loaders: the service's decoder is the rule."""
+    rng = np.random.default_rng(5)
+    photo = rng.integers(0, 256, (150, 210, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(folder / "photo.jpg", quality=90)  # JPEG: IDCT choice matters
+    Image.fromarray(photo).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 65535, (40, 30), dtype=np.uint16)).save(folder / "deep.png")
+    Image.fromarray(photo).save(folder / "really_tiff.jpg", format="TIFF")  # wrong extension
+    Image.fromarray(rng.integers(0, 256, (700, 500, 3), dtype=np.uint8)).save(folder / "big.png")
+    Image.fromarray(photo).save(folder / "photo.webp")
+
+
+def test_training_sees_exactly_the_pixels_the_service_computes(tmp_path, shapes_dir):
+    from imgcls.images import load_image
+
+    _odd_images(shapes_dir / "circle")
+    scan = scan_dataset(shapes_dir)
+    names = ["photo.jpg", "cmyk.jpg", "deep.png", "really_tiff.jpg", "big.png", "photo.webp"]
+    assert not scan.bad_files
+    scan.files["test"] = [(f"circle/{name}", 0) for name in names]
+    images, _ = next(iter(load_split(scan, "test", tmp_path / "view", (32, 32), 16)))
+    for name, loaded in zip(names, np.asarray(images), strict=True):
+        served = load_image((shapes_dir / "circle" / name).read_bytes(), (32, 32))
+        np.testing.assert_array_equal(loaded, served, err_msg=name)

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 
 from imgcls.images import load_image
 from tests.conftest import quick_config
+from training.config import ConfigError
 from training.train import train
 
 NO_AUGMENT = {"augment.enabled": False}
@@ -105,7 +106,7 @@ def test_failing_run_is_marked_failed(shapes_dir_shared, tracking, tmp_path):
     wrong = tmp_path / "resnet.weights.h5"
     keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(wrong)
     config = quick_config(shapes_dir_shared, backbone="vgg16", weights=str(wrong))
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ConfigError, match="weights: .*does not fit"):
         train(config, tracking)
     client = MlflowClient(tracking.resolved_tracking_uri())
     runs = client.search_runs([client.get_experiment_by_name(tracking.experiment_name).experiment_id])
@@ -115,6 +116,8 @@ def test_failing_run_is_marked_failed(shapes_dir_shared, tracking, tmp_path):
 
 @pytest.mark.slow
 def test_mirrored_strategy_on_two_logical_cpus(shapes_dir_shared, tmp_path):
+    """Every training path under MirroredStrategy: plain CNN, cached head, augmented head
+    with fine-tuning."""
     script = textwrap.dedent(f"""
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
@@ -122,15 +125,47 @@ def test_mirrored_strategy_on_two_logical_cpus(shapes_dir_shared, tmp_path):
         from imgcls.settings import TrackingSettings
         from tests.conftest import quick_config
         from training.train import train
-        config = quick_config({str(shapes_dir_shared)!r}, epochs=2, distribute="mirrored")
-        result = train(config, TrackingSettings(home={str(tmp_path)!r}, tracking_uri="sqlite:///{tmp_path}/m.db"))
-        print("REPLICAS", tf.distribute.MirroredStrategy().num_replicas_in_sync, "ACC", result.metrics["accuracy"])
+        settings = TrackingSettings(home={str(tmp_path)!r}, tracking_uri="sqlite:///{tmp_path}/m.db")
+        data = {str(shapes_dir_shared)!r}
+        configs = [
+            quick_config(data, epochs=1, distribute="mirrored"),
+            quick_config(data, backbone="vgg16", weights="none", epochs=1, distribute="mirrored",
+                         **{{"augment.enabled": False}}),
+            quick_config(data, backbone="vgg16", weights="none", epochs=1, distribute="mirrored",
+                         **{{"fine_tune.unfreeze_layers": 2, "fine_tune.epochs": 1}}),
+        ]
+        for config in configs:
+            train(config, settings)
+        print("REPLICAS", tf.distribute.MirroredStrategy().num_replicas_in_sync, "RUNS", len(configs))
     """)
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=os.getcwd()
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=400, cwd=os.getcwd()
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "REPLICAS 2" in out.stdout
+    assert "REPLICAS 2 RUNS 3" in out.stdout
+
+
+def test_offline_imagenet_weights_give_a_clear_message(tmp_path):
+    script = textwrap.dedent("""
+        from training.model import build_backbone
+        from training.config import ConfigError
+        try:
+            build_backbone("vgg16", "imagenet", (32, 32))
+        except ConfigError as exc:
+            print("CONFIG-ERROR", exc)
+    """)
+    dead = "http://127.0.0.1:9"  # nothing listens: the download fails at once, as offline
+    env = os.environ | {
+        "KERAS_HOME": str(tmp_path),
+        "HTTPS_PROXY": dead,
+        "HTTP_PROXY": dead,
+        "https_proxy": dead,
+    }
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert "CONFIG-ERROR weights: could not get the ImageNet weights of vgg16" in out.stdout, out.stderr[
+        -2000:
+    ]
+    assert "--weights PATH" in out.stdout
 
 
 def test_cli_trains_with_mlflow_environment_variables(shapes_dir_shared, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 # Options shared by `imgcls train` and `imgcls pipeline`: name -> (config field, argparse kwargs).
@@ -122,6 +123,10 @@ def run_train(args: argparse.Namespace) -> int:
     except (ConfigError, DatasetError) as exc:
         print(f"error: {exc}")
         return 2
+    except Exception as exc:
+        logging.getLogger(__name__).debug("training failed", exc_info=True)
+        print(f"error: training failed: {type(exc).__name__}: {exc} (run with -v for the traceback)")
+        return 1
     print_result(result)
     return 0
 

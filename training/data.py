@@ -2,9 +2,10 @@
 
 `scan_dataset` checks every file before training starts (bad files are left out and
 listed; an unusable dataset stops with a message naming the problem and the path).
-The split is fixed in a manifest, and each split is read by Keras'
-`image_dataset_from_directory` from a view of symbolic links to the good files only,
-so the loader never meets a bad file mid-epoch.
+The split is fixed in a manifest. Each split is then written once, through the service's
+own `imgcls.images.load_image`, as lossless PNGs at the model's input size, and Keras'
+`image_dataset_from_directory` reads those: the loader never meets a bad file mid-epoch,
+and training sees exactly the pixels the service will compute for the same file.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from imgcls.images import ImageDecodeError, decode_image
 
 log = logging.getLogger(__name__)
 
-# The extensions Keras' image_dataset_from_directory loads; other files are skipped.
-IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+# Image files taken from a dataset folder (anything else is listed as left out).
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".webp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 
@@ -141,7 +142,7 @@ def _check_files(root: Path, split_dirs: dict[str, Path], class_names: list[str]
             for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
                 rel = str(path.relative_to(root))
                 if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                    bad.append((rel, f"not an image file Keras loads ({path.suffix or 'no extension'})"))
+                    bad.append((rel, f"not an image file ({path.suffix or 'no extension'})"))
                 else:
                     candidates.append((split, rel, label))
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
@@ -245,15 +246,30 @@ def scan_from_manifest(manifest: dict) -> DatasetScan:
     return DatasetScan(root, list(manifest["class_names"]), manifest["layout"], files)
 
 
-def write_view(scan: DatasetScan, split: str, dest: Path) -> Path:
-    """Write `dest/<class>/<file>` symlinks to the usable files of one split; returns dest."""
+def write_view(scan: DatasetScan, split: str, dest: Path, image_size: tuple[int, int]) -> Path:
+    """Write `dest/<class>/<n>.png`: each usable file of a split as the model will see it.
+
+    Uses `imgcls.images.load_image` (what the service runs on an upload), stored as
+    lossless PNGs at `image_size`; Keras then reads them without changing a pixel.
+    """
     for name in scan.class_names:
         (dest / name).mkdir(parents=True, exist_ok=True)
-    for index, (rel, label) in enumerate(scan.files[split]):
-        source = scan.root / rel
-        link = dest / scan.class_names[label] / f"{index:07d}{source.suffix.lower()}"
-        link.symlink_to(source)
+    jobs = [
+        (scan.root / rel, dest / scan.class_names[label] / f"{index:07d}.png")
+        for index, (rel, label) in enumerate(scan.files[split])
+    ]
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        list(pool.map(lambda job: _write_model_input(*job, image_size), jobs))
     return dest
+
+
+def _write_model_input(source: Path, target: Path, image_size: tuple[int, int]) -> None:
+    from PIL import Image
+
+    from imgcls.images import prepare_image
+
+    pixels = prepare_image(decode_image(source.read_bytes()), image_size)
+    Image.fromarray(pixels).save(target, compress_level=1)  # lossless; fast beats small here
 
 
 def load_split(
@@ -266,10 +282,13 @@ def load_split(
     shuffle: bool = False,
     seed: int = 42,
 ):
-    """A batched tf.data.Dataset of (raw RGB float32 images, int labels) for one split."""
+    """A batched tf.data.Dataset of (raw RGB float32 images, int labels) for one split.
+
+    Order (unshuffled): class by class, files in manifest order.
+    """
     import keras
 
-    folder = write_view(scan, split, Path(view_dir) / split)
+    folder = write_view(scan, split, Path(view_dir) / split, image_size)
     return keras.utils.image_dataset_from_directory(
         folder,
         labels="inferred",
@@ -277,11 +296,10 @@ def load_split(
         class_names=scan.class_names,
         color_mode="rgb",
         batch_size=batch_size,
-        image_size=image_size,
+        image_size=image_size,  # already this size: Keras' resize leaves the pixels as they are
         shuffle=shuffle,
         seed=seed,
         interpolation="bilinear",
-        follow_links=True,
         verbose=False,
     )
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.metrics import (
@@ -21,6 +21,9 @@ class Evaluation:
     class_names: list[str]
     y_true: np.ndarray
     y_prob: np.ndarray
+    # The first few misclassified images and their positions, for the picture of them.
+    wrong_images: np.ndarray | None = None
+    wrong_index: list[int] = field(default_factory=list)
 
     @property
     def y_pred(self) -> np.ndarray:
@@ -59,16 +62,29 @@ def metric_safe(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_\-. /]", "_", name)
 
 
-def evaluate_model(model, dataset, class_names: list[str]) -> Evaluation:
+def evaluate_model(model, dataset, class_names: list[str], keep_wrong: int = 24) -> Evaluation:
     """Run `model` over a batched (images, labels) dataset; order is preserved.
 
     Calls the model directly (inference mode): no tf.distribute splitting of batches.
+    Keeps at most `keep_wrong` misclassified images, never the whole set.
     """
-    probs, labels = [], []
+    probs, labels, wrong, wrong_index, seen = [], [], [], [], 0
     for images, batch_labels in dataset:
-        probs.append(np.asarray(model(images, training=False)))
-        labels.append(np.asarray(batch_labels))
-    return Evaluation(class_names, np.concatenate(labels), np.concatenate(probs).astype("float32"))
+        batch_probs = np.asarray(model(images, training=False))
+        batch_labels = np.asarray(batch_labels)
+        for i in np.flatnonzero(batch_probs.argmax(axis=1) != batch_labels)[: keep_wrong - len(wrong)]:
+            wrong.append(np.asarray(images[i]))
+            wrong_index.append(seen + int(i))
+        probs.append(batch_probs)
+        labels.append(batch_labels)
+        seen += len(batch_labels)
+    return Evaluation(
+        class_names,
+        np.concatenate(labels),
+        np.concatenate(probs).astype("float32"),
+        np.stack(wrong) if wrong else None,
+        wrong_index,
+    )
 
 
 def _figure(width: float, height: float):
@@ -139,17 +155,15 @@ def augmentation_figure(augmentation, images: np.ndarray, copies: int = 5):
     return image_grid_figure(np.stack(rows), titles, columns=copies + 1)
 
 
-def misclassified_figure(evaluation: Evaluation, images: np.ndarray, limit: int = 24):
+def misclassified_figure(evaluation: Evaluation):
     """Test images the model got wrong, titled 'predicted (p) / true'."""
-    wrong = np.flatnonzero(evaluation.y_pred != evaluation.y_true)[:limit]
-    if not len(wrong):
+    if evaluation.wrong_images is None:
         return None
-    names = evaluation.class_names
+    names, pred, prob, true = evaluation.class_names, evaluation.y_pred, evaluation.y_prob, evaluation.y_true
     titles = [
-        f"{names[evaluation.y_pred[i]]} ({evaluation.y_prob[i].max():.2f})\ntrue: {names[evaluation.y_true[i]]}"
-        for i in wrong
+        f"{names[pred[i]]} ({prob[i].max():.2f})\ntrue: {names[true[i]]}" for i in evaluation.wrong_index
     ]
-    return image_grid_figure(images[wrong], titles)
+    return image_grid_figure(evaluation.wrong_images, titles)
 
 
 def first_conv_layer(model):

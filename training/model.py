@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from training.config import AugmentConfig, HeadConfig, TrainConfig
+from training.config import AugmentConfig, ConfigError, HeadConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,22 @@ def build_backbone(name: str, weights: str | None, input_size: tuple[int, int]) 
     """
     constructor = getattr(keras.applications, _APPLICATIONS[name])
     from_file = weights not in (None, "imagenet")
-    backbone = constructor(
-        include_top=False, weights=None if from_file else weights, input_shape=(*input_size, 3)
-    )
+    try:
+        backbone = constructor(
+            include_top=False, weights=None if from_file else weights, input_shape=(*input_size, 3)
+        )
+    except Exception as exc:  # Keras raises a bare Exception when the download fails
+        if weights != "imagenet":
+            raise
+        raise ConfigError(
+            f"weights: could not get the ImageNet weights of {name} ({exc}); "
+            "pass a local weights file with --weights PATH, or --weights none"
+        ) from exc
     if from_file:
-        load_weights_strictly(backbone, weights)
+        try:
+            load_weights_strictly(backbone, weights)
+        except ValueError as exc:
+            raise ConfigError(f"weights: {exc}") from exc
     backbone.name = "backbone"
     backbone.trainable = False
     return backbone

@@ -8,6 +8,7 @@ held-out split -> log pictures and the model with its card.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -90,12 +91,13 @@ def _run(config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_i
         model = build_model(config, len(scan.class_names))
         compile_model(model, config.learning_rate)
     params = _log_architecture(model)
-    history, seconds = fit_model(model, splits, config, scan)
+    with strategy.scope():  # every compile and fit, phase 2 and the cached head included
+        history, seconds = fit_model(model, splits, config, scan)
     evaluation = ev.evaluate_model(model, splits.test, scan.class_names)
     metrics = evaluation.metrics()
     mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
-    test_images = np.concatenate([np.asarray(x) for x, _ in splits.test])
-    _log_pictures(model, config, splits, evaluation, history, test_images)
+    first_test_image = np.asarray(next(iter(splits.test))[0][:1])
+    _log_pictures(model, config, splits, evaluation, history, first_test_image[0])
     card = ModelCard(
         class_names=scan.class_names,
         image_size=config.input_size,
@@ -103,24 +105,37 @@ def _run(config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_i
         metrics={k: metrics[k] for k in ("accuracy", "macro_f1")},
         dataset_fingerprint=scan.fingerprint,
     )
-    model_uri = tracking.log_keras_model(model, card, test_images[:1])
+    model_uri = tracking.log_keras_model(model, card, first_test_image)
     return TrainResult(run_id, model_uri, card, metrics, evaluation, history, scan, model, params, seconds)
 
 
 def load_splits(scan: DatasetScan, config: TrainConfig, view_dir: Path) -> Splits:
-    """Train (shuffled each epoch), validation and test datasets, prefetched."""
+    """Train (reshuffled each epoch), validation and test datasets, prefetched.
+
+    Decoded pixels stay in memory between epochs while the splits fit the cache budget.
+    """
     import tensorflow as tf
 
     size, batch = config.input_size, config.batch_size
+    budget = IMAGE_CACHE_BUDGET_BYTES
     train = load_split(scan, "train", view_dir, size, batch, shuffle=True, seed=config.seed)
-    image_bytes = len(scan.files["train"]) * size[0] * size[1] * 3 * 4
-    if image_bytes <= IMAGE_CACHE_BUDGET_BYTES:
-        # Cache decoded pixels unbatched, then reshuffle per epoch: decode once, not per epoch.
-        train = train.unbatch().cache().shuffle(len(scan.files["train"]), seed=config.seed).batch(batch)
-    val = load_split(scan, "val", view_dir, size, batch).cache()
-    test = load_split(scan, "test", view_dir, size, batch).cache()
-    autotune = tf.data.AUTOTUNE
-    return Splits(train.prefetch(autotune), val.prefetch(autotune), test.prefetch(autotune))
+    if _split_bytes(scan, "train", size) <= budget:
+        # Cache unbatched, then reshuffle per epoch: decode once, not once per epoch.
+        n = len(scan.files["train"])
+        train = train.unbatch().cache().shuffle(n, seed=config.seed).batch(batch)
+        budget -= _split_bytes(scan, "train", size)
+    splits = [train]
+    for split in ("val", "test"):
+        dataset = load_split(scan, split, view_dir, size, batch)
+        if _split_bytes(scan, split, size) <= budget:
+            dataset = dataset.cache()
+            budget -= _split_bytes(scan, split, size)
+        splits.append(dataset)
+    return Splits(*(d.prefetch(tf.data.AUTOTUNE) for d in splits))
+
+
+def _split_bytes(scan: DatasetScan, split: str, size: tuple[int, int]) -> int:
+    return len(scan.files[split]) * size[0] * size[1] * 3 * 4  # float32 pixels
 
 
 def compile_model(model: keras.Model, learning_rate: float) -> None:
@@ -151,7 +166,10 @@ def _training_context(config: TrainConfig):
         keras.mixed_precision.set_dtype_policy(previous_policy)
 
 
+@functools.cache
 def _strategy(name: str):
+    """One strategy object per kind and process: a second MirroredStrategy in the same
+    process reuses collective-op keys and clashes with the first one's."""
     import tensorflow as tf
 
     if name == "mirrored":
@@ -183,7 +201,8 @@ def _log_architecture(model: keras.Model) -> ParamCounts:
 def fit_model(model: keras.Model, splits: Splits, config: TrainConfig, scan: DatasetScan):
     """Phase 1 (head; cached features when possible) then optional fine-tuning.
 
-    Returns the merged per-epoch history and the wall-clock seconds of each epoch.
+    Call it inside the tf.distribute strategy's scope. Returns the merged per-epoch
+    history and the wall-clock seconds of each epoch.
     """
     timer = EpochTimer()
     extractor = feature_extractor(model)
@@ -198,9 +217,8 @@ def fit_model(model: keras.Model, splits: Splits, config: TrainConfig, scan: Dat
             model, splits, config, class_weight, [val_callback, timer], offset=0, validate=False
         )
     if config.fine_tune.unfreeze_layers and extractor is not None:
-        history = _merge(
-            history, _fine_tune(model, splits, config, class_weight, timer, len(history["loss"]))
-        )
+        tuned = _fine_tune(model, splits, config, class_weight, timer, len(history["loss"]))
+        history = _merge(history, tuned)
     return history, timer.seconds
 
 
@@ -332,12 +350,12 @@ class EpochTimer(keras.callbacks.Callback):
         self._start = None
 
 
-def _log_pictures(model, config, splits, evaluation, history, test_images) -> None:
+def _log_pictures(model, config, splits, evaluation, history, test_image) -> None:
     tracking.log_figure(ev.confusion_figure(evaluation), "confusion_matrix")
     tracking.log_figure(ev.curves_figure(history), "training_curves")
-    tracking.log_figure(ev.misclassified_figure(evaluation, test_images), "misclassified")
+    tracking.log_figure(ev.misclassified_figure(evaluation), "misclassified")
     tracking.log_figure(ev.kernels_figure(model), "first_layer_kernels")
-    tracking.log_figure(ev.activations_figure(model, test_images[0]), "activation_maps")
+    tracking.log_figure(ev.activations_figure(model, test_image), "activation_maps")
     if config.augment.enabled:
         sample = next(iter(splits.train))[0]
         augmentation = model.get_layer("augmentation")
