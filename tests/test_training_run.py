@@ -228,3 +228,40 @@ def test_cli_rejects_bad_options_with_the_field_name(shapes_dir_shared, tmp_path
         and "dataset folder not found" in out.stdout
         and str(tmp_path / "none") in out.stdout
     )
+
+
+@pytest.mark.slow
+def test_two_trainings_started_together_on_a_new_store_both_finish(shapes_dir_shared, tmp_path):
+    """Store creation, the experiment and the dataset record are made by whichever run
+    gets there first; the other must not fail on the collision."""
+    env = os.environ | {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/race.db",
+        "MLFLOW_EXPERIMENT_NAME": "race",
+    }
+    args = [
+        "train",
+        "--data",
+        str(shapes_dir_shared),
+        "--backbone",
+        "simple_cnn",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "imgcls.cli", *args],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]

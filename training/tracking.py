@@ -43,15 +43,34 @@ def configure_mlflow(settings: TrackingSettings) -> str:
     A local SQLite store puts its artifacts in `home/mlartifacts`, created on first use.
     """
     open_store(settings)
-    experiment = mlflow.get_experiment_by_name(settings.experiment_name)
-    if experiment is not None:
-        experiment_id = experiment.experiment_id
-    else:
-        experiment_id = mlflow.create_experiment(
-            settings.experiment_name, artifact_location=settings.artifact_root()
-        )
+    experiment_id = _retry_on_conflict(lambda: _experiment_id(settings))
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def _experiment_id(settings: TrackingSettings) -> str:
+    experiment = mlflow.get_experiment_by_name(settings.experiment_name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return mlflow.create_experiment(settings.experiment_name, artifact_location=settings.artifact_root())
+
+
+def _retry_on_conflict(write, attempts: int = 5):
+    """Run a store write again when a concurrent writer made it collide.
+
+    MLflow's SQL store checks-then-inserts some rows (experiments, dataset records), so
+    two runs starting together can hit a UNIQUE constraint; the failed transaction left
+    nothing behind, and the retry finds the row the other writer made.
+    """
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return write()
+        except mlflow.exceptions.MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 @contextlib.contextmanager
@@ -96,7 +115,7 @@ def log_dataset(scan, context: str = "training") -> None:
         name=scan.root.name,
         digest=scan.fingerprint,
     )
-    mlflow.log_input(dataset, context=context)
+    _retry_on_conflict(lambda: mlflow.log_input(dataset, context=context))
     mlflow.set_tags({"dataset.fingerprint": scan.fingerprint, "dataset.root": str(scan.root)})
     mlflow.log_params({f"data.count.{k}": v for k, v in report["class_counts"].items()})
     mlflow.log_params({f"data.split.{k}": v for k, v in report["split_sizes"].items()})
