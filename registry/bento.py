@@ -1,28 +1,73 @@
-"""Copy a champion into the BentoML model store, so the service runs without MLflow."""
+"""Copy a champion into the BentoML model store, so the service runs without MLflow.
+
+The store mirrors the alias: the entry of the current champion carries the label
+`alias=<alias>`. A promotion downloads the model first (slow, outside the registry lock),
+saves the entry under the lock, removes it again if the alias move fails, and once the
+alias has moved deletes the entries of earlier champions.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from registry.register import download_keras_file, version_card
 from registry.settings import RegistrySettings
 
+log = logging.getLogger(__name__)
 
-def import_champion(settings: RegistrySettings, version: str) -> str:
-    """Save registry `version` into the store at BENTOML_HOME; returns the BentoML tag.
 
-    The BentoML model is labelled with the registry version and the registered name.
-    """
-    from service.store import save_to_bento_store
+@dataclass
+class Download:
+    """A registry version's `.keras` file and card, fetched ahead of the alias move."""
 
+    version: str
+    keras_path: Path
+    card: object  # imgcls.modelcard.ModelCard
+
+
+@contextlib.contextmanager
+def downloaded(settings: RegistrySettings, version: str) -> Iterator[Download]:
+    """Fetch registry `version` into a temporary folder for the block."""
     card = version_card(settings, version)
     with tempfile.TemporaryDirectory(prefix="imgcls-bento-") as tmp:
-        keras_path = download_keras_file(settings, version, Path(tmp))
-        return save_to_bento_store(
-            keras_path,
-            card,
-            name=settings.bento_model_name,
-            version=version,
-            extra_labels={"registered_model": settings.model_name, "alias": settings.alias},
-        )
+        yield Download(version, download_keras_file(settings, version, Path(tmp)), card)
+
+
+def save_champion(settings: RegistrySettings, download: Download) -> str:
+    """Save a downloaded version into the store at BENTOML_HOME, labelled as the champion."""
+    from service.store import ALIAS_LABEL, REGISTERED_LABEL, save_to_bento_store
+
+    return save_to_bento_store(
+        download.keras_path,
+        download.card,
+        name=settings.bento_model_name,
+        version=download.version,
+        extra_labels={REGISTERED_LABEL: settings.model_name, ALIAS_LABEL: settings.alias},
+    )
+
+
+def remove_entry(tag: str) -> None:
+    """Delete an entry saved for an alias move that did not happen."""
+    import bentoml
+
+    bentoml.models.delete(tag)
+    log.info("removed %s from the BentoML store: the alias did not move", tag)
+
+
+def retire_earlier_champions(settings: RegistrySettings, keep: str) -> None:
+    """Delete this model's entries labelled champion other than `keep` (best effort)."""
+    import bentoml
+
+    from service.store import champion_entries
+
+    for model in champion_entries(settings.bento_model_name, settings.alias, settings.model_name):
+        if str(model.tag) != keep:
+            try:
+                bentoml.models.delete(str(model.tag))
+            except Exception:  # noqa: BLE001 - the newest champion entry is served anyway
+                log.warning("could not delete the earlier champion %s", model.tag, exc_info=True)

@@ -85,6 +85,7 @@ def _guarded(command):
         try:
             return command(args)
         except KeyboardInterrupt:
+            print(f"interrupted: {_champion_now()}")
             return EXIT_INTERRUPTED
         except Exception as exc:  # noqa: BLE001 - a scheduler needs an exit code
             log.debug("%s failed", command.__name__, exc_info=True)
@@ -103,7 +104,7 @@ def _settings():
 
 def run_pipeline_command(args: argparse.Namespace) -> int:
     """`imgcls pipeline`: the whole retrain, with a summary table and a documented exit code."""
-    from registry.pipeline import run_pipeline
+    from registry.pipeline import InterruptedAfterPromotion, run_pipeline
     from training.cli import config_from_args, print_result
     from training.config import ConfigError
     from training.data import DatasetError
@@ -115,8 +116,13 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
     except (ConfigError, DatasetError) as exc:
         print(f"error: {exc}")
         return EXIT_BAD_INPUT
+    except InterruptedAfterPromotion as exc:
+        print(
+            f"an interrupt arrived after the alias move completed: version {exc.version} is the new champion"
+        )
+        return EXIT_PROMOTED
     except KeyboardInterrupt:
-        print("interrupted: the champion is unchanged")
+        print(f"interrupted: {_champion_now()}")
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - a scheduler needs an exit code, the log has the trace
         log.exception("pipeline failed")
@@ -146,6 +152,22 @@ def print_decision(decision, settings) -> None:
     again = " (gate re-run: the champion changed meanwhile)" if decision.regated else ""
     console.print(f"decision: {verdict} version {decision.candidate_version} -> {settings.alias}{again}")
     console.print(f"why: {decision.reason}", markup=False)
+    if decision.interrupted:
+        console.print("note: an interrupt arrived after the alias move completed; the promotion stands")
+
+
+def _champion_now() -> str:
+    """What an interrupted command did to the alias, read back from the registry (a KeyboardInterrupt
+    that reaches the CLI came before any alias move: one after it is reported as a promotion)."""
+    try:
+        from registry.register import champion_version
+
+        client, _, settings = _client()
+        version = champion_version(client, settings)
+    except Exception:  # noqa: BLE001 - a message, not a decision
+        return "the champion could not be read back; see `imgcls models list`"
+    now = f"version {version}" if version else "none"
+    return f"this run did not move the {settings.alias} alias ({settings.alias} now: {now})"
 
 
 def _metric_order(names) -> list[str]:

@@ -20,6 +20,7 @@ class GateDecision:
     candidate_metrics: dict[str, float] = field(default_factory=dict)
     champion_metrics: dict[str, float] = field(default_factory=dict)
     regated: bool = False  # the champion changed while the gate ran, so it ran again
+    interrupted: bool = False  # Ctrl-C/SIGTERM arrived during the alias move, which completed
 
 
 def gate_metrics(evaluation: Evaluation) -> dict[str, float]:

@@ -2,7 +2,8 @@
 
 Outcomes a scheduler can tell apart (see `EXIT_*`): a new champion, a registered version
 that did not pass the gate, bad input, or any other error. A pipeline stopped after the
-version was registered leaves it tagged `interrupted` (or `failed`), never champion.
+version was registered leaves it tagged `interrupted` (or `failed`), never champion; one
+stopped after the alias moved to it reports the promotion (`InterruptedAfterPromotion`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ EXIT_ERROR = 1  # anything else went wrong
 EXIT_BAD_INPUT = 2  # bad config or dataset; the message names the field or path
 EXIT_NOT_PROMOTED = 3  # trained and registered, but the gate kept the champion
 EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM (128 + SIGINT, the shell convention)
+
+
+class InterruptedAfterPromotion(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM arrived after `version` had become champion: the promotion stands."""
+
+    def __init__(self, version: str):
+        super().__init__(f"interrupted after version {version} became champion")
+        self.version = version
 
 
 @dataclass
@@ -58,14 +67,42 @@ def run_pipeline(
 
 @contextlib.contextmanager
 def status_on_failure(client, settings: RegistrySettings, version: str):
-    """Tag the version `interrupted` / `failed` if the block raises; the alias is untouched."""
+    """Tag the version `interrupted` / `failed` if the block raises before it became champion.
+
+    The registry decides, not the exception: a version the alias already points at is left
+    alone, and an interrupt that came after its promotion becomes `InterruptedAfterPromotion`.
+    """
     try:
         yield
     except BaseException as exc:
+        champion = _champion_or_unknown(client, settings)
+        if champion == version:
+            log.warning(
+                "version %s is %s: its promotion completed before the %r", version, settings.alias, exc
+            )
+            if isinstance(exc, KeyboardInterrupt):
+                raise InterruptedAfterPromotion(version) from exc
+            raise
         from registry.register import set_status
 
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        if champion is _UNKNOWN:
+            log.warning("version %s: the registry could not be read, so it is not tagged %s", version, status)
+            raise
         log.warning("version %s stays unpromoted (%s)", version, status)
         with contextlib.suppress(Exception):
             set_status(client, settings, version, status)
         raise
+
+
+_UNKNOWN = object()
+
+
+def _champion_or_unknown(client, settings: RegistrySettings):
+    """The champion version (None if there is none), or `_UNKNOWN` when it cannot be read."""
+    from registry.register import champion_version
+
+    try:
+        return champion_version(client, settings)
+    except Exception:  # noqa: BLE001 - the caller only needs to know it cannot tell
+        return _UNKNOWN

@@ -1,23 +1,28 @@
 """The gate run for real, and the champion alias moves: promote, force, roll back.
 
 Order of a promotion: evaluate candidate and champion on the candidate's held-out images
--> take the registry lock -> re-read the champion (compare-and-set: if it changed while
-the gate ran, run the gate again against the new one) -> import into BentoML -> write the
-history record and move the alias with Ctrl-C held back. Nothing moves if a step fails.
+-> download the candidate for BentoML -> take the registry lock -> re-read the champion
+(compare-and-set: if it changed while the gate ran, release the lock, run the gate again
+against the new one and start over) -> save into BentoML, write the history record and
+move the alias with Ctrl-C held back. The slow work (evaluations, downloads) is never done
+under the lock. Nothing moves if a step fails, and a failure after the alias moved never
+makes the outcome look unpromoted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow import MlflowClient
 
 from imgcls.settings import TrackingSettings
 from registry.gate import GateDecision, class_mismatch, decide, gate_metrics
-from registry.history import AliasMove, champion_lineage, read_history, write_history
-from registry.lock import interrupts_deferred, registry_lock
+from registry.history import AliasMove, champion_lineage, forget_move, read_history, record_move
+from registry.lock import Held, interrupts_deferred, registry_lock
 from registry.register import (
     RegistryError,
     champion_version,
@@ -34,6 +39,9 @@ log = logging.getLogger(__name__)
 
 # Images per batch when the gate re-runs models on the test split.
 EVAL_BATCH_SIZE = 32
+# Times the champion may change under a waiting promotion before it gives up: each change
+# is another pipeline's completed move, so more than this means a stampede, not progress.
+MAX_ATTEMPTS = 5
 
 
 def evaluate_version(settings: RegistrySettings, version: str, scan: DatasetScan) -> Evaluation:
@@ -111,22 +119,68 @@ def commit_if_unchanged(
     scan: DatasetScan,
     candidate_eval: Evaluation | None = None,
 ) -> GateDecision:
-    """Under the lock: move the alias if the champion is still the one the gate compared
-    against; otherwise run the gate again against the new champion first."""
-    log.info("gate passed against champion %s; taking the registry lock", decision.champion_version)
-    with registry_lock(client, tracking, settings):
-        current = champion_version(client, settings)
-        if current != decision.champion_version:
-            log.info(
-                "champion changed from %s to %s while the gate ran: gating again",
-                decision.champion_version,
-                current,
-            )
-            decision = run_gate(settings, decision.candidate_version, scan, current, candidate_eval)
-            decision.regated = True
-        if decision.passed:
-            move_alias(client, settings, _promotion(decision, forced=False, reason=decision.reason))
+    """Move the alias if the champion is still the one the gate compared against (checked
+    under the lock); if it changed, gate again against the new one outside the lock, retry."""
+    for _ in range(MAX_ATTEMPTS):
+        if not decision.passed:
+            return decision
+        log.info("gate passed against champion %s; taking the registry lock", decision.champion_version)
+        move = _promotion(decision, forced=False, reason=decision.reason)
+        outcome = move_if_champion_is(client, tracking, settings, decision.champion_version, move)
+        if outcome.moved:
+            decision.interrupted = outcome.interrupted
+            return decision
+        log.info(
+            "champion changed from %s to %s while the gate ran: gating again",
+            decision.champion_version,
+            outcome.champion,
+        )
+        decision = run_gate(settings, decision.candidate_version, scan, outcome.champion, candidate_eval)
+        decision.regated = True
+    decision.passed = False
+    decision.reason = f"the champion changed {MAX_ATTEMPTS} times while this candidate was gated; try again"
     return decision
+
+
+@dataclass
+class MoveOutcome:
+    """Whether the alias moved, the champion found under the lock, and whether Ctrl-C or
+    SIGTERM arrived during the move (it was completed first, and stands)."""
+
+    moved: bool
+    champion: str | None
+    interrupted: bool = False
+
+
+def move_if_champion_is(
+    client: MlflowClient,
+    tracking: TrackingSettings,
+    settings: RegistrySettings,
+    expected: str | None,
+    move: AliasMove,
+    expected_moves: int | None = None,
+) -> MoveOutcome:
+    """Compare-and-set: download `move.to_version` for BentoML, then under the lock move the
+    alias if the champion is still `expected` (and the history still has `expected_moves`)."""
+    with (
+        _bento_download(settings, move.to_version) as download,
+        registry_lock(client, tracking, settings) as held,
+    ):
+        current = champion_version(client, settings)
+        if current != expected or (
+            expected_moves is not None and len(read_history(client, settings)) != expected_moves
+        ):
+            return MoveOutcome(False, current)
+        interrupted = move_alias(client, settings, move, held, download)
+        return MoveOutcome(True, move.to_version, interrupted)
+
+
+def _bento_download(settings: RegistrySettings, version: str):
+    if not settings.bento_import:
+        return contextlib.nullcontext()
+    from registry.bento import downloaded
+
+    return downloaded(settings, version)
 
 
 def _promotion(decision: GateDecision, forced: bool, reason: str) -> AliasMove:
@@ -142,26 +196,78 @@ def _promotion(decision: GateDecision, forced: bool, reason: str) -> AliasMove:
     )
 
 
-def move_alias(client: MlflowClient, settings: RegistrySettings, move: AliasMove) -> None:
-    """Import into BentoML, record the move, then move the alias; call holding the lock.
+def move_alias(
+    client: MlflowClient,
+    settings: RegistrySettings,
+    move: AliasMove,
+    held: Held | None = None,
+    download=None,
+) -> bool:
+    """Save into BentoML, record the move, then move the alias; call holding the lock.
 
-    The record is taken back if the alias cannot be set, so the history never shows a
-    move that did not happen.
+    Ctrl-C/SIGTERM are held back meanwhile; returns whether one arrived (the move was
+    completed and stands). If anything fails before the alias moved, the record and the
+    BentoML entry are taken back, so neither shows a move that did not happen.
     """
-    if settings.bento_import:
-        from registry.bento import import_champion
-
-        import_champion(settings, move.to_version)
-    with interrupts_deferred():
-        moves = read_history(client, settings)
-        write_history(client, settings, [*moves, move])
+    with interrupts_deferred() as signals:
+        if held is not None:
+            held.check()  # a lost remote lease must not write
+        tag = _save_to_bento(settings, download)
         try:
-            client.set_registered_model_alias(settings.model_name, settings.alias, move.to_version)
+            key = record_move(client, settings, move)
+            try:
+                client.set_registered_model_alias(settings.model_name, settings.alias, move.to_version)
+            except BaseException:
+                _take_back(client, settings, move, key)
+                raise
         except BaseException:
-            write_history(client, settings, moves)
+            if tag is not None:
+                from registry.bento import remove_entry
+
+                remove_entry(tag)
             raise
-        set_status(client, settings, move.to_version, "promoted")
+        _after_move(client, settings, move, tag)
+    if signals:
+        log.warning(
+            "an interrupt arrived during the alias move; the move completed first and stands: "
+            "version %s is %s",
+            move.to_version,
+            settings.alias,
+        )
+    return bool(signals)
+
+
+def _take_back(client: MlflowClient, settings: RegistrySettings, move: AliasMove, key: str) -> None:
+    try:
+        forget_move(client, settings, move, key)
+    except Exception:  # noqa: BLE001 - keep the alias error; say what is left behind
+        log.error("the alias did not move, but its history record %s could not be removed", key)
+
+
+def _save_to_bento(settings: RegistrySettings, download) -> str | None:
+    if download is None:
+        return None
+    from registry.bento import save_champion
+
+    return save_champion(settings, download)
+
+
+def _after_move(client: MlflowClient, settings: RegistrySettings, move: AliasMove, tag: str | None) -> None:
+    """Bookkeeping once the alias has moved: never undoes or misreports the move."""
     log.info("%s -> version %s (%s from %s)", settings.alias, move.to_version, move.action, move.from_version)
+    try:
+        set_status(client, settings, move.to_version, "promoted")
+    except Exception:  # noqa: BLE001 - the alias is the truth; the status tag only mirrors it
+        log.warning(
+            "version %s is %s, but its status tag could not be written",
+            move.to_version,
+            settings.alias,
+            exc_info=True,
+        )
+    if tag is not None:
+        from registry.bento import retire_earlier_champions
+
+        retire_earlier_champions(settings, keep=tag)
 
 
 def force_promote(
@@ -173,11 +279,11 @@ def force_promote(
     scan: DatasetScan | None,
 ) -> GateDecision:
     """Make `candidate` champion whatever the gate says; the gate's verdict is recorded with
-    the reason when the test images are still there to run it."""
+    the reason when the test images are still there to run it (outside the lock)."""
     if not reason or not reason.strip():
         raise RegistryError("--force needs --reason: say why the gate is overridden")
     get_version(client, settings, candidate)
-    with registry_lock(client, tracking, settings):
+    for _ in range(MAX_ATTEMPTS):
         current = champion_version(client, settings)
         if candidate == current:
             raise RegistryError(f"version {candidate} is already the champion")
@@ -188,41 +294,53 @@ def force_promote(
                 candidate, current, settings.gate_metric, False, "not run: test images unavailable"
             )
         recorded = f"{reason} (gate: {decision.reason})"
-        move_alias(client, settings, _promotion(decision, forced=True, reason=recorded))
-    decision.passed, decision.reason = True, f"forced: {recorded}"
-    return decision
+        outcome = move_if_champion_is(
+            client, tracking, settings, current, _promotion(decision, forced=True, reason=recorded)
+        )
+        if outcome.moved:
+            decision.passed, decision.reason = True, f"forced: {recorded}"
+            decision.interrupted = outcome.interrupted
+            return decision
+    raise RegistryError(f"the champion changed {MAX_ATTEMPTS} times meanwhile; try again")
 
 
 def rollback(
     client: MlflowClient, tracking: TrackingSettings, settings: RegistrySettings, reason: str
 ) -> AliasMove:
     """Move the champion alias back to the champion before the current one (from the history)."""
-    with registry_lock(client, tracking, settings):
+    for _ in range(MAX_ATTEMPTS):
         moves = read_history(client, settings)
-        lineage = champion_lineage(moves)
         current = champion_version(client, settings)
-        if current is None:
-            raise RegistryError(f"{settings.model_name} has no {settings.alias}: nothing to roll back")
-        if not lineage or lineage[-1] != current:
-            raise RegistryError(
-                f"the recorded history does not end at the current champion ({current}); use `models promote N --force`"
-            )
-        if len(lineage) < 2:
-            raise RegistryError(
-                f"version {current} is the first champion: there is no previous champion to roll back to"
-            )
-        target = lineage[-2]
-        move = AliasMove(
-            action="rollback",
-            from_version=current,
-            to_version=target,
-            metric=settings.gate_metric,
-            candidate_metrics=_tagged_metrics(client, settings, target),
-            champion_metrics=_tagged_metrics(client, settings, current),
-            reason=reason,
+        move = _rollback_move(client, settings, moves, current, reason)
+        if move_if_champion_is(client, tracking, settings, current, move, len(moves)).moved:
+            return move
+    raise RegistryError(f"the champion changed {MAX_ATTEMPTS} times meanwhile; try again")
+
+
+def _rollback_move(
+    client: MlflowClient, settings: RegistrySettings, moves: list[AliasMove], current: str | None, reason: str
+) -> AliasMove:
+    lineage = champion_lineage(moves)
+    if current is None:
+        raise RegistryError(f"{settings.model_name} has no {settings.alias}: nothing to roll back")
+    if not lineage or lineage[-1] != current:
+        raise RegistryError(
+            f"the recorded history does not end at the current champion ({current}); use `models promote N --force`"
         )
-        move_alias(client, settings, move)
-    return move
+    if len(lineage) < 2:
+        raise RegistryError(
+            f"version {current} is the first champion: there is no previous champion to roll back to"
+        )
+    target = lineage[-2]
+    return AliasMove(
+        action="rollback",
+        from_version=current,
+        to_version=target,
+        metric=settings.gate_metric,
+        candidate_metrics=_tagged_metrics(client, settings, target),
+        champion_metrics=_tagged_metrics(client, settings, current),
+        reason=reason,
+    )
 
 
 def _tagged_metrics(client: MlflowClient, settings: RegistrySettings, version: str) -> dict[str, float]:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from mlflow import MlflowClient
 
-from registry.history import AliasMove, moves_of, read_history
+from registry.history import AliasMove, move_details, moves_of, read_history
 from registry.register import STATUS_TAG, champion_version, get_version
 from registry.settings import RegistrySettings
 
@@ -72,9 +72,10 @@ def print_version(client: MlflowClient, settings: RegistrySettings, version: str
     for key in sorted(k for k in v.tags if not k.startswith("metric.")):
         tags.add_row(key, _short(v.tags[key]))
     console.print(tags)
-    print_history(
-        moves_of(read_history(client, settings), str(v.version)), f"alias moves of version {v.version}"
-    )
+    moves = [
+        move_details(client, settings, m) for m in moves_of(read_history(client, settings), str(v.version))
+    ]
+    print_history(moves, f"alias moves of version {v.version}")
 
 
 def print_history(moves: list[AliasMove], title: str) -> None:
@@ -83,15 +84,17 @@ def print_history(moves: list[AliasMove], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("when", "action", "from", "to", "compared", "forced", "reason"):
+    for column in ("when", "action", "from", "to", "compared", "worst recall drop", "forced", "reason"):
         table.add_column(column)
     for m in moves:
+        worst = m.worst_recall_drop()
         table.add_row(
             m.at,
             m.action,
             m.from_version or "-",
             m.to_version,
             _compared(m),
+            f"{worst[0]} {worst[1]:.4f}" if worst else "-",
             "yes" if m.forced else "no",
             m.reason,
         )

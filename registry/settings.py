@@ -6,7 +6,7 @@ command starts, never at import.
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -32,8 +32,17 @@ class RegistrySettings(BaseSettings):
     # A first model below this is no better than guessing on a small problem.
     first_model_floor: float = Field(0.5, ge=0, le=1, description="Gate metric a first champion needs.")
     bento_import: bool = Field(True, description="Import each new champion into the BentoML store.")
-    bento_model_name: str = Field("image-classifier", description="Model name in the BentoML store.")
+    bento_model_name: str | None = Field(
+        None, description="Model name in the BentoML store; default: model_name (the service's default)."
+    )
     # Training a candidate takes minutes; waiting longer than this for the lock means a stuck peer.
     lock_timeout_s: float = Field(600.0, gt=0, description="Seconds to wait for the registry lock.")
     # A crashed process's remote lease expires after this; longer than any alias move takes.
     lease_s: float = Field(120.0, gt=0, description="Lifetime of a remote registry lease.")
+
+    @model_validator(mode="after")
+    def _bento_name_follows_model_name(self) -> RegistrySettings:
+        # One name unless told otherwise: the service looks for model_name in both stores.
+        if not self.bento_model_name:
+            self.bento_model_name = self.model_name
+        return self

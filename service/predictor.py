@@ -129,22 +129,37 @@ def configure_accelerator() -> None:
 def load_predictor(settings: Any) -> Predictor:
     """Load the configured champion (BentoML store or MLflow registry) and warm it up.
 
-    `settings` is a `service.settings.ServiceSettings`.
+    `settings` is a `service.settings.ServiceSettings`. From the BentoML store, the entry
+    the registry labelled as the current champion is served (an exact `bento_tag` wins).
     """
+    configure_accelerator()
+    name = settings.model_name
+    if settings.source == "mlflow":
+        model, card, version = _load_mlflow_champion(name, settings.alias)
+    else:
+        model, card, version = _load_bento_champion(settings)
+    predictor = Predictor(model, card, version, name=name, max_pixels=settings.max_pixels)
+    predictor.warm_up()
+    return predictor
+
+
+def _load_mlflow_champion(name: str, alias: str):
+    import mlflow
+
     from imgcls.settings import TrackingSettings
 
     from . import store
 
-    configure_accelerator()
-    tracking = TrackingSettings()
-    name = settings.model_name or tracking.registered_model_name
-    if settings.source == "mlflow":
-        import mlflow
+    uri = TrackingSettings().resolved_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # the registry lives in the same store
+    return store.load_from_mlflow(f"models:/{name}@{alias}")
 
-        mlflow.set_tracking_uri(tracking.resolved_tracking_uri())
-        model, card, version = store.load_from_mlflow(f"models:/{name}@{settings.alias}")
-    else:
-        model, card, version = store.load_from_bento_store(settings.bento_tag or name)
-    predictor = Predictor(model, card, version, name=name, max_pixels=settings.max_pixels)
-    predictor.warm_up()
-    return predictor
+
+def _load_bento_champion(settings: Any):
+    from . import store
+
+    tag = settings.bento_tag or store.champion_tag(
+        settings.bento_model_name or settings.model_name, settings.alias, settings.model_name
+    )
+    return store.load_from_bento_store(tag)

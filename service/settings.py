@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "IMGCLS_SERVE_"
@@ -17,21 +17,36 @@ ENV_PREFIX = "IMGCLS_SERVE_"
 class ServiceSettings(BaseSettings):
     """How the service finds its model and how much work it accepts per request."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore")
+    # populate_by_name: `ServiceSettings(model_name=...)` works besides the env aliases.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", populate_by_name=True
+    )
 
     source: Literal["bentoml", "mlflow"] = Field(
         "bentoml",
         description="Where the champion comes from: the BentoML model store or the MLflow "
         "registry (models:/<name>@<alias>).",
     )
-    model_name: str | None = Field(
+    # The registry's own variables come after ours, so the service looks for the name the
+    # registry registers (registry.settings.RegistrySettings.model_name) unless told otherwise.
+    model_name: str = Field(
+        "image-classifier",
+        validation_alias=AliasChoices(
+            "IMGCLS_SERVE_MODEL_NAME", "IMGCLS_REGISTRY_MODEL_NAME", "IMGCLS_REGISTERED_MODEL_NAME"
+        ),
+        description="Registered model name (MLflow) and, unless bento_model_name is set, the "
+        "BentoML model name.",
+    )
+    bento_model_name: str | None = Field(
         None,
-        description="Registered model name; default: IMGCLS_REGISTERED_MODEL_NAME (image-classifier).",
+        validation_alias=AliasChoices("IMGCLS_SERVE_BENTO_MODEL_NAME", "IMGCLS_REGISTRY_BENTO_MODEL_NAME"),
+        description="BentoML model name (source=bentoml); default: model_name, as the registry does.",
     )
     alias: str = Field("champion", description="MLflow alias to serve (source=mlflow).")
     bento_tag: str | None = Field(
         None,
-        description="Exact BentoML model tag (name:version); default: the latest <name>.",
+        description="Exact BentoML model tag (name:version); default: the entry the registry "
+        "labelled as the current <alias> (the newest entry if none is labelled).",
     )
     top_k: int = Field(3, ge=1, description="Default number of labels per prediction.")
     batching: bool = Field(True, description="Adaptive batching of /predict requests.")

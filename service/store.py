@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
 VERSION_LABEL = "registry_version"
+# Set by the registry on the entry of the current champion (`alias=champion`); the
+# registry deletes earlier champions' entries once the alias has moved.
+ALIAS_LABEL = "alias"
+REGISTERED_LABEL = "registered_model"
 
 
 def save_to_bento_store(
@@ -54,6 +58,31 @@ def load_from_bento_store(tag_or_name: str) -> tuple[keras.Model, ModelCard, str
     card = ModelCard.from_metadata(bento.info.metadata)
     version = str(bento.info.labels.get(VERSION_LABEL, bento.tag.version))
     return load_keras(bento.path_of(MODEL_FILE)), card, version
+
+
+def champion_entries(name: str, alias: str, registered_model: str | None = None) -> list:
+    """The store's entries of `name` labelled `alias=<alias>` (of `registered_model` if
+    given), newest first."""
+    import bentoml
+
+    try:
+        entries = bentoml.models.list(name)
+    except bentoml.exceptions.NotFound:
+        return []
+    found = [
+        m
+        for m in entries
+        if m.info.labels.get(ALIAS_LABEL) == alias
+        and registered_model in (None, m.info.labels.get(REGISTERED_LABEL))
+    ]
+    return sorted(found, key=lambda m: m.info.creation_time, reverse=True)
+
+
+def champion_tag(name: str, alias: str, registered_model: str | None = None) -> str:
+    """The tag to serve for `name`: its newest entry labelled as the `alias` champion, or
+    its newest entry when none is labelled (models saved by hand, outside the registry)."""
+    entries = champion_entries(name, alias, registered_model)
+    return str(entries[0].tag) if entries else name
 
 
 def load_from_mlflow(model_uri: str) -> tuple[keras.Model, ModelCard, str]:

@@ -48,6 +48,19 @@ def served(tmp_path_factory):
         yield {"url": url, "root": root, "tracking": tracking, "settings": settings, "outcome": outcome}
     finally:
         stop(process)
+        _forget_the_server()
+
+
+def _forget_the_server() -> None:
+    """`open_store` pointed MLflow (and MLFLOW_REGISTRY_URI) at the server just stopped:
+    later tests in this process must not retry against a dead port."""
+    import os
+
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
 def test_ui_prints_its_url_and_serves_the_store(served):

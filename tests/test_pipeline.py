@@ -78,8 +78,10 @@ def test_first_pipeline_promotes_and_imports_into_bentoml(with_champion):
     champion, moves, statuses = _state(env)
     assert champion == "1" and statuses == {"1": "promoted"}
     assert [(m.from_version, m.to_version) for m in moves] == [(None, "1")]
-    labels = [m.info.labels for m in bentoml.models.list("image-classifier")]
-    assert any(lb.get("registry_version") == "1" and lb.get("registered_model") == MODEL for lb in labels)
+    labels = [m.info.labels for m in bentoml.models.list(MODEL)]  # the BentoML name is the model name
+    assert [(lb["registry_version"], lb["registered_model"], lb["alias"]) for lb in labels] == [
+        ("1", MODEL, "champion")
+    ]
 
 
 def test_worse_config_is_registered_not_promoted_with_exit_code_3(with_champion, capsys):
@@ -112,6 +114,33 @@ def test_interrupted_pipeline_changes_nothing(with_champion, monkeypatch):
     assert champion == before[0] and moves == before[1]
     new = set(statuses) - set(before[2])
     assert len(new) == 1 and statuses[new.pop()] == "interrupted"
+
+
+def test_interrupt_after_the_alias_moved_reports_the_promotion(with_champion, monkeypatch, capsys):
+    """Ctrl-C lands right after the alias write: exit 0, the new champion stays `promoted`."""
+    import os
+    import signal
+
+    from mlflow import MlflowClient
+
+    env, data = with_champion
+    before = _state(env)
+    real = MlflowClient.set_registered_model_alias
+
+    def alias_then_ctrl_c(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", alias_then_ctrl_c)
+    # A gate any retrained model passes, so the alias does move.
+    lenient = env | {"IMGCLS_REGISTRY_MARGIN": "-1", "IMGCLS_REGISTRY_MAX_RECALL_DROP": "1"}
+    capsys.readouterr()
+    assert _pipeline(lenient, data) == 0
+    out = capsys.readouterr().out
+    assert "an interrupt arrived after the alias move completed" in out and "unchanged" not in out
+    champion, moves, statuses = _state(env)
+    assert champion not in before[2] and statuses[champion] == "promoted"
+    assert [(m.from_version, m.to_version) for m in moves[len(before[1]) :]] == [(before[0], champion)]
 
 
 def test_bad_input_exits_2_naming_the_field_or_path(tmp_path, capsys):

@@ -9,9 +9,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from tests.registry_fixtures import (
     quick_config,
@@ -92,12 +96,13 @@ def test_better_candidate_becomes_champion_and_the_move_is_recorded(store):
     assert json.loads(tags["class_names"]) == ["circle", "square", "stripes"]
     assert tags["run_id"] == good.run_id and tags["dataset.fingerprint"] == good.scan.fingerprint
     assert float(tags["metric.macro_f1"]) == pytest.approx(good.metrics["macro_f1"], abs=1e-5)
-    bento_versions = {
+    assert settings.bento_model_name == settings.model_name
+    bento_versions = [
         m.info.labels.get("registry_version")
         for m in bentoml.models.list(settings.bento_model_name)
         if m.info.labels.get("registered_model") == settings.model_name
-    }
-    assert bento_versions == {v1, v2}
+    ]
+    assert bento_versions == [v2]  # the earlier champion's entry is gone once the alias moved
 
 
 @pytest.mark.slow
@@ -162,8 +167,11 @@ def test_champion_trained_on_other_classes_is_not_compared(store):
 
 
 @pytest.mark.slow
-def test_champion_change_during_the_gate_makes_it_run_again(store):
-    """Compare-and-set: a decision taken against an old champion is not applied blindly."""
+def test_champion_change_during_the_gate_makes_it_run_again(store, monkeypatch):
+    """Compare-and-set: a decision taken against an old champion is not applied blindly,
+    and the gate runs again outside the registry lock (evaluations are slow)."""
+    import registry.promote
+    from registry.lock import file_lock
     from registry.promote import commit_if_unchanged, run_gate
 
     tracking, good, weak, _ = store
@@ -172,6 +180,13 @@ def test_champion_change_during_the_gate_makes_it_run_again(store):
     stale = run_gate(settings, _register(settings, weak), weak.scan, None)  # v2 vs "no champion"
     assert stale.passed
     _, v3, _ = _promote(store, settings, good)  # meanwhile v3 becomes champion
+    lock = Path(tracking.resolved_tracking_uri().removeprefix("sqlite:///") + f".{settings.model_name}.lock")
+
+    def gate_without_the_lock(*args, **kwargs):
+        with file_lock(lock, timeout_s=0.5):  # LockTimeout if this process holds it
+            return run_gate(*args, **kwargs)
+
+    monkeypatch.setattr(registry.promote, "run_gate", gate_without_the_lock)
     decision = commit_if_unchanged(client, tracking, settings, stale, weak.scan)
     assert decision.regated and not decision.passed and decision.champion_version == v3
     assert _champion(client, settings) == v3
@@ -243,15 +258,15 @@ def test_models_list_and_show_print_champion_and_history(store, monkeypatch, cap
     assert "no version 99" in capsys.readouterr().out
 
 
-def test_alias_move_finishes_before_an_interrupt_is_raised():
+def test_alias_move_finishes_and_the_interrupt_is_reported_not_raised():
     from registry.lock import interrupts_deferred
 
     steps = []
-    with pytest.raises(KeyboardInterrupt), interrupts_deferred():
+    with interrupts_deferred() as received:
         os.kill(os.getpid(), signal.SIGINT)
         steps.append("history written")
         steps.append("alias moved")
-    assert steps == ["history written", "alias moved"]
+    assert steps == ["history written", "alias moved"] and received == [signal.SIGINT]
 
 
 def test_champion_lineage_undoes_promotions_on_rollback():
@@ -264,3 +279,205 @@ def test_champion_lineage_undoes_promotions_on_rollback():
     assert champion_lineage(moves) == ["1", "2", "3"]
     assert champion_lineage([*moves, move("rollback", "3", "2")]) == ["1", "2"]
     assert champion_lineage([*moves, move("rollback", "3", "2"), move("rollback", "2", "1")]) == ["1"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_alias_move_reports_the_promotion(store, monkeypatch, capsys):
+    """The signal lands right after the alias write: the move stands and is reported (exit 0)."""
+    _, good, _, _ = store
+    settings = registry_settings(bento_import=False)
+    version = _register(settings, good)
+    real = MlflowClient.set_registered_model_alias
+
+    def alias_then_ctrl_c(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", alias_then_ctrl_c)
+    assert _cli(monkeypatch, store, settings, "models", "promote", version) == 0
+    out = capsys.readouterr().out
+    assert "PROMOTED" in out and "an interrupt arrived after the alias move completed" in out
+    client = MlflowClient(tracking_uri=store[0].resolved_tracking_uri())
+    assert _champion(client, settings) == version
+    assert client.get_model_version(settings.model_name, version).tags["imgcls.status"] == "promoted"
+
+
+@pytest.mark.slow
+def test_interrupt_after_the_promotion_never_retags_the_champion(store):
+    from registry.pipeline import status_on_failure
+
+    _, good, _, _ = store
+    settings = registry_settings(bento_import=False)
+    client, version, decision = _promote(store, settings, good)
+    assert decision.passed
+    with pytest.raises(KeyboardInterrupt) as caught, status_on_failure(client, settings, version):
+        raise KeyboardInterrupt  # e.g. Ctrl-C just after move_alias returned
+    assert _champion(client, settings) == version
+    assert client.get_model_version(settings.model_name, version).tags["imgcls.status"] == "promoted"
+    assert type(caught.value).__name__ == "InterruptedAfterPromotion" and caught.value.version == version
+
+
+@pytest.mark.slow
+def test_status_write_failing_after_the_alias_moved_still_reports_the_promotion(store, monkeypatch):
+    from registry.pipeline import status_on_failure
+    from registry.promote import promote_if_better
+    from registry.register import connect
+
+    tracking, good, _, _ = store
+    settings = registry_settings(bento_import=False)
+    client = connect(tracking)
+    version = _register(settings, good)
+    real = MlflowClient.set_model_version_tag
+
+    def promoted_tag_fails(self, name, version, key, value):
+        if key == "imgcls.status" and value == "promoted":
+            raise MlflowException("the server went away")
+        return real(self, name, version, key, value)
+
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", promoted_tag_fails)
+    with status_on_failure(client, settings, version):
+        decision = promote_if_better(client, tracking, settings, version, good.scan, None)
+    monkeypatch.undo()
+    assert decision.passed and _champion(client, settings) == version
+    assert client.get_model_version(settings.model_name, version).tags["imgcls.status"] == "candidate"
+
+
+@pytest.mark.slow
+def test_bento_store_serves_the_champion_after_rollback_and_after_a_failed_move(store, monkeypatch):
+    """promote v1, promote v2, rollback: the service's loader picks v1; a move whose alias
+    write fails leaves no BentoML entry behind."""
+    from registry.promote import promote_if_better, rollback
+    from service.predictor import load_predictor
+    from service.settings import ServiceSettings
+
+    tracking, good, weak, _ = store
+    settings = registry_settings(first_model_floor=0.0, margin=-1.0, max_recall_drop=1.0)
+
+    def served() -> str:
+        return load_predictor(ServiceSettings(model_name=settings.model_name)).version
+
+    client, v1, _ = _promote(store, settings, weak)
+    _, v2, second = _promote(store, settings, good)
+    assert second.passed and served() == v2
+    rollback(client, tracking, settings, "v2 misbehaves")
+    assert _champion(client, settings) == v1 and served() == v1
+    v3 = _register(settings, good)
+
+    def alias_fails(self, *args, **kwargs):
+        raise MlflowException("the server went away")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", alias_fails)
+    with pytest.raises(MlflowException, match="went away"):
+        promote_if_better(client, tracking, settings, v3, good.scan)
+    monkeypatch.undo()
+    assert _champion(client, settings) == v1 and served() == v1
+    from service.store import champion_entries
+
+    labelled = champion_entries(settings.bento_model_name, settings.alias, settings.model_name)
+    assert [m.info.labels["registry_version"] for m in labelled] == [v1]
+    assert [m.to_version for m in _history(client, settings)] == [v1, v2, v1]
+
+
+def _bare_model(tmp_path, versions: int, **settings_values):
+    """A registered model with `versions` versions whose files are never read (no BentoML)."""
+    from registry.register import connect
+
+    tracking = tracking_settings(tmp_path)
+    client = connect(tracking)
+    settings = registry_settings(bento_import=False, **settings_values)
+    client.create_registered_model(settings.model_name)
+    for _ in range(versions):
+        client.create_model_version(settings.model_name, source=str(tmp_path / "not-read"))
+    return client, tracking, settings
+
+
+def _move(old, new, candidate=None, champion=None, reason="r"):
+    from registry.history import AliasMove
+
+    return AliasMove(
+        action="promote",
+        from_version=old,
+        to_version=new,
+        metric="macro_f1",
+        candidate_metrics=candidate or {},
+        champion_metrics=champion or {},
+        reason=reason,
+    )
+
+
+def test_history_tags_stay_under_5000_chars_with_200_classes(tmp_path):
+    """MLflow's registered-model tag column is String(5000) (PostgreSQL enforces it)."""
+    from registry.promote import move_alias, rollback
+
+    client, tracking, settings = _bare_model(tmp_path, 4)
+    classes = [f"class-{i:03d}-{'x' * 40}" for i in range(200)]
+
+    def metrics(level, dip=0.0):
+        recalls = {f"recall_{c}": level - (dip if i == 150 else 0) for i, c in enumerate(classes)}
+        return {"accuracy": level, "macro_f1": level} | recalls
+
+    champion = None
+    for version, level in (("1", 0.5), ("2", 0.6), ("3", 0.7), ("4", 0.8)):
+        old = metrics(level - 0.1) if champion else None
+        move_alias(client, settings, _move(champion, version, metrics(level, 0.2), old, "why " * 500))
+        champion = version
+    rollback(client, tracking, settings, "bad release " * 300)
+    tags = client.get_registered_model(settings.model_name).tags
+    assert len(tags) >= 5 and max(len(value) for value in tags.values()) < 5000
+    from registry.history import move_details
+
+    moves = _history(client, settings)
+    assert [(m.from_version, m.to_version, m.action) for m in moves] == [
+        (None, "1", "promote"),
+        ("1", "2", "promote"),
+        ("2", "3", "promote"),
+        ("3", "4", "promote"),
+        ("4", "3", "rollback"),
+    ]
+    assert _champion(client, settings) == "3"
+    assert moves[1].candidate_metrics == {"macro_f1": 0.6} and moves[1].champion_metrics == {"macro_f1": 0.5}
+    worst, drop = moves[1].worst_recall_drop()
+    assert worst == classes[150] and drop == pytest.approx(0.1)
+    full = move_details(client, settings, moves[1])  # every number, on the promoted version
+    assert sum(k.startswith("recall_") for k in full.candidate_metrics) == 200
+    assert full.reason == "why " * 500
+
+
+def test_a_failed_history_read_is_raised_and_erases_nothing(tmp_path, monkeypatch):
+    from registry.history import read_history
+    from registry.promote import move_alias
+
+    client, _, settings = _bare_model(tmp_path, 3)
+    move_alias(client, settings, _move(None, "1"))
+    move_alias(client, settings, _move("1", "2"))
+    assert read_history(client, registry_settings()) == []  # no such model: no history
+
+    def unavailable(self, name):
+        raise MlflowException("database is locked", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(MlflowClient, "get_registered_model", unavailable)
+    with pytest.raises(MlflowException, match="locked"):
+        read_history(client, settings)
+    with pytest.raises(MlflowException, match="locked"):
+        move_alias(client, settings, _move("2", "3"))
+    monkeypatch.undo()
+    assert [m.to_version for m in _history(client, settings)] == ["1", "2"]
+    assert _champion(client, settings) == "2"
+
+
+def test_remote_lease_is_renewed_while_held_and_checked_before_writing(tmp_path):
+    from registry.lock import LEASE_TAG, _try_lease, tag_lease
+    from registry.promote import move_alias
+
+    client, _, settings = _bare_model(tmp_path, 1, lease_s=1.0)
+    with tag_lease(client, settings) as held:
+        time.sleep(2.5)  # well past the lease's lifetime: only the heartbeat keeps it ours
+        assert not _try_lease(client, settings, "another-writer")
+        held.check()
+        from registry.lock import LockLost
+
+        stolen = {"owner": "another-writer", "expires": time.time() + 60}
+        client.set_registered_model_tag(settings.model_name, LEASE_TAG, json.dumps(stolen))
+        with pytest.raises(LockLost):
+            move_alias(client, settings, _move(None, "1"), held)
+    assert _history(client, settings) == [] and _champion(client, settings) is None

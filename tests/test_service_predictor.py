@@ -46,14 +46,18 @@ def test_bento_store_round_trip(tmp_path, tiny_model):
 
 
 @pytest.fixture
-def mlflow_uri(tmp_path):
+def mlflow_uri(tmp_path, monkeypatch):
     """A real SQLite MLflow store in tmp_path, set as the current one for this test only."""
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # An earlier test's `open_store` may have set another registry (also in the environment).
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     yield uri
     mlflow.set_tracking_uri(None)  # also unsets MLFLOW_TRACKING_URI
+    mlflow.set_registry_uri(None)
 
 
 def test_mlflow_champion_is_loaded_with_its_card_and_version(tmp_path, monkeypatch, mlflow_uri, tiny_model):
@@ -74,6 +78,25 @@ def test_mlflow_champion_is_loaded_with_its_card_and_version(tmp_path, monkeypat
     predictor = load_predictor(ServiceSettings(source="mlflow", model_name="clf"))
     assert predictor.version == "1" and predictor.name == "clf"
     assert predictor.predict_bytes([encode(colour_image("blue"), "PNG")])[0][0]["label"] == "blue"
+
+
+@pytest.mark.parametrize("variable", ["IMGCLS_REGISTRY_MODEL_NAME", "IMGCLS_REGISTERED_MODEL_NAME"])
+def test_registry_and_service_agree_on_the_model_name(variable, monkeypatch, tmp_path, tiny_model):
+    """One variable names the model everywhere: registered name, BentoML name, served name;
+    from the BentoML store the entry labelled champion is served, not the newest."""
+    from registry.settings import RegistrySettings
+
+    monkeypatch.setenv(variable, "cats")
+    registry = RegistrySettings()
+    assert registry.model_name == registry.bento_model_name == ServiceSettings().model_name == "cats"
+    tiny_model.save(tmp_path / "m.keras")
+    labels = {"registered_model": "cats", "alias": "champion"}
+    save_to_bento_store(tmp_path / "m.keras", tiny_card(), registry.bento_model_name, 7, labels)
+    save_to_bento_store(tmp_path / "m.keras", tiny_card(), registry.bento_model_name, 8)  # newer
+    predictor = load_predictor(ServiceSettings())
+    assert (predictor.name, predictor.version) == ("cats", "7")
+    monkeypatch.setenv("IMGCLS_SERVE_MODEL_NAME", "dogs")  # the service's own option wins
+    assert ServiceSettings().model_name == "dogs" and RegistrySettings().model_name == "cats"
 
 
 def test_gradcam_points_at_the_coloured_patch(tiny_model):
