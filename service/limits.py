@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from starlette.responses import JSONResponse
 
 Scope = dict[str, Any]
+
+logger = logging.getLogger(__name__)
 
 
 def error_response(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -32,8 +35,28 @@ def install_error_handlers(app: Any) -> None:
     async def invalid(_request: Any, exc: RequestValidationError) -> JSONResponse:
         return error_response(400, _describe(exc.errors()), detail=_jsonable(exc.errors()))
 
+    async def busy(_request: Any, exc: Exception) -> JSONResponse:
+        response = error_response(503, f"the model is busy or restarting, try again: {type(exc).__name__}")
+        response.headers["Retry-After"] = "1"
+        return response
+
+    async def failed(_request: Any, exc: Exception) -> JSONResponse:
+        logger.exception("request failed", exc_info=exc)
+        return error_response(500, f"internal error: {type(exc).__name__}")
+
     app.add_exception_handler(Rejected, rejected)
     app.add_exception_handler(RequestValidationError, invalid)
+    for unavailable in _unavailable_errors():
+        app.add_exception_handler(unavailable, busy)
+    app.add_exception_handler(Exception, failed)
+
+
+def _unavailable_errors() -> tuple[type[Exception], ...]:
+    """The model process refused (overload) or its connection broke: a 503, not a 500."""
+    import aiohttp
+    from bentoml.exceptions import ServiceUnavailable
+
+    return (ServiceUnavailable, aiohttp.ClientConnectionError)
 
 
 def _describe(errors: list[dict]) -> str:

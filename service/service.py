@@ -17,7 +17,7 @@ import numpy as np
 from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import FileResponse, Response
 
-from imgcls.images import ImageDecodeError, decode_image, resize_image
+from imgcls.images import ImageDecodeError, decode_image, prepare_image
 from service import gradcam
 from service.limits import BodyLimitMiddleware, Rejected, install_error_handlers
 from service.predictor import load_predictor, top_k
@@ -46,6 +46,9 @@ def _classify_api(settings: ServiceSettings) -> Any:
 @bentoml.service(
     name="imgcls-model",
     traffic={"timeout": SETTINGS.timeout_s},
+    # BentoML 1.4.40 recycles the front's client session every 100 requests / 300 s and
+    # closes connections still in use (bentoml#5540, #5544): in-flight calls fail. Keep one.
+    runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9},
     # No CPU resource on purpose: BentoML would cap the model's threads to it.
     **({"resources": {"gpu": 1}} if SETTINGS.gpu else {}),
 )
@@ -57,7 +60,11 @@ class ClassifierModel:
 
     @_classify_api(SETTINGS)
     def classify(self, batch: np.ndarray) -> np.ndarray:
-        """Softmax probabilities for an (N, H, W, 3) float32 batch of model inputs."""
+        """Softmax probabilities for an (N, H, W, 3) batch of model inputs.
+
+        The front sends uint8 pixels (exact: they are rounded already), a quarter of the
+        bytes of float32 to pickle and copy between the processes.
+        """
         return self.predictor.probabilities(batch)
 
     @bentoml.api
@@ -87,7 +94,7 @@ class ImageClassifier:
         self._meta: dict | None = None
         # Warm the resize path (it imports Keras and its backend, seconds on a cold
         # process) before /readyz says ready, not on the first client's request.
-        resize_image(np.zeros((4, 4, 3), dtype=np.uint8), (2, 2))
+        prepare_image(np.zeros((4, 4, 3), dtype=np.uint8), (2, 2))
 
     def __is_ready__(self) -> bool:
         """Ready once the model process has loaded and warmed up the champion."""
@@ -124,7 +131,7 @@ class ImageClassifier:
     def explain(self, image: ImageField) -> Response:
         """Grad-CAM overlay (PNG) of one uploaded image for its predicted class."""
         pixels = self._pixels(image)
-        heat = self.model.heatmap(self._model_input(pixels))
+        heat = self.model.heatmap(self._model_input(pixels).astype(np.float32))
         return Response(gradcam.overlay_png(pixels, heat), media_type="image/png")
 
     @PAGE.get("/metadata")
@@ -148,7 +155,8 @@ class ImageClassifier:
             raise Rejected(400, f"{what} ({upload.filename}): {exc}") from exc
 
     def _model_input(self, pixels: np.ndarray) -> np.ndarray:
-        return resize_image(pixels, tuple(self.meta()["image_size"]))
+        """The model's input as uint8 (H, W, 3): what `load_image` gives, before the cast."""
+        return prepare_image(pixels, tuple(self.meta()["image_size"]))
 
     def _answer(self, rows: list[np.ndarray], k: int | None) -> list[dict]:
         """Response bodies for probability rows; counts them in /metrics."""
