@@ -168,22 +168,17 @@ def test_offline_imagenet_weights_give_a_clear_message(tmp_path):
     assert "--weights PATH" in out.stdout
 
 
+def _quick_train_args(data, epochs: int) -> list[str]:
+    """`imgcls train` options for a few-second run of the small CNN at 32x32."""
+    return ["--data", str(data), "--backbone", "simple_cnn", "--image-size", "32", "--epochs", str(epochs)]
+
+
 def test_cli_trains_with_mlflow_environment_variables(shapes_dir_shared, tmp_path):
     env = os.environ | {
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/cli.db",
         "MLFLOW_EXPERIMENT_NAME": "cli-exp",
     }
-    args = [
-        "--data",
-        str(shapes_dir_shared),
-        "--backbone",
-        "simple_cnn",
-        "--image-size",
-        "32",
-        "--epochs",
-        "2",
-        "--no-augment",
-    ]
+    args = [*_quick_train_args(shapes_dir_shared, epochs=2), "--no-augment"]
     out = subprocess.run(
         [sys.executable, "-m", "imgcls.cli", "train", *args],
         capture_output=True,
@@ -238,17 +233,7 @@ def test_two_trainings_started_together_on_a_new_store_both_finish(shapes_dir_sh
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/race.db",
         "MLFLOW_EXPERIMENT_NAME": "race",
     }
-    args = [
-        "train",
-        "--data",
-        str(shapes_dir_shared),
-        "--backbone",
-        "simple_cnn",
-        "--image-size",
-        "32",
-        "--epochs",
-        "1",
-    ]
+    args = ["train", *_quick_train_args(shapes_dir_shared, epochs=1)]
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "imgcls.cli", *args],
