@@ -45,7 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="turn adaptive batching off (for comparisons)",
     )
     p.add_argument("--max-batch-size", type=int, help="largest adaptive batch (32)")
-    p.add_argument("--max-latency-ms", type=int, help="longest wait to fill a batch (20)")
+    p.add_argument(
+        "--max-latency-ms",
+        type=int,
+        help="BentoML's batching deadline: a queued request expected to wait longer gets a 503 (10000)",
+    )
     p.add_argument("--max-upload-bytes", type=int, help="largest request body; above: 413")
     p.add_argument("--max-pixels", type=int, help="largest image, width x height (40e6)")
     p.add_argument("--max-batch-images", type=int, help="most images per /predict_batch (32)")
