@@ -13,7 +13,8 @@ from ../shared upscaled to 256x256, or generated ones) go through, on the same m
       of 1, 8 or 32: the issue's baseline; latency is per call, i.e. per batch;
   (a') the same with `predict_on_batch`, the call the service makes: faster than
       `predict` (no data adapter), so a stricter baseline, reported beside (a);
-  (b) the service (`bentoml serve`) with adaptive batching, POST /predict multipart;
+  (b) the service (`bentoml serve`, two HTTP front processes and one model process)
+      with adaptive batching, POST /predict multipart;
   (c) the same service with batching off (IMGCLS_SERVE_BATCHING=false);
   (d) `mlflow models serve -m models:/<name>@champion --env-manager local`, POST
       /invocations {"inputs": [...]}: MLflow takes no image upload, so the client
@@ -77,6 +78,9 @@ QUICK_REQUESTS = 48
 PHOTO_SIZE = (256, 256)
 DISTINCT_IMAGES = 32
 RAW_BATCHES = (1, 8, 32)
+# One front process spends ~5 ms of CPU per request on one core at most: with the demo
+# model (0.1 ms per image) it, not the model, would set the pace. Two use both cores.
+FRONT_WORKERS = 2
 HOST = "127.0.0.1"
 ALIAS = "champion"
 # Set on SIGTERM/SIGINT: the load threads stop at once instead of finishing their level.
@@ -537,6 +541,7 @@ def service_server(case: Case, batching: bool, args: argparse.Namespace, log: Pa
         batching=batching,
         max_batch_size=args.max_batch_size,
         max_latency_ms=args.max_latency_ms,
+        front_workers=args.front_workers,
         host=HOST,
         port=port,
     )
@@ -795,6 +800,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--level-timeout", type=float, default=60, help="hard cap in seconds per level (60)")
     parser.add_argument("--max-batch-size", type=int, help="service's largest adaptive batch (its default)")
     parser.add_argument("--max-latency-ms", type=int, help="service's batching wait (its default)")
+    parser.add_argument(
+        "--front-workers",
+        type=int,
+        default=FRONT_WORKERS,
+        help=f"service's HTTP front processes, for (b) and (c) alike ({FRONT_WORKERS})",
+    )
     parser.add_argument(
         "--shared", type=Path, default=ROOT.parent / "shared", help="folder with data/ (photos)"
     )

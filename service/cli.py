@@ -54,6 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=int, help="largest image, width x height (40e6)")
     p.add_argument("--max-batch-images", type=int, help="most images per /predict_batch (32)")
     p.add_argument("--gpu", action="store_const", const=True, help="declare one GPU for the model")
+    p.add_argument(
+        "--front-workers",
+        type=int,
+        help="HTTP front processes that decode and resize uploads (1; more where the model is fast)",
+    )
     p.set_defaults(func=serve)
 
 
@@ -82,7 +87,7 @@ def settings_env(args: argparse.Namespace) -> dict[str, str]:
     names = [
         "port", "host", "source", "model_name", "alias", "bento_tag", "top_k", "batching",
         "max_batch_size", "max_latency_ms", "max_upload_bytes", "max_pixels",
-        "max_batch_images", "gpu",
+        "max_batch_images", "gpu", "front_workers",
     ]  # fmt: skip
     values = {name: getattr(args, name, None) for name in names}
     return {f"{ENV_PREFIX}{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)

@@ -78,7 +78,7 @@ class ClassifierModel:
         return self.predictor.metadata()
 
 
-@bentoml.service(name="imgcls", traffic={"timeout": SETTINGS.timeout_s})
+@bentoml.service(name="imgcls", workers=SETTINGS.front_workers, traffic={"timeout": SETTINGS.timeout_s})
 @bentoml.asgi_app(PAGE, path="/")
 class ImageClassifier:
     """Public API: /predict, /predict_batch, /explain, /metadata and the page at /.

@@ -64,6 +64,10 @@ class ServiceSettings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1, description="Largest image (width x height).")
     max_batch_images: int = Field(32, ge=1, description="Most images per /predict_batch.")
     gpu: bool = Field(False, description="Declare one GPU for the model process.")
+    # The front decodes, resizes and answers (~5 ms of CPU per request in one process):
+    # that caps one front near 200 requests/s, below a GPU model's pace. More workers
+    # share the port; the model process stays one, so batches still form in one place.
+    front_workers: int = Field(1, ge=1, le=64, description="HTTP front processes (decode, resize, answer).")
     port: int = Field(3000, ge=1, le=65535, description="HTTP port of `imgcls serve`.")
     host: str = Field("127.0.0.1", description="Interface `imgcls serve` binds to.")
     timeout_s: int = Field(60, ge=1, description="Per-request timeout.")

@@ -50,14 +50,17 @@ def model_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_file) -> str:
-    """A real server on the tiny model (BentoML store, registry version 7); its base URL."""
+    """A real server on the tiny model (BentoML store, registry version 7); its base URL.
+
+    Two front processes: every test below also holds whichever of them answers.
+    """
     home = tmp_path_factory.mktemp("bentoml_home")
     env = service_env(
         home,
         max_upload_bytes=MAX_UPLOAD,
         max_pixels=MAX_PIXELS,
         max_batch_images=MAX_BATCH_IMAGES,
-        max_latency_ms=50,
+        front_workers=2,
     )
     card = tiny_card().model_dump_json()
     save = (
@@ -189,14 +192,22 @@ def test_explain_returns_a_png_overlay(server):
 
 def test_concurrent_requests_are_batched_and_counted(server):
     data = encode(colour_image("blue"), "PNG")
+    before = _blue_predictions(httpx.get(f"{server}/metrics").text)
     with ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda _: predict(server, data), range(32)))
     assert all(r.json()["predictions"][0]["label"] == "blue" for r in responses)
     metrics = httpx.get(f"{server}/metrics").text
-    assert 'imgcls_predictions_total{label="blue"}' in metrics
+    # Counted once each, whichever front process answered.
+    assert _blue_predictions(metrics) - before == 32
     assert "imgcls_prediction_confidence_bucket" in metrics
     sizes = _adaptive_batch_sizes(metrics)
     assert sizes["count"] > 0 and sizes["sum"] > sizes["count"], sizes  # some batch > 1
+
+
+def _blue_predictions(metrics: str) -> float:
+    """imgcls_predictions_total{label="blue"}, summed over the lines /metrics gives."""
+    lines = [line for line in metrics.splitlines() if line.startswith("imgcls_predictions_total{")]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if 'label="blue"' in line)
 
 
 def _adaptive_batch_sizes(metrics: str) -> dict[str, float]:
