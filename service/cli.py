@@ -36,6 +36,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", help="registered model name (default image-classifier)")
     p.add_argument("--alias", help="MLflow alias to serve with --source mlflow (default champion)")
     p.add_argument("--bento-tag", help="exact BentoML model tag name:version to serve")
+    p.add_argument(
+        "--poll-interval",
+        dest="poll_interval_s",
+        type=float,
+        help="seconds between checks of the champion; a new one is loaded, warmed up and "
+        "swapped in without a restart (10; 0 turns following off)",
+    )
+    p.add_argument("--version", help="serve this registry version and never follow (pin)")
+    p.add_argument("--cache-dir", help="local copies of loaded versions (default .imgcls/serve-cache)")
     p.add_argument("--top-k", type=int, help="default number of labels per prediction (3)")
     p.add_argument(
         "--no-batching",
@@ -54,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=int, help="largest image, width x height (40e6)")
     p.add_argument("--max-batch-images", type=int, help="most images per /predict_batch (32)")
     p.add_argument("--gpu", action="store_const", const=True, help="declare one GPU for the model")
+    p.add_argument("--model-workers", type=int, help="model processes, each following on its own (1)")
     p.add_argument(
         "--front-workers",
         type=int,
@@ -78,7 +88,14 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     # Pass every resolved value (.env included) on to the server processes.
     env = {f"{ENV_PREFIX}{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}
-    print(f"serving on http://{settings.host}:{settings.port} (source: {settings.source})")
+    following = (
+        f"pinned to version {settings.version}"
+        if settings.version
+        else f"following {settings.alias} every {settings.poll_interval_s:g} s"
+        if settings.poll_interval_s and not settings.bento_tag
+        else "not following the registry"
+    )
+    print(f"serving on http://{settings.host}:{settings.port} (source: {settings.source}, {following})")
     return subprocess.call(serve_command(settings.host, settings.port), env={**os.environ, **env})
 
 
@@ -87,7 +104,8 @@ def settings_env(args: argparse.Namespace) -> dict[str, str]:
     names = [
         "port", "host", "source", "model_name", "alias", "bento_tag", "top_k", "batching",
         "max_batch_size", "max_latency_ms", "max_upload_bytes", "max_pixels",
-        "max_batch_images", "gpu", "front_workers",
+        "max_batch_images", "gpu", "front_workers", "model_workers", "poll_interval_s",
+        "version", "cache_dir",
     ]  # fmt: skip
     values = {name: getattr(args, name, None) for name in names}
     return {f"{ENV_PREFIX}{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)

@@ -127,39 +127,11 @@ def configure_accelerator() -> None:
 
 
 def load_predictor(settings: Any) -> Predictor:
-    """Load the configured champion (BentoML store or MLflow registry) and warm it up.
+    """The configured champion (BentoML store or MLflow registry), checked and warmed up.
 
-    `settings` is a `service.settings.ServiceSettings`. From the BentoML store, the entry
-    the registry labelled as the current champion is served (an exact `bento_tag` wins).
+    `settings` is a `service.settings.ServiceSettings`; the running service wraps the same
+    load in a `Follower` (service/sources.py) that keeps it equal to the registry's.
     """
-    configure_accelerator()
-    name = settings.model_name
-    if settings.source == "mlflow":
-        model, card, version = _load_mlflow_champion(name, settings.alias)
-    else:
-        model, card, version = _load_bento_champion(settings)
-    predictor = Predictor(model, card, version, name=name, max_pixels=settings.max_pixels)
-    predictor.warm_up()
-    return predictor
+    from service.sources import build_follower
 
-
-def _load_mlflow_champion(name: str, alias: str):
-    import mlflow
-
-    from imgcls.settings import TrackingSettings
-
-    from . import store
-
-    uri = TrackingSettings().resolved_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)  # the registry lives in the same store
-    return store.load_from_mlflow(f"models:/{name}@{alias}")
-
-
-def _load_bento_champion(settings: Any):
-    from . import store
-
-    tag = settings.bento_tag or store.champion_tag(
-        settings.bento_model_name or settings.model_name, settings.alias, settings.model_name
-    )
-    return store.load_from_bento_store(tag)
+    return build_follower(settings).served.predictor

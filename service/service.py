@@ -7,7 +7,6 @@ BentoML builds both from their decorators when it imports this module, so the se
 are read here, when the server starts; nothing else happens at import.
 """
 
-import functools
 import logging
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,11 +16,15 @@ import numpy as np
 from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import FileResponse, Response
 
+from imgcls.hooks import hook
 from imgcls.images import ImageDecodeError, decode_image, prepare_image
 from service import gradcam
 from service.limits import BodyLimitMiddleware, Rejected, install_error_handlers
-from service.predictor import load_predictor, top_k
+from service.metrics import FollowerMetrics, observe_prediction
+from service.predictor import configure_accelerator, top_k
+from service.replies import classify_replies, one_version, stale_reply
 from service.settings import ServiceSettings
+from service.sources import build_follower
 
 logger = logging.getLogger(__name__)
 SETTINGS = ServiceSettings()
@@ -30,6 +33,8 @@ PAGE = FastAPI(title="imgcls", docs_url="/api/docs", redoc_url=None, openapi_url
 ImageField = Annotated[UploadFile, File(description="an image file (JPEG, PNG, GIF, ...)")]
 TopK = Annotated[int | None, Form(ge=1, le=1000, description="labels per image")]
 STATIC = Path(__file__).parent / "static"
+# Tries of one request when the model is swapped under it: each try sees a newer version.
+ATTEMPTS = 3
 
 
 def _classify_api(settings: ServiceSettings) -> Any:
@@ -45,6 +50,7 @@ def _classify_api(settings: ServiceSettings) -> Any:
 
 @bentoml.service(
     name="imgcls-model",
+    workers=SETTINGS.model_workers,
     traffic={"timeout": SETTINGS.timeout_s},
     # BentoML 1.4.40 recycles the front's client session every 100 requests / 300 s and
     # closes connections still in use (bentoml#5540, #5544): in-flight calls fail. Keep one.
@@ -53,29 +59,43 @@ def _classify_api(settings: ServiceSettings) -> Any:
     **({"resources": {"gpu": 1}} if SETTINGS.gpu else {}),
 )
 class ClassifierModel:
-    """The champion model, loaded and warmed up once per worker."""
+    """The champion, loaded and warmed up once per worker, and kept equal to the registry's."""
 
     def __init__(self) -> None:
-        self.predictor = load_predictor(SETTINGS)
+        configure_accelerator()
+        self.follower = build_follower(SETTINGS, FollowerMetrics())
+
+    @bentoml.on_startup
+    def follow_the_registry(self) -> None:
+        """Start polling the champion pointer (every poll_interval_s; 0: never)."""
+        self.follower.start()
+
+    @bentoml.on_shutdown
+    def stop_following(self) -> None:
+        self.follower.stop()
 
     @_classify_api(SETTINGS)
-    def classify(self, batch: np.ndarray) -> np.ndarray:
-        """Softmax probabilities for an (N, H, W, 3) batch of model inputs.
-
-        The front sends uint8 pixels (exact: they are rounded already), a quarter of the
-        bytes of float32 to pickle and copy between the processes.
-        """
-        return self.predictor.probabilities(batch)
+    def classify(self, images: list[np.ndarray]) -> list[dict]:
+        """Probabilities of each (H, W, 3) uint8 model input, with the version, class names
+        and input size of the one model that computed them (see service/replies.py)."""
+        hook("model_call")  # a test seam: IMGCLS_HOOK_MODEL_CALL (imgcls/hooks.py)
+        return classify_replies(self.follower.served.predictor, images)
 
     @bentoml.api
-    def heatmap(self, image: np.ndarray) -> np.ndarray:
+    def heatmap(self, image: np.ndarray) -> dict:
         """Grad-CAM (h, w) of one (H, W, 3) model input for its predicted class."""
-        return self.predictor.heatmap(image)
+        predictor = self.follower.served.predictor
+        if tuple(image.shape[:2]) != tuple(predictor.card.image_size):
+            return stale_reply(predictor)
+        return {**stale_reply(predictor), "stale": False, "heatmap": predictor.heatmap(image)}
 
     @bentoml.api
-    def describe(self) -> dict:
-        """Name, version and model card of the loaded champion."""
-        return self.predictor.metadata()
+    async def describe(self) -> dict:
+        """The served model's card, when and where it was loaded, and the follower's state.
+
+        Async: it only reads memory, so it answers on the event loop at once instead of
+        waiting for the worker thread behind a batch."""
+        return {**self.follower.served.describe(), "following": self.follower.status()}
 
 
 @bentoml.service(name="imgcls", workers=SETTINGS.front_workers, traffic={"timeout": SETTINGS.timeout_s})
@@ -84,36 +104,35 @@ class ImageClassifier:
     """Public API: /predict, /predict_batch, /explain, /metadata and the page at /.
 
     FastAPI routes rather than `@bentoml.api` ones: they parse the upload themselves, so
-    every client mistake (a wrong field name included) gets a 4xx with a JSON reason.
+    every client mistake (a wrong field name included) gets a 4xx with a JSON reason. The
+    front keeps no model facts of its own: labels, version and input size come back with
+    each answer, so a swap in the model process can never mix two versions in one answer.
     """
 
     model = bentoml.depends(ClassifierModel)
 
     def __init__(self) -> None:
         self.settings = SETTINGS
-        self._meta: dict | None = None
+        self._size: tuple[int, int] | None = None  # the input size last heard of
         # Warm the resize path (it imports Keras and its backend, seconds on a cold
         # process) before /readyz says ready, not on the first client's request.
         prepare_image(np.zeros((4, 4, 3), dtype=np.uint8), (2, 2))
 
     def __is_ready__(self) -> bool:
         """Ready once the model process has loaded and warmed up the champion."""
+        if self._size is not None:
+            return True
         try:
-            return bool(self.meta())
+            self._size = tuple(self.model.to_sync.describe()["image_size"])
         except Exception:  # the model process is still starting
             return False
-
-    def meta(self) -> dict:
-        """The champion's metadata, asked once from the model process."""
-        if self._meta is None:
-            self._meta = self.model.describe()
-        return self._meta
+        return True
 
     @PAGE.post("/predict")
     def predict(self, image: ImageField, top_k: TopK = None) -> dict:
         """Top-k labels of one uploaded image (multipart field `image`)."""
-        probs = self.model.classify(self._model_input(self._pixels(image))[None])[0]
-        return self._answer([probs], top_k)[0]
+        reply = self._classify([self._pixels(image)])[0]
+        return self._answer([reply], top_k)[0]
 
     @PAGE.post("/predict_batch")
     def predict_batch(self, images: list[ImageField], top_k: TopK = None) -> dict:
@@ -121,23 +140,28 @@ class ImageClassifier:
         limit = self.settings.max_batch_images
         if len(images) > limit:
             raise Rejected(400, f"too many images: {len(images)}, at most {limit}")
-        batch = np.stack([self._model_input(self._pixels(u, f"image {i}")) for i, u in enumerate(images)])
-        step = self.settings.max_batch_size
-        probs = [self.model.classify(batch[i : i + step]) for i in range(0, len(batch), step)]
-        results = self._answer(list(np.concatenate(probs)), top_k)
-        return {**_origin(self.meta()), "results": [{"predictions": r["predictions"]} for r in results]}
+        replies = self._classify([self._pixels(u, f"image {i}") for i, u in enumerate(images)])
+        results = self._answer(replies, top_k)
+        return {**_origin(replies[0]), "results": [{"predictions": r["predictions"]} for r in results]}
 
     @PAGE.post("/explain", response_class=Response)
     def explain(self, image: ImageField) -> Response:
         """Grad-CAM overlay (PNG) of one uploaded image for its predicted class."""
         pixels = self._pixels(image)
-        heat = self.model.heatmap(self._model_input(pixels).astype(np.float32))
-        return Response(gradcam.overlay_png(pixels, heat), media_type="image/png")
+        for _ in range(ATTEMPTS):
+            reply = self.model.heatmap(self._model_input(pixels).astype(np.float32))
+            self._size = tuple(reply["image_size"])
+            if not reply["stale"]:
+                headers = {"X-Model-Version": str(reply["version"])}
+                return Response(
+                    gradcam.overlay_png(pixels, reply["heatmap"]), media_type="image/png", headers=headers
+                )
+        raise Rejected(503, "the served model changed repeatedly during this request; try again")
 
     @PAGE.get("/metadata")
     def metadata(self) -> dict:
-        """Classes, backbone, input size, version and the metrics it was promoted on."""
-        return self.meta()
+        """Classes, backbone, input size, version, when it was loaded, and the follower's state."""
+        return self.model.to_sync.describe()
 
     @PAGE.get("/", response_class=FileResponse)
     def page(self) -> FileResponse:
@@ -154,43 +178,39 @@ class ImageClassifier:
         except ImageDecodeError as exc:
             raise Rejected(400, f"{what} ({upload.filename}): {exc}") from exc
 
+    def _classify(self, pixels: list[np.ndarray]) -> list[dict]:
+        """Model replies for decoded images, all from one version (resized again and
+        retried if the model was swapped meanwhile)."""
+        step = self.settings.max_batch_size
+        for _ in range(ATTEMPTS):
+            batch = [self._model_input(p) for p in pixels]
+            replies = [
+                r for i in range(0, len(batch), step) for r in self.model.classify(batch[i : i + step])
+            ]
+            if one_version(replies):
+                return replies
+            self._size = tuple(replies[-1]["image_size"])
+        raise Rejected(503, "the served model changed repeatedly during this request; try again")
+
     def _model_input(self, pixels: np.ndarray) -> np.ndarray:
         """The model's input as uint8 (H, W, 3): what `load_image` gives, before the cast."""
-        return prepare_image(pixels, tuple(self.meta()["image_size"]))
+        if self._size is None:
+            self._size = tuple(self.model.to_sync.describe()["image_size"])
+        return prepare_image(pixels, self._size)
 
-    def _answer(self, rows: list[np.ndarray], k: int | None) -> list[dict]:
-        """Response bodies for probability rows; counts them in /metrics."""
-        meta, k = self.meta(), k or self.settings.top_k
+    def _answer(self, replies: list[dict], k: int | None) -> list[dict]:
+        """Response bodies for model replies; counts them in /metrics."""
+        k = k or self.settings.top_k
         answers = []
-        for row in rows:
-            preds = top_k(row, meta["class_names"], k)
-            _observe(preds[0])
-            answers.append({**_origin(meta), "predictions": preds})
+        for reply in replies:
+            preds = top_k(reply["probabilities"], reply["class_names"], k)
+            observe_prediction(preds[0])
+            answers.append({**_origin(reply), "predictions": preds})
         return answers
 
 
-def _origin(meta: dict) -> dict:
-    return {"model": meta["model"], "version": meta["version"]}
-
-
-@functools.cache
-def _prediction_metrics() -> tuple[Any, Any]:
-    """Counter of predictions per top-1 class and a histogram of top-1 confidence."""
-    # Imported late: BentoML sets prometheus' multiprocess folder when a worker starts.
-    import prometheus_client
-
-    counter = prometheus_client.Counter("imgcls_predictions", "Predictions served, by top-1 label", ["label"])
-    buckets = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
-    histogram = prometheus_client.Histogram(
-        "imgcls_prediction_confidence", "Top-1 probability of served predictions", buckets=buckets
-    )
-    return counter, histogram
-
-
-def _observe(best: dict) -> None:
-    counter, histogram = _prediction_metrics()
-    counter.labels(label=best["label"]).inc()
-    histogram.observe(best["probability"])
+def _origin(reply: dict) -> dict:
+    return {"model": reply["model"], "version": reply["version"]}
 
 
 install_error_handlers(PAGE)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field
@@ -48,6 +49,19 @@ class ServiceSettings(BaseSettings):
         description="Exact BentoML model tag (name:version); default: the entry the registry "
         "labelled as the current <alias> (the newest entry if none is labelled).",
     )
+    # Seconds between two looks at the champion pointer. 10 s: a promotion reaches every
+    # replica within seconds, at one cheap registry read per replica and interval.
+    poll_interval_s: float = Field(
+        10.0, ge=0, description="Seconds between checks of the champion; 0 turns following off."
+    )
+    version: str | None = Field(
+        None, description="Serve this registry version and never follow (pins the replica)."
+    )
+    cache_dir: Path | None = Field(
+        None,
+        description="Local copies of the versions loaded from MLflow, served after a restart "
+        "while MLflow is unreachable; default: <IMGCLS_HOME>/serve-cache.",
+    )
     top_k: int = Field(3, ge=1, description="Default number of labels per prediction.")
     batching: bool = Field(True, description="Adaptive batching of /predict requests.")
     # 32 matches the benchmark's top concurrency; bigger batches only add latency on CPU.
@@ -68,6 +82,9 @@ class ServiceSettings(BaseSettings):
     # that caps one front near 200 requests/s, below a GPU model's pace. More workers
     # share the port; the model process stays one, so batches still form in one place.
     front_workers: int = Field(1, ge=1, le=64, description="HTTP front processes (decode, resize, answer).")
+    model_workers: int = Field(
+        1, ge=1, le=16, description="Model processes; each loads and follows the champion on its own."
+    )
     port: int = Field(3000, ge=1, le=65535, description="HTTP port of `imgcls serve`.")
     host: str = Field("127.0.0.1", description="Interface `imgcls serve` binds to.")
     timeout_s: int = Field(60, ge=1, description="Per-request timeout.")

@@ -26,6 +26,7 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.getbasetemp() / "home"
     monkeypatch.setenv("KERAS_HOME", str(home / "keras"))
     monkeypatch.setenv("BENTOML_HOME", str(home / "bentoml"))
+    monkeypatch.setenv("IMGCLS_SERVE_CACHE_DIR", str(home / "serve-cache"))
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
 

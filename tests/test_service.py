@@ -41,6 +41,7 @@ pytestmark = pytest.mark.slow
 MAX_UPLOAD = 1_000_000
 MAX_PIXELS = 1_000_000
 MAX_BATCH_IMAGES = 4
+SERVER_HOLD: dict[str, Path] = {}  # base URL -> the file that holds its model calls
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,7 @@ def server(tmp_path_factory, model_file) -> str:
         max_batch_images=MAX_BATCH_IMAGES,
         front_workers=2,
     )
+    env["IMGCLS_HOOK_MODEL_CALL"] = f"hold:{home / 'hold-model'}"  # see test_concurrent_...
     card = tiny_card().model_dump_json()
     save = (
         "import sys; from imgcls.modelcard import ModelCard; from service.store import "
@@ -72,6 +74,7 @@ def server(tmp_path_factory, model_file) -> str:
     port, log = free_port(), home / "server.log"
     proc = start_server(env, port, log)
     url = f"http://127.0.0.1:{port}"
+    SERVER_HOLD[url] = home / "hold-model"
     try:
         wait_ready(url, proc, log)
         yield url
@@ -190,18 +193,50 @@ def test_explain_returns_a_png_overlay(server):
     assert bad.status_code == 400 and "error" in bad.json()
 
 
-def test_concurrent_requests_are_batched_and_counted(server):
+def test_concurrent_requests_are_batched_and_counted(server, tmp_path_factory):
+    """16 requests queue while the model is held (the IMGCLS_HOOK_MODEL_CALL seam), so
+    batching does not depend on timing: the first runs alone, the other 15 together."""
     data = encode(colour_image("blue"), "PNG")
-    before = _blue_predictions(httpx.get(f"{server}/metrics").text)
-    with ThreadPoolExecutor(16) as pool:
-        responses = list(pool.map(lambda _: predict(server, data), range(32)))
+    hold = _hold_file(server)
+    before = httpx.get(f"{server}/metrics").text
+    hold.touch()
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(predict, server, data) for _ in range(16)]
+            _wait_for_queued(server, 16)
+            hold.unlink()
+            responses = [f.result() for f in futures]
+    finally:
+        hold.unlink(missing_ok=True)
     assert all(r.json()["predictions"][0]["label"] == "blue" for r in responses)
     metrics = httpx.get(f"{server}/metrics").text
     # Counted once each, whichever front process answered.
-    assert _blue_predictions(metrics) - before == 32
+    assert _blue_predictions(metrics) - _blue_predictions(before) == 16
     assert "imgcls_prediction_confidence_bucket" in metrics
-    sizes = _adaptive_batch_sizes(metrics)
-    assert sizes["count"] > 0 and sizes["sum"] > sizes["count"], sizes  # some batch > 1
+    after, earlier = _adaptive_batch_sizes(metrics), _adaptive_batch_sizes(before)
+    assert after["sum"] - earlier["sum"] == 16
+    assert after["count"] - earlier["count"] == 2, (earlier, after)  # 1, then the 15 queued
+
+
+def _hold_file(url: str) -> Path:
+    """The hold file the server fixture named in IMGCLS_HOOK_MODEL_CALL."""
+    return SERVER_HOLD[url]
+
+
+def _wait_for_queued(url: str, n: int, timeout_s: float = 60) -> None:
+    """Until the model service has `n` classify calls in progress (one held, the rest queued)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        lines = httpx.get(f"{url}/metrics").text.splitlines()
+        queued = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in lines
+            if "request_in_progress{" in line and 'endpoint="/classify"' in line
+        )
+        if queued >= n:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{n} classify calls never reached the model process")
 
 
 def _blue_predictions(metrics: str) -> float:

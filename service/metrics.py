@@ -1,0 +1,61 @@
+"""The service's own Prometheus metrics, beside BentoML's: predictions, the served version.
+
+Created on first use, not at import: BentoML sets prometheus' multiprocess folder when a
+worker starts, and every process writes there, so /metrics adds them up whichever front
+or model worker counted.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+
+@functools.cache
+def _prediction_metrics() -> tuple[Any, Any]:
+    """Counter of predictions per top-1 class and a histogram of top-1 confidence."""
+    import prometheus_client
+
+    counter = prometheus_client.Counter("imgcls_predictions", "Predictions served, by top-1 label", ["label"])
+    buckets = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+    histogram = prometheus_client.Histogram(
+        "imgcls_prediction_confidence", "Top-1 probability of served predictions", buckets=buckets
+    )
+    return counter, histogram
+
+
+def observe_prediction(best: dict) -> None:
+    """Count one answered image by its top-1 label and confidence."""
+    counter, histogram = _prediction_metrics()
+    counter.labels(label=best["label"]).inc()
+    histogram.observe(best["probability"])
+
+
+class FollowerMetrics:
+    """`imgcls_served_model_info{model,version}` (1 while a worker serves it), and counters
+    of swaps and of versions that failed to load or to pass the checks."""
+
+    def __init__(self) -> None:
+        import prometheus_client
+
+        # livemax: 1 if any live model worker serves that version, so workers that have
+        # not caught up yet show as a second version until they do.
+        self.info = prometheus_client.Gauge(
+            "imgcls_served_model_info", "Version served by the model workers (1 = served)",
+            ["model", "version"], multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.swaps = prometheus_client.Counter("imgcls_model_swaps", "Champion swaps done without a restart")
+        self.failures = prometheus_client.Counter(
+            "imgcls_model_load_failures", "Versions that failed to load or to pass the checks"
+        )
+
+    def served(self, predictor: Any) -> None:
+        self.info.labels(model=predictor.name, version=predictor.version).set(1)
+
+    def swapped(self, old: Any, new: Any) -> None:
+        self.info.labels(model=old.name, version=old.version).set(0)
+        self.served(new)
+        self.swaps.inc()
+
+    def failed(self) -> None:
+        self.failures.inc()
