@@ -140,6 +140,11 @@ def first_answer(records: Iterable[Record], version: str) -> Record | None:
     return min((r for r in records if r.ok and r.version == version), key=lambda r: r.end, default=None)
 
 
+def last_answer(records: Iterable[Record], version: str) -> Record | None:
+    """The latest-ending successful request answered by `version`."""
+    return max((r for r in records if r.ok and r.version == version), key=lambda r: r.end, default=None)
+
+
 def run_level(
     send: Sender, requests: int, concurrency: int, cap_s: float, stop: threading.Event | None = None
 ) -> dict:

@@ -95,6 +95,8 @@ def test_drive_records_every_request_and_stops_on_the_event():
     failed = [r for r in records if not r.ok]
     assert failed[0].status is None and failed[0].error == "ConnectionError: refused"
     assert loadgen.first_answer(records, "2").index in (4, 5, 6)
+    assert loadgen.last_answer(records, "1").index in (0, 1, 2)
+    assert loadgen.first_answer(records, "3") is None
     row = loadgen.summarize(records, seconds=1.0)
     assert (
         row["requests"] + row["errors"] == len(records) and row["first_error"] == "ConnectionError: refused"
