@@ -68,7 +68,7 @@ def test_a_group_ignoring_sigterm_is_killed(tmp_path):
     stop(proc, term_timeout_s=1)
     assert proc.returncode == -9
     assert time.monotonic() - started < 10
-    assert not _alive(child_pid)
+    assert _gone_within(child_pid, 5)
 
 
 def test_stop_reports_a_listener_outside_the_group(tmp_path):
@@ -94,11 +94,17 @@ def test_stop_reports_a_listener_outside_the_group(tmp_path):
             os.kill(orphan, signal.SIGKILL)
 
 
-def _alive(pid: int) -> bool:
-    """True if `pid` runs and is not a zombie."""
+def _gone_within(pid: int, seconds: float) -> bool:
+    """True once `pid` has exited (gone, or a zombie awaiting its reaper) within `seconds`:
+    a SIGKILLed process takes a moment to leave."""
     import psutil
 
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
