@@ -44,10 +44,10 @@ format: install ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
 
 bench-train: install ## training quality and speed benchmarks (needs ../shared), see docs/benchmarks.md
-	$(BIN)/python bench/train_bench.py
+	$(BIN)/python -m bench.train_bench
 
 bench-serve: install ## serving throughput/latency benchmark, see docs/benchmarks.md
-	$(BIN)/python bench/serve_bench.py
+	$(BIN)/python -m bench.serve_bench
 
 compose-config: install ## validate docker-compose.yml (with .env, or the placeholders of .env.example)
 	@envf=$$([ -f .env ] && echo .env || echo .env.example); \

@@ -1,6 +1,6 @@
 """Training benchmarks: quality on real data and speed against the backbone's own limit.
 
-    python bench/train_bench.py [--only quality|speed] [--shared ../shared] [--out FILE]
+    python -m bench.train_bench [--only quality|speed] [--shared ../shared] [--out FILE]
 
 Quality: the course CNN on MNIST (target >= 0.98 test accuracy); VGG16 on the CIFAR-10
 subset with the real ImageNet weights file vs random weights.
@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+if not __package__:  # `python bench/train_bench.py` from a checkout: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import machine, quiet_environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,13 +131,8 @@ def speed(shared: Path, work: Path, backbone: str = "vgg16", size: int = 96, epo
     return out
 
 
-def machine() -> str:
-    import keras
-
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}, keras {keras.__version__} ({keras.backend.backend()})"
-
-
 def main() -> None:
+    quiet_environment()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -11,10 +11,9 @@ import argparse
 import contextlib
 import json
 import os
-import socket
-import subprocess
-import time
 from pathlib import Path
+
+from imgcls.processes import HOST, ServerProcess, free_port, port_in_use
 
 # The demo's embedded run config: the course CNN suits 8x8 digits shown at 32x32.
 # No horizontal flips: a mirrored digit is another symbol.
@@ -59,78 +58,32 @@ def run_demo(args: argparse.Namespace) -> int:
     outcome = run_pipeline(config, tracking, registry)
     print_decision(outcome.decision, registry)
     sample = data / "7" / sorted(os.listdir(data / "7"))[0]
-    port = args.port if _port_free(args.port) else _free_port()
+    port = free_port() if port_in_use(args.port) else args.port
     print(f"2/3 starting the BentoML service on http://127.0.0.1:{port}")
     with _service(port) as server:
-        _wait_ready(server, port)
         print(f"3/3 POST {sample} to /predict")
-        print(json.dumps(_predict(port, sample), indent=2))
+        print(json.dumps(_predict(server.url, sample), indent=2))
         if args.keep_serving:
-            print(f"serving on http://127.0.0.1:{port} (web page at /) - Ctrl-C to stop")
+            print(f"serving on {server.url} (web page at /) - Ctrl-C to stop")
             with contextlib.suppress(KeyboardInterrupt):
-                server.wait()
+                server.proc.wait()
     print("done: `imgcls serve` serves the champion again, `imgcls ui` opens MLflow")
     return 0
 
 
-@contextlib.contextmanager
-def _service(port: int):
+def _service(port: int) -> ServerProcess:
+    """The service on the champion, in its own process group, its output on this terminal;
+    entering the block waits until /readyz answers."""
     from service.cli import serve_command
 
     env = os.environ | {"IMGCLS_SERVE_SOURCE": "bentoml", "IMGCLS_SERVE_PORT": str(port)}
-    # Its own process group: stopping it stops BentoML's worker processes too.
-    server = subprocess.Popen(serve_command("127.0.0.1", port), env=env, start_new_session=True)
-    try:
-        yield server
-    finally:
-        _stop_group(server)
+    return ServerProcess(serve_command(HOST, port), f"http://{HOST}:{port}/readyz", env=env, port=port)
 
 
-def _stop_group(server: subprocess.Popen) -> None:
-    """SIGTERM the server's process group, SIGKILL it if it has not exited in 20 s."""
-    import signal
-
-    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, sig)
-        try:
-            server.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _wait_ready(server: subprocess.Popen, port: int, timeout_s: float = 180) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the service exited with code {server.returncode} before it was ready")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise RuntimeError(f"the service was not ready after {timeout_s:.0f} s")
-
-
-def _predict(port: int, image: Path) -> dict:
+def _predict(url: str, image: Path) -> dict:
     import httpx
 
     with image.open("rb") as file:
-        response = httpx.post(
-            f"http://127.0.0.1:{port}/predict", files={"image": (image.name, file, "image/png")}, timeout=30
-        )
+        response = httpx.post(f"{url}/predict", files={"image": (image.name, file, "image/png")}, timeout=30)
     response.raise_for_status()
     return response.json()
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

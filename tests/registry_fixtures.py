@@ -7,19 +7,17 @@ Tests import what they need from here (the lead owns conftest.py). Every store i
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from imgcls.processes import QUIET_ENV, start
+
 COLOURS = {"circle": (220, 40, 40), "square": (40, 200, 60), "stripes": (40, 60, 220)}
-# Quiet, offline child processes.
-CHILD_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "BENTOML_DO_NOT_TRACK": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 def write_dataset(
@@ -72,57 +70,11 @@ def registry_settings(**values):
     return RegistrySettings(**values)
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float = 90) -> None:
-    """Poll `url` until it answers 200; fail early if the process died."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"server exited with {process.returncode}: {process.stdout.read() if process.stdout else ''}"
-            )
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout_s}s")
-
-
 def start_imgcls(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """Start `imgcls ARGS` as a child process with `env` added; output goes to `log_path`."""
-    full_env = os.environ | CHILD_ENV | env
-    with open(log_path, "w") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "imgcls.cli", *args],
-            env=full_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parents[1],
-            start_new_session=True,
-        )
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Stop a child started by `start_imgcls` and everything it started (its session)."""
-    import signal
-
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    """Start `imgcls ARGS` in a session of its own, quiet, with `env` added; output goes to
+    `log_path`. Wait with imgcls.processes.wait_ready, end with imgcls.processes.stop."""
+    root = Path(__file__).resolve().parents[1]
+    return start([sys.executable, "-m", "imgcls.cli", *args], log_path, os.environ | QUIET_ENV | env, root)
 
 
 def chromium() -> str | None:

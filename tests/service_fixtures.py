@@ -1,18 +1,15 @@
 """Helpers for the service tests: a tiny real classifier, real image files, a real server.
 
 Imported by tests/test_service*.py and tests/test_images.py (kept out of conftest.py so
-the stages' test helpers do not collide).
+the stages' test helpers do not collide). Servers are started, waited for and stopped by
+imgcls.processes.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import socket
 import struct
-import subprocess
-import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -20,15 +17,10 @@ import numpy as np
 from PIL import Image
 
 from imgcls.modelcard import ModelCard
+from imgcls.processes import QUIET_ENV
 
 CLASSES = ["red", "green", "blue"]
 SIZE = (32, 32)
-QUIET_ENV = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "BENTOML_DO_NOT_TRACK": "true",
-    "DO_NOT_TRACK": "true",
-    "TF_CPP_MIN_LOG_LEVEL": "2",
-}
 
 
 def tiny_card() -> ModelCard:
@@ -147,57 +139,8 @@ def exif_rotated_jpeg(pixels: np.ndarray, orientation: int = 6) -> bytes:
     return encode(pixels, "JPEG", quality=95, exif=exif.tobytes())
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def service_env(bentoml_home: Path, **settings: object) -> dict[str, str]:
     """Environment for a `bentoml serve` child: quiet, tmp BENTOML_HOME, IMGCLS_SERVE_*."""
     env = {**os.environ, **QUIET_ENV, "BENTOML_HOME": str(bentoml_home)}
     env.update({f"IMGCLS_SERVE_{k.upper()}": str(v) for k, v in settings.items()})
     return env
-
-
-def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
-    """`bentoml serve service.service:ImageClassifier` on `port`, output to `log`."""
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:ImageClassifier"]
-    cmd += ["--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def wait_ready(base_url: str, proc: subprocess.Popen, log: Path, timeout: float = 150) -> None:
-    """Wait until GET /readyz answers 200; fail with the server log if it dies or stalls."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"server not ready in {timeout}s:\n{log.read_text()[-4000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """Stop the server process group this test started (SIGTERM, then SIGKILL)."""
-    import signal
-
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)

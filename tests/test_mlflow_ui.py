@@ -11,14 +11,12 @@ import time
 
 import pytest
 
+from imgcls.processes import free_port, stop, wait_ready
 from tests.registry_fixtures import (
-    free_port,
     quick_config,
     registry_settings,
     start_imgcls,
-    stop,
     tracking_settings,
-    wait_for_http,
     write_dataset,
 )
 
@@ -39,7 +37,7 @@ def served(tmp_path_factory):
     process = start_imgcls(["ui", "--port", str(port)], env, root / "ui.log")
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{url}/health", process)
+        wait_ready(f"{url}/health", process, root / "ui.log", timeout_s=90)
         tracking = TrackingSettings(
             home=root / "client", MLFLOW_TRACKING_URI=url, MLFLOW_EXPERIMENT_NAME=EXPERIMENT
         )
@@ -47,7 +45,7 @@ def served(tmp_path_factory):
         outcome = run_pipeline(quick_config(write_dataset(root / "shapes")), tracking, settings)
         yield {"url": url, "root": root, "tracking": tracking, "settings": settings, "outcome": outcome}
     finally:
-        stop(process)
+        stop(process, port=port)
         _forget_the_server()
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.registry_fixtures import start_imgcls, stop, tracking_settings, write_dataset
+from imgcls.processes import stop
+from tests.registry_fixtures import start_imgcls, tracking_settings, write_dataset
 
 pytestmark = pytest.mark.slow
 

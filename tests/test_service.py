@@ -17,6 +17,8 @@ import pytest
 from PIL import Image
 
 from imgcls.images import load_image
+from imgcls.processes import ServerProcess, free_port
+from service.cli import serve_command
 from tests.service_fixtures import (
     CLASSES,
     SIZE,
@@ -26,15 +28,11 @@ from tests.service_fixtures import (
     colour_image,
     encode,
     exif_rotated_jpeg,
-    free_port,
     palette_png_with_transparency,
     png16,
     save_tiny_model,
     service_env,
-    start_server,
-    stop_server,
     tiny_card,
-    wait_ready,
 )
 
 pytestmark = pytest.mark.slow
@@ -71,15 +69,14 @@ def server(tmp_path_factory, model_file) -> str:
         "s(sys.argv[1], ModelCard.model_validate_json(sys.argv[2]), 'image-classifier', 7)"
     )
     subprocess.run([sys.executable, "-c", save, str(model_file), card], env=env, check=True)
-    port, log = free_port(), home / "server.log"
-    proc = start_server(env, port, log)
-    url = f"http://127.0.0.1:{port}"
-    SERVER_HOLD[url] = home / "hold-model"
-    try:
-        wait_ready(url, proc, log)
-        yield url
-    finally:
-        stop_server(proc)
+    port = free_port()
+    root = Path(__file__).resolve().parents[1]
+    with ServerProcess(
+        serve_command("127.0.0.1", port), f"http://127.0.0.1:{port}/readyz", home / "server.log",
+        env=env, cwd=root, port=port, timeout_s=150,
+    ) as srv:  # fmt: skip
+        SERVER_HOLD[srv.url] = home / "hold-model"
+        yield srv.url
 
 
 @pytest.fixture(scope="module")

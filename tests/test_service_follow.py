@@ -12,17 +12,9 @@ import numpy as np
 import pytest
 
 from imgcls.modelcard import ModelCard
-from tests.service_fixtures import (
-    build_tiny_model,
-    colour_image,
-    encode,
-    free_port,
-    service_env,
-    start_server,
-    stop_server,
-    tiny_card,
-    wait_ready,
-)
+from imgcls.processes import ServerProcess, free_port
+from service.cli import serve_command
+from tests.service_fixtures import build_tiny_model, colour_image, encode, service_env, tiny_card
 
 pytestmark = pytest.mark.slow
 NAME = "follow-clf"
@@ -61,7 +53,11 @@ def registry(tmp_path_factory):
     mlflow.set_experiment(experiment_id=mlflow.create_experiment("follow", (root / "art").as_uri()))
     wide = ModelCard(class_names=V2_CLASSES, image_size=(40, 40), backbone="wide-cnn")
     broken = tiny_card().model_copy(update={"class_names": list("abcde")})
-    for model, card in ((build_tiny_model(), tiny_card()), (build_wide_model(), wide), (build_tiny_model(), broken)):
+    for model, card in (
+        (build_tiny_model(), tiny_card()),
+        (build_wide_model(), wide),
+        (build_tiny_model(), broken),
+    ):
         with mlflow.start_run():
             info = mlflow.keras.log_model(model, name="model", metadata=card.to_metadata())
         mlflow.register_model(info.model_uri, NAME)
@@ -74,13 +70,15 @@ def registry(tmp_path_factory):
 
 def serve(registry, tracking_uri: str, log_name: str, **settings):
     root = registry["root"]
-    env = service_env(root / "bentoml", source="mlflow", model_name=NAME, cache_dir=root / "cache", **settings)
+    env = service_env(
+        root / "bentoml", source="mlflow", model_name=NAME, cache_dir=root / "cache", **settings
+    )
     env["MLFLOW_TRACKING_URI"] = tracking_uri
     port = free_port()
-    proc = start_server(env, port, root / log_name)
+    cwd = Path(__file__).resolve().parents[1]
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url, proc, root / log_name)
-    return proc, url
+    return ServerProcess(serve_command("127.0.0.1", port), f"{url}/readyz", root / log_name,
+                         env=env, cwd=cwd, port=port, timeout_s=150)  # fmt: skip
 
 
 class Clients:
@@ -146,8 +144,8 @@ def assert_no_answer_mixes_versions(answers) -> None:
 
 def test_a_running_service_follows_promotion_rollback_and_a_bad_version(registry):
     client = registry["client"]
-    proc, url = serve(registry, registry["uri"], "follow.log", poll_interval_s=POLL_S, model_workers=2)
-    try:
+    with serve(registry, registry["uri"], "follow.log", poll_interval_s=POLL_S, model_workers=2) as srv:
+        url = srv.url
         assert httpx.get(f"{url}/metadata").json()["version"] == "1"
         with Clients(url) as clients:
             clients.wait_for("1")
@@ -173,19 +171,17 @@ def test_a_running_service_follows_promotion_rollback_and_a_bad_version(registry
         assert after["class_names"] == V2_CLASSES and after["image_size"] == [40, 40]
         assert after["following"]["class_set_changes"][-1]["added"] == V2_CLASSES
         assert after["origin"] == "mlflow" and after["loaded_at"]
-        metrics = httpx.get(f"{url}/metrics").text
-        assert _value(metrics, "imgcls_model_swaps_total") >= 6  # 3 swaps x 2 model workers
+        metrics = _metrics_once(url, lambda m: _value(m, "imgcls_model_swaps_total") >= 6)  # 3 x 2 workers
         assert _value(metrics, "imgcls_model_load_failures_total") >= 2
         assert 'imgcls_served_model_info{model="follow-clf",version="2"} 1.0' in metrics
-    finally:
-        stop_server(proc)
+        assert 'imgcls_served_model_info{model="follow-clf",version="1"} 0.0' in metrics
 
 
 def test_a_restart_while_mlflow_is_down_serves_the_cached_champion(registry):
     """After the test above the cache holds version 2, the last champion it loaded."""
     dead = f"http://127.0.0.1:{free_port()}"
-    proc, url = serve(registry, dead, "cached.log", poll_interval_s=POLL_S)
-    try:
+    with serve(registry, dead, "cached.log", poll_interval_s=POLL_S) as srv:
+        url = srv.url
         meta = httpx.get(f"{url}/metadata").json()
         assert meta["version"] == "2" and meta["origin"] == "cache"
         red = encode(colour_image("red", size=(60, 50)), "JPEG")
@@ -193,19 +189,25 @@ def test_a_restart_while_mlflow_is_down_serves_the_cached_champion(registry):
         assert body["version"] == "2" and body["predictions"][0]["label"] == "rot"
         time.sleep(3 * POLL_S)
         assert "cannot read the champion" in httpx.get(f"{url}/metadata").json()["following"]["last_error"]
-    finally:
-        stop_server(proc)
 
 
 def test_a_pinned_replica_does_not_follow(registry):
-    proc, url = serve(registry, registry["uri"], "pinned.log", version="1", poll_interval_s=POLL_S)
-    try:
-        assert registry["client"].get_model_version_by_alias(NAME, "champion").version == "2"
+    registry["client"].set_registered_model_alias(NAME, "champion", "2")
+    with serve(registry, registry["uri"], "pinned.log", version="1", poll_interval_s=POLL_S) as srv:
+        url = srv.url
         time.sleep(4 * POLL_S)
         meta = httpx.get(f"{url}/metadata").json()
         assert meta["version"] == "1" and meta["following"]["poll_interval_s"] == 0
-    finally:
-        stop_server(proc)
+
+
+def _metrics_once(url: str, condition, timeout_s: float = 20) -> str:
+    """/metrics as soon as `condition` holds on it (every model worker has caught up)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        metrics = httpx.get(f"{url}/metrics").text
+        if condition(metrics) or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.5)
 
 
 def _value(metrics: str, name: str) -> float:

@@ -1,0 +1,82 @@
+"""The serving benchmarks' models: untrained classifiers registered in a temporary MLflow
+store (alias `champion`) and copied into a temporary BentoML store."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# case -> (backbone, input size); the demo model is the course CNN `imgcls demo` trains.
+CASES = {"resnet50": ("resnet50", 224), "demo": ("simple_cnn", 32)}
+ALIAS = "champion"
+
+
+@dataclass
+class Case:
+    """A registered benchmark model: its MLflow name/version and BentoML store tag."""
+
+    key: str
+    name: str
+    size: int
+    version: str
+    bento_tag: str
+
+
+def tracking_settings(work: Path):
+    """A temporary SQLite MLflow store inside `work` (never the project's .imgcls)."""
+    from imgcls.settings import TrackingSettings
+
+    return TrackingSettings(
+        home=work, tracking_uri=f"sqlite:///{work}/mlflow.db", experiment_name="serve-bench"
+    )
+
+
+def build_case_model(key: str, work: Path):
+    """The untrained classifier of a case, built as training builds it (augment off)."""
+    from training.config import load_config
+    from training.model import build_model
+
+    backbone, size = CASES[key]
+    config = load_config(
+        None, data=work, backbone=backbone, weights="none", image_size=size, **{"augment.enabled": False}
+    )
+    return build_model(config, len(CLASSES))
+
+
+def register_case(key: str, work: Path, name: str | None = None) -> Case:
+    """Log, register (as `name`, default `serve-bench-KEY`), alias `champion` and copy into
+    the BentoML store one case's model. Called again with the same name, it registers
+    the next version and moves the alias to it."""
+    import mlflow
+    import numpy as np
+
+    from imgcls.modelcard import ModelCard
+    from training.tracking import log_keras_model, tracked_run
+
+    backbone, size = CASES[key]
+    card = ModelCard(
+        class_names=CLASSES, image_size=(size, size), backbone=backbone, dataset_fingerprint="serve-bench"
+    )
+    model = build_case_model(key, work)
+    example = np.zeros((1, size, size, 3), np.float32)
+    with tracked_run(tracking_settings(work), run_name=f"serve-bench-{key}"):
+        uri = log_keras_model(model, card, example)
+    name = name or f"serve-bench-{key}"
+    version = str(mlflow.register_model(uri, name).version)
+    mlflow.MlflowClient().set_registered_model_alias(name, ALIAS, version)
+    return Case(key, name, size, version, bento_copy(name, version, card, work))
+
+
+def bento_copy(name: str, version: str, card, work: Path) -> str:
+    """Save the registered version's own `.keras` file into the BentoML store; its tag."""
+    import mlflow
+
+    from service.store import ALIAS_LABEL, REGISTERED_LABEL, save_to_bento_store
+
+    dest = Path(tempfile.mkdtemp(prefix="download-", dir=work))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=dest))
+    keras_file = next(iter(sorted(local.rglob("*.keras"))))
+    labels = {REGISTERED_LABEL: name, ALIAS_LABEL: ALIAS}
+    return save_to_bento_store(keras_file, card, name=name, version=version, extra_labels=labels)

@@ -1,0 +1,74 @@
+"""(a) and (a'): the model's own speed, in this process, on the inputs the service sees."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+from bench.cases import ALIAS, Case
+from bench.loadgen import percentiles
+
+RAW_BATCHES = (1, 8, 32)
+
+
+def raw_predict(case: Case, inputs, requests: Callable[[int], int]) -> tuple[list[dict], object]:
+    """(a) `model.predict` and (a') `predict_on_batch` at batch 1, 8, 32; also probabilities."""
+    from service.store import load_from_mlflow
+
+    model, _card, _version = load_from_mlflow(f"models:/{case.name}@{ALIAS}")
+    calls = in_process_calls(model)
+    rows = [
+        _raw_batch_level(method, call, inputs, batch, requests(batch))
+        for method, call in calls.items()
+        for batch in RAW_BATCHES
+    ]
+    probabilities = model.predict_on_batch(inputs[:4])
+    del model, calls
+    import keras
+
+    keras.backend.clear_session()
+    return rows, probabilities
+
+
+def in_process_calls(model) -> dict[str, Callable]:
+    """(a) `model.predict` with the whole batch as one step, and (a') `predict_on_batch`."""
+    return {
+        "predict": lambda x: model.predict(x, batch_size=len(x), verbose=0),
+        "predict_on_batch": model.predict_on_batch,
+    }
+
+
+def _raw_batch_level(method: str, call, inputs, batch: int, requests: int) -> dict:
+    """Images/s and per-call latency of one in-process call at one batch size."""
+    import numpy as np
+
+    batches = [np.take(inputs, range(i, i + batch), axis=0, mode="wrap") for i in range(0, requests, batch)]
+    call(batches[0])  # trace this shape
+    call(batches[0])
+    latencies = []
+    start, cpu = time.perf_counter(), time.process_time()
+    for x in batches:
+        t0 = time.perf_counter()
+        call(x)
+        latencies.append((time.perf_counter() - t0) * 1000)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    images = batch * len(batches)
+    row = {"method": method, "batch": batch, "requests": images, "errors": 0, "seconds": wall}
+    row |= {"images_per_s": images / wall, "cpu_ms_per_image": {"in-process": 1000 * cpu / images}}
+    print(f"    {method} batch={batch}: {row['images_per_s']:.1f} images/s", flush=True)
+    return row | percentiles(latencies) | {"load": os.getloadavg()[0]}
+
+
+def preprocess_ms(jpegs: list[bytes], size: int) -> float:
+    """Median ms of imgcls.images.load_image (decode + resize) per JPEG, in this process."""
+    import numpy as np
+
+    from imgcls.images import load_image
+
+    times = []
+    for data in jpegs:
+        t0 = time.perf_counter()
+        load_image(data, (size, size))
+        times.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times))

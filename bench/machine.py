@@ -1,0 +1,44 @@
+"""What a benchmark records about where it ran, and the quiet environment it runs in."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from pathlib import Path
+
+from imgcls.processes import QUIET_ENV
+
+
+def quiet_environment() -> None:
+    """No telemetry from MLflow or BentoML, no TensorFlow banner, for this process and its
+    children (values already set win). Call it first thing in a benchmark's `main`."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, else what `platform` knows."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
+    return cpu
+
+
+def machine() -> dict:
+    """CPU, cores, Python, Keras (and its backend), MLflow and BentoML versions, load average."""
+    import bentoml
+    import keras
+    import mlflow
+
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "system": platform.system(),
+        "python": platform.python_version(),
+        "keras": f"{keras.__version__} ({keras.backend.backend()})",
+        "mlflow": mlflow.__version__,
+        "bentoml": bentoml.__version__,
+        "load_average_at_start": os.getloadavg()[0],
+    }

@@ -1,0 +1,123 @@
+"""The servers a serving benchmark measures, and what it reads from them besides the
+answers: the service's access log and batching counters, full probability vectors.
+
+Each server is an imgcls.processes.ServerProcess on a free loopback port: started in its
+own session, waited for, its group stopped when the `with` block ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.cases import ALIAS, CLASSES, Case, tracking_settings
+from imgcls.processes import HOST, QUIET_ENV, ServerProcess, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+# BentoML loads ResNet50 and warms it before /readyz answers: minutes on 2 busy cores.
+READY_TIMEOUT_S = 240
+
+
+def _server(cmd: list[str], env: dict[str, str], ready_path: str, port: int, log: Path) -> ServerProcess:
+    """`cmd` run from the checkout, ready when `ready_path` answers 200; the port is
+    checked after the stop."""
+    ready = f"http://{HOST}:{port}{ready_path}"
+    return ServerProcess(cmd, ready, log, env=env, cwd=ROOT, port=port, timeout_s=READY_TIMEOUT_S)
+
+
+def service_server(case: Case, batching: bool, args: argparse.Namespace, log: Path) -> ServerProcess:
+    """`imgcls serve`'s command and IMGCLS_SERVE_* variables, source=bentoml, exact tag."""
+    from service.cli import serve_command, settings_env
+
+    port = free_port()
+    options = argparse.Namespace(
+        source="bentoml",
+        model_name=case.name,
+        bento_tag=case.bento_tag,
+        batching=batching,
+        max_batch_size=args.max_batch_size,
+        max_latency_ms=args.max_latency_ms,
+        front_workers=args.front_workers,
+        host=HOST,
+        port=port,
+    )
+    env = {**os.environ, **QUIET_ENV, **settings_env(options)}
+    return _server(serve_command(HOST, port), env, "/readyz", port, log)
+
+
+def mlflow_server(case: Case, args: argparse.Namespace, work: Path) -> ServerProcess:
+    """`mlflow models serve` on models:/<name>@champion, in this environment."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{case.name}@{ALIAS}"]
+    cmd += ["--env-manager", "local", "-h", HOST, "-p", str(port)]
+    env = {**os.environ, **QUIET_ENV, "MLFLOW_TRACKING_URI": tracking_settings(work).tracking_uri}
+    # MLflow starts `uvicorn` by name: this environment's, also when it is not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return _server(cmd, env, "/ping", port, args.log_dir / f"{case.key}-mlflow.log")
+
+
+def service_probe(client, url: str, log: Path) -> Callable[[], dict]:
+    """A snapshot of the service: its log size and adaptive batching counters (/metrics)."""
+
+    def probe() -> dict:
+        sums = {"_sum": 0.0, "_count": 0.0}
+        with contextlib.suppress(Exception):  # metrics are a nice-to-have here
+            for line in client.get(f"{url}/metrics").text.splitlines():
+                if line.startswith("bentoml_service_adaptive_batch_size_"):
+                    name, value = line.split("{", 1)[0], line.rsplit(" ", 1)[-1]
+                    for suffix in sums:
+                        sums[suffix] += float(value) if name.endswith(suffix) else 0
+        return {"log": log, "offset": log.stat().st_size, "batches": sums}
+
+    return probe
+
+
+def server_side(before: dict, after: dict) -> dict:
+    """Median ms of /predict (front) and /classify (model process) logged between two
+    probes, and the mean adaptive batch size between them."""
+    import re
+
+    import numpy as np
+
+    with before["log"].open("rb") as f:
+        f.seek(before["offset"])
+        text = f.read().decode(errors="replace")
+    out: dict = {}
+    for path, key in (("/predict", "front_predict_ms_p50"), ("/classify", "model_classify_ms_p50")):
+        pattern = rf"path={re.escape(path)},.*?\(status=(\d+),[^)]*\) ([0-9.]+)ms"
+        found = [(int(status), float(ms)) for status, ms in re.findall(pattern, text)]
+        ok = [ms for status, ms in found if status == 200]
+        out[key] = float(np.median(ok)) if ok else None
+        out[key.replace("_ms_p50", "_non200")] = sum(status != 200 for status, _ in found)
+    batches = after["batches"]["_count"] - before["batches"]["_count"]
+    images = after["batches"]["_sum"] - before["batches"]["_sum"]
+    out["mean_batch"] = images / batches if batches else None
+    return out
+
+
+def service_probabilities(client, url: str, jpegs: list[bytes]):
+    """Full probability vectors for the first JPEGs from /predict (top_k = all classes)."""
+    import numpy as np
+
+    rows = []
+    for data in jpegs[:4]:
+        answer = client.post(f"{url}/predict", files={"image": ("p.jpg", data)}, data={"top_k": len(CLASSES)})
+        answer.raise_for_status()
+        probs = {p["label"]: p["probability"] for p in answer.json()["predictions"]}
+        rows.append([probs[c] for c in CLASSES])
+    return np.array(rows)
+
+
+def mlflow_probabilities(client, url: str, bodies: list[bytes]):
+    import numpy as np
+
+    rows = []
+    for body in bodies[:4]:
+        answer = client.post(f"{url}/invocations", content=body, headers={"Content-Type": "application/json"})
+        answer.raise_for_status()
+        rows.append(np.asarray(answer.json()["predictions"][0]))
+    return np.array(rows)

@@ -1,0 +1,214 @@
+"""Start, wait for and stop a server process: the one helper of the tests, the demo and
+the benchmarks.
+
+A server runs in a session (and process group) of its own, so stopping it reaches the
+children it started: SIGTERM to the group, a wait, then SIGKILL to the group.
+
+    with ServerProcess(cmd, ready_url=f"http://127.0.0.1:{port}/readyz", log=log, port=port) as srv:
+        httpx.get(srv.url ...)
+
+or, for a process that is not waited on (a CLI run), `start`, then `stop`.
+
+BentoML starts each worker in a session of its own (issue 9), so the group can be gone
+while a worker still holds the port: `stop(..., port=)` checks the port afterwards and
+reports (logs and returns) whatever still listens on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+# Quiet, offline children: no telemetry from MLflow or BentoML, no TensorFlow banner.
+QUIET_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "DO_NOT_TRACK": "true",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+# How much of a log a failure message quotes: enough for a Python traceback.
+LOG_TAIL_CHARS = 4000
+
+
+def free_port(host: str = HOST) -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = HOST) -> bool:
+    """True if something accepts connections on `host:port`."""
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((host, port)) == 0
+
+
+def start(
+    cmd: Sequence[str],
+    log_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | str | None = None,
+) -> subprocess.Popen:
+    """Start `cmd` in a new session (its own process group).
+
+    stdout and stderr go to `log_path` (overwritten), or to this process's own output
+    when it is None. `env` is the child's whole environment (default: this one's).
+    """
+    if log_path is None:
+        return subprocess.Popen(list(cmd), env=env, cwd=cwd, start_new_session=True)
+    with open(log_path, "wb") as out:
+        return subprocess.Popen(
+            list(cmd), env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def log_tail(log_path: Path | None, chars: int = LOG_TAIL_CHARS) -> str:
+    """The end of a log file, or a note saying there is none."""
+    if log_path is None:
+        return "(output not captured)"
+    try:
+        return log_path.read_text(errors="replace")[-chars:]
+    except OSError as exc:
+        return f"(log unreadable: {exc})"
+
+
+def wait_ready(
+    url: str, proc: subprocess.Popen, log_path: Path | None = None, timeout_s: float = 180
+) -> None:
+    """Poll `url` until it answers 200.
+
+    Raises RuntimeError at once if `proc` exits first, TimeoutError after `timeout_s`;
+    both quote the tail of `log_path`. Loopback needs no proxy: `trust_env=False`.
+    """
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"server exited ({proc.returncode}) before {url} answered:\n{log_tail(log_path)}"
+            )
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s:\n{log_tail(log_path)}")
+
+
+def stop(
+    proc: subprocess.Popen, port: int | None = None, term_timeout_s: float = 20, kill_timeout_s: float = 10
+) -> list[int]:
+    """Stop `proc` and its process group; returns the pids still listening on `port`.
+
+    SIGTERM to the group, up to `term_timeout_s` for the leader to exit, then SIGKILL to
+    the group; group members that outlive the leader get SIGKILL too. With `port`, waits
+    a little for it to close and logs a warning naming whatever still listens (BentoML
+    workers run in sessions of their own); an empty list means the port is free.
+    """
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(timeout=term_timeout_s)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait(timeout=kill_timeout_s)
+    _signal_group(proc, signal.SIGKILL)  # members that outlived the leader
+    return [] if port is None else _report_listeners(port)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """`sig` to the process group led by `proc` (started with `start_new_session`)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def listeners(port: int) -> list[int]:
+    """Pids of processes listening on TCP `port` (those this user may inspect)."""
+    import psutil
+
+    pids = set()
+    with contextlib.suppress(psutil.Error):
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                pids.add(conn.pid)
+    return sorted(pids)
+
+
+def _report_listeners(port: int, grace_s: float = 3) -> list[int]:
+    """Wait up to `grace_s` for `port` to close; log and return what still listens."""
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if not port_in_use(port) and not listeners(port):
+            return []
+        time.sleep(0.2)
+    pids = listeners(port)
+    log.warning("port %d is still listened on after the stop, by pids %s", port, pids or "(not visible)")
+    return pids
+
+
+class ServerProcess:
+    """A server for the length of a `with` block: started, waited for, stopped.
+
+    `ready_url` must answer 200 once the server is up; `port` (if given) is checked
+    after the stop, and the leftover listeners end up in `leftovers`. `url` is
+    `http://host:port` when `port` is given.
+    """
+
+    def __init__(
+        self,
+        cmd: Sequence[str],
+        ready_url: str,
+        log_path: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | str | None = None,
+        port: int | None = None,
+        host: str = HOST,
+        timeout_s: float = 180,
+    ) -> None:
+        self.cmd, self.ready_url, self.log_path = list(cmd), ready_url, log_path
+        self.env, self.cwd, self.port, self.timeout_s = env, cwd, port, timeout_s
+        self.url = f"http://{host}:{port}" if port is not None else None
+        self.proc: subprocess.Popen | None = None
+        self.leftovers: list[int] = []
+
+    @property
+    def pid(self) -> int:
+        """The server's pid (also its process group and session id)."""
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    def start(self) -> ServerProcess:
+        """Start the server and wait until it is ready; stops it if it never is."""
+        self.proc = start(self.cmd, self.log_path, self.env, self.cwd)
+        try:
+            wait_ready(self.ready_url, self.proc, self.log_path, self.timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> list[int]:
+        """Stop the server's process group; returns (and keeps) leftover listeners."""
+        if self.proc is not None:
+            self.leftovers = stop(self.proc, self.port)
+        return self.leftovers
+
+    def log_tail(self) -> str:
+        """The end of the server's log."""
+        return log_tail(self.log_path)
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
