@@ -105,11 +105,16 @@ def version_description(
     limit: int = MAX_CHARS,
 ) -> str:
     """A version's card in Markdown; `moves` are this version's alias moves, `why` the gate's reason."""
-    now = f" · **{_md(alias)} now**" if champion == facts.version else ""
+    now = f", {_md(alias)} now" if champion == facts.version else ""
     head = [
+        # Plain first line: the version list's Description column shows it as text.
+        f"{_md(facts.backbone)} {_md(facts.image_size)}, {len(facts.class_names)} classes: test accuracy "
+        f"{_num(facts.metrics.get('accuracy'))}, macro-F1 {_num(facts.metrics.get('macro_f1'))} "
+        f"({_md(facts.status)}{now})",
+        "",
         f"## Version {facts.version} of {_md(name)}",
         "",
-        f"Status: **{_md(facts.status)}**{now}",
+        f"Status: **{_md(facts.status)}**" + (f" · **{_md(alias)} now**" if now else ""),
         "",
         "| | |",
         "|---|---|",
@@ -200,7 +205,7 @@ def _moves_table(title: str, moves: list[AliasMove], rows: int) -> list[str]:
     lines = [
         f"### {title} (newest first)",
         "",
-        "| # | when (UTC) | action | version | by | gate: candidate vs champion | worst recall drop | reason |",
+        "| # | when (UTC) | action | from → to | by | gate: candidate vs champion | worst recall drop | reason |",
         "|--:|---|---|---|---|---|---|---|",
     ]
     lines += [_move_row(m) for m in shown]
@@ -222,7 +227,7 @@ def _move_row(m: AliasMove) -> str:
         f"{m.from_version or '-'} → {m.to_version or '(none)'}",
         _md(m.by, NAME_CHARS),
         _figures(m),
-        f"{_md(worst[0], NAME_CHARS)} {worst[1]:+.4f}" if worst else "-",
+        f"{_md(worst[0], NAME_CHARS)} {worst[1]:.4f}" if worst else "-",
         _md(m.reason, REASON_CHARS),
     ]
     return "| " + " | ".join(cells) + " |"
@@ -258,8 +263,11 @@ def _md(text: str, limit: int | None = None) -> str:
     text = " ".join(str(text).split())
     if limit is not None and len(text) > limit:
         text = text[: limit - 3] + "..."
-    text = re.sub(r"([\\`*_\[\]|#~])", r"\\\1", text)
-    return text.replace("<", "&lt;").replace(">", "&gt;")
+    text = re.sub(r"([\\`*\[\]|#])", r"\\\1", text)
+    # GitHub flavour leaves mid-word underscores alone (macro_f1); only edges can emphasise.
+    text = re.sub(r"(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])", r"\\_", text)
+    # MLflow renders with showdown's GitHub flavour: "@name" would become a GitHub link.
+    return text.replace("<", "&lt;").replace(">", "&gt;").replace("@", "&#64;")
 
 
 def _num(value: float | None) -> str:

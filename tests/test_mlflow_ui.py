@@ -3,14 +3,13 @@ it over HTTP, and Debian's headless chromium reading the React UI's rendered DOM
 
 from __future__ import annotations
 
-import html
 import re
-import subprocess
 import threading
 import time
 
 import pytest
 
+from tests.mlflow_pages import check_registry_pages, page_text
 from tests.registry_fixtures import (
     free_port,
     quick_config,
@@ -107,30 +106,6 @@ def test_remote_lease_admits_one_holder_at_a_time(served):
     assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:], strict=False)), spans
 
 
-def _page_text(url: str, profile) -> str:
-    """The visible text of a page after chromium ran its scripts (headless, DOM dump)."""
-    from tests.registry_fixtures import chromium
-
-    out = subprocess.run(
-        [
-            chromium(),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            f"--user-data-dir={profile}",
-            "--virtual-time-budget=20000",
-            "--dump-dom",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
-    out = re.sub(r"<script.*?</script>|<style.*?</style>", " ", out, flags=re.S)
-    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", out)).split())
-
-
 @pytest.mark.browser
 def test_browser_finds_experiment_run_and_champion(served, tmp_path):
     from tests.registry_fixtures import chromium
@@ -141,10 +116,19 @@ def test_browser_finds_experiment_run_and_champion(served, tmp_path):
 
     url, outcome = served["url"], served["outcome"]
     run = mlflow.MlflowClient(tracking_uri=url).get_run(outcome.result.run_id)
-    assert EXPERIMENT in _page_text(f"{url}/#/experiments", tmp_path / "p1")
-    runs_page = _page_text(f"{url}/#/experiments/{run.info.experiment_id}/runs", tmp_path / "p2")
+    assert EXPERIMENT in page_text(f"{url}/#/experiments", tmp_path / "p1")
+    runs_page = page_text(f"{url}/#/experiments/{run.info.experiment_id}/runs", tmp_path / "p2")
     assert run.info.run_name in runs_page
-    model_page = _page_text(f"{url}/#/models/{served['settings'].model_name}", tmp_path / "p3")
+    model_page = page_text(f"{url}/#/models/{served['settings'].model_name}", tmp_path / "p3")
     row = re.search(rf"Version {outcome.version} (.*?)(Version \d|Previous)", model_page)
     assert row, model_page[:2000]
     assert "@ champion" in row.group(1) and outcome.result.run_id in row.group(1)
+
+
+@pytest.mark.browser
+def test_browser_shows_the_model_description_and_the_version_card(served, tmp_path):
+    from tests.registry_fixtures import chromium
+
+    if chromium() is None:
+        pytest.skip("chromium is not installed (make browser)")
+    check_registry_pages(served["url"], served["settings"].model_name, tmp_path)
