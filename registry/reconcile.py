@@ -9,11 +9,15 @@ promote`, `models rollback`, before they plan); `models list` and `show` merely 
 pending one, so a user who may only read can still run them.
 
 In the lineage a manual move counts as a promotion (`rollback` then goes back to the
-champion before it); a removal of the alias ends the lineage.
+champion before it); a removal of the alias ends the lineage. A recorded hand move also
+updates the BentoML store like a promotion (not a removal: the store keeps the last
+champion). One noticed only under the lock of a move in progress (made while that move's
+gate ran) is recorded there without a BentoML copy: the store lags until the next move.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import UTC, datetime
 
@@ -69,17 +73,27 @@ def pending_manual_move(client: MlflowClient, settings: RegistrySettings) -> Ali
 def record_manual_move(
     client: MlflowClient, tracking: TrackingSettings, settings: RegistrySettings
 ) -> AliasMove | None:
-    """Record a move made by hand, if there is one; the lock is taken only when there is."""
-    if pending_manual_move(client, settings) is None:
+    """Record a move made by hand, if there is one; the lock is taken only when there is.
+
+    The hand-picked champion is downloaded first (outside the lock) and, once recorded,
+    saved into the BentoML store as the champion, as a promotion would.
+    """
+    pending = pending_manual_move(client, settings)
+    if pending is None:
         return None
-    with registry_lock(client, tracking, settings) as held:
-        return record_if_moved_by_hand(client, settings, held)
+    with contextlib.ExitStack() as stack:
+        download = _download(stack, settings, pending.to_version)
+        held = stack.enter_context(registry_lock(client, tracking, settings))
+        return record_if_moved_by_hand(client, settings, held, download)
 
 
 def record_if_moved_by_hand(
-    client: MlflowClient, settings: RegistrySettings, held: Held | None = None
+    client: MlflowClient, settings: RegistrySettings, held: Held | None = None, download=None
 ) -> AliasMove | None:
-    """Holding the lock: re-read, and record the move made by hand if there still is one."""
+    """Holding the lock: re-read, and record the move made by hand if there still is one.
+
+    `download` (a `registry.bento.Download`) is saved into BentoML if it is the new champion.
+    """
     move = pending_manual_move(client, settings)
     if move is None:
         return None
@@ -97,7 +111,32 @@ def record_if_moved_by_hand(
         move.seq,
     )
     _after_record(client, settings, move)
+    if download is not None and download.version == move.to_version:
+        _mirror_in_bento(settings, download)
     return move
+
+
+def _download(stack: contextlib.ExitStack, settings: RegistrySettings, version: str | None):
+    """The version's model for BentoML, or None (import off, no version, or it cannot be fetched:
+    the record matters more than the copy)."""
+    if not settings.bento_import or version is None:
+        return None
+    from registry.bento import downloaded
+
+    try:
+        return stack.enter_context(downloaded(settings, version))
+    except Exception:  # noqa: BLE001 - e.g. a version whose files are gone
+        log.warning("version %s could not be downloaded for the BentoML store", version, exc_info=True)
+        return None
+
+
+def _mirror_in_bento(settings: RegistrySettings, download) -> None:
+    from registry.bento import retire_earlier_champions, save_champion
+
+    try:
+        retire_earlier_champions(settings, keep=save_champion(settings, download))
+    except Exception:  # noqa: BLE001 - bookkeeping after the record
+        log.warning("version %s: not saved into the BentoML store", download.version, exc_info=True)
 
 
 def _figures(client: MlflowClient, settings: RegistrySettings, version: str | None) -> dict[str, float]:

@@ -158,6 +158,13 @@ def test_a_hand_move_during_a_locked_move_is_recorded_before_it(tmp_path):
     assert [h[:3] for h in _history(client, settings)] == [("promote", None, "1"), ("manual", "1", "2")]
 
 
+def _bento_champions(settings) -> list[str]:
+    from service.store import champion_entries
+
+    entries = champion_entries(settings.bento_model_name, settings.alias, settings.model_name)
+    return [m.info.labels["registry_version"] for m in entries]
+
+
 @pytest.mark.slow
 def test_pipeline_after_a_hand_move_gates_against_the_hand_picked_champion(tmp_path, monkeypatch, capsys):
     """promote v1 and v2 through the gate; move the alias back to v1 by hand;
@@ -169,13 +176,12 @@ def test_pipeline_after_a_hand_move_gates_against_the_hand_picked_champion(tmp_p
     from registry.reconcile import OUTSIDE
 
     tracking = tracking_settings(tmp_path)
-    settings = registry_settings(bento_import=False, first_model_floor=0.0)
+    settings = registry_settings(first_model_floor=0.0)
     data = write_dataset(tmp_path / "shapes")
     for var, value in {
         "MLFLOW_TRACKING_URI": tracking.resolved_tracking_uri(),
         "IMGCLS_HOME": str(tracking.home),
         "IMGCLS_REGISTRY_MODEL_NAME": settings.model_name,
-        "IMGCLS_REGISTRY_BENTO_IMPORT": "false",
         "IMGCLS_REGISTRY_FIRST_MODEL_FLOOR": "0",
         "IMGCLS_REGISTRY_MARGIN": "-1",  # v1 and v2 pass whatever they score
         "IMGCLS_REGISTRY_MAX_RECALL_DROP": "1",
@@ -201,6 +207,7 @@ def test_pipeline_after_a_hand_move_gates_against_the_hand_picked_champion(tmp_p
         ("manual", "2", "1"),
     ]
     assert moves[2].by == OUTSIDE and moves[2].candidate_metrics and moves[2].champion_metrics
+    assert _bento_champions(settings) == ["1"]  # the service's BentoML source follows it too
     assert main(["models", "rollback"]) == 0  # back to the champion before the hand move
-    assert _champion(client, settings) == "2"
+    assert _champion(client, settings) == "2" and _bento_champions(settings) == ["2"]
     assert read_history(client, settings)[-1].action == "rollback"
