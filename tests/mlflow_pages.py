@@ -48,6 +48,11 @@ def _cells(dom: str, tag: str) -> list[str]:
     return [visible_text(c) for c in re.findall(rf"<{tag}\b[^>]*>(.*?)</{tag}>", dom, flags=re.S)]
 
 
+def table_rows(dom: str) -> list[list[str]]:
+    """The cells' text of every table row (`<tr>`) in a DOM dump."""
+    return [_cells(row, "td") for row in re.findall(r"<tr\b[^>]*>(.*?)</tr>", dom, flags=re.S)]
+
+
 def check_registry_pages(base_url: str, model_name: str, profile: Path, alias: str = "champion") -> None:
     """Assert that the MLflow UI at `base_url` renders imgcls's descriptions of `model_name`:
     on the model page the champion line and the alias-moves table, on the champion's version

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.mlflow_pages import check_registry_pages, page_text
+from tests.mlflow_pages import check_registry_pages, page_dom, page_text, table_rows
 from tests.registry_fixtures import (
     free_port,
     quick_config,
@@ -131,4 +131,35 @@ def test_browser_shows_the_model_description_and_the_version_card(served, tmp_pa
 
     if chromium() is None:
         pytest.skip("chromium is not installed (make browser)")
-    check_registry_pages(served["url"], served["settings"].model_name, tmp_path)
+    check_registry_pages(served["url"], served["settings"].model_name, tmp_path / "pipeline")
+
+
+@pytest.mark.browser
+def test_browser_shows_a_hand_move_and_the_rollback_after_it(served, tmp_path):
+    """Through the server (so under the remote lease): v1, v2 forced, the alias moved back to
+    v1 by hand, then `rollback`: it records the hand move and goes back to v2."""
+    from mlflow import MlflowClient
+
+    from registry.promote import force_promote, rollback
+    from registry.reconcile import OUTSIDE
+    from registry.register import register_candidate
+    from tests.registry_fixtures import chromium
+
+    if chromium() is None:
+        pytest.skip("chromium is not installed (make browser)")
+    url, result = served["url"], served["outcome"].result
+    settings = registry_settings(model_name="ui-hand-moves", bento_import=False)
+    client = MlflowClient(tracking_uri=url, registry_uri=url)
+    for reason in ("first", "second"):
+        version = register_candidate(settings, result.model_uri, result.run_id, result.card, result.metrics)
+        force_promote(client, served["tracking"], settings, version, reason, None)
+    client.set_registered_model_alias(settings.model_name, "champion", "1")
+    back = rollback(client, served["tracking"], settings, "the hand pick was wrong")
+    assert (back.from_version, back.to_version) == ("1", "2")
+
+    check_registry_pages(url, settings.model_name, tmp_path)
+    rows = table_rows(page_dom(f"{url}/#/models/{settings.model_name}", tmp_path / "moves"))
+    moves = {row[0]: row for row in rows if len(row) == 8}  # the moves table: number -> cells
+    assert moves["3"][2:5] == ["manual", "2 → 1", OUTSIDE], rows
+    assert moves["3"][7] == "alias moved outside the gate"
+    assert moves["4"][2:4] == ["rollback", "1 → 2"] and moves["4"][7] == "the hand pick was wrong"
