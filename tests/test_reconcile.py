@@ -130,6 +130,9 @@ def test_a_hand_removed_alias_is_recorded_and_rollback_refuses(tmp_path, monkeyp
     assert _cli(monkeypatch, tracking, settings, "models", "rollback") == 2
     assert "has no champion: nothing to roll back" in capsys.readouterr().out
     assert _history(client, settings)[-1][:3] == ("manual", "2", None)
+    description = client.get_registered_model(settings.model_name).description
+    assert "**No champion** (the alias was removed outside the gate)." in description
+    assert "| 2 → (none) |" in description
     assert (
         _cli(monkeypatch, tracking, settings, "models", "promote", "3", "--force", "--reason", "restore") == 0
     )
