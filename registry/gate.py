@@ -25,7 +25,11 @@ class GateDecision:
 
 def gate_metrics(evaluation: Evaluation) -> dict[str, float]:
     """The numbers the gate looks at: accuracy, macro-F1 and each class's recall."""
-    metrics = evaluation.metrics()
+    return gate_subset(evaluation.metrics())
+
+
+def gate_subset(metrics: dict[str, float]) -> dict[str, float]:
+    """Of a version's metrics, the ones the gate looks at (and a history record keeps)."""
     keep = ("accuracy", "macro_f1")
     return {k: v for k, v in metrics.items() if k in keep or k.startswith("recall_")}
 

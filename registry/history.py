@@ -35,9 +35,10 @@ class AliasMove(BaseModel):
     """One move of the champion alias."""
 
     at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    action: Literal["promote", "rollback"]
+    # "manual": the alias was moved (or removed) outside imgcls, noticed and recorded later.
+    action: Literal["promote", "rollback", "manual"]
     from_version: str | None
-    to_version: str
+    to_version: str | None  # None only for a manual removal of the alias
     metric: str
     candidate_metrics: dict[str, float] = Field(default_factory=dict)
     champion_metrics: dict[str, float] = Field(default_factory=dict)
@@ -100,6 +101,9 @@ def record_move(client: MlflowClient, settings: RegistrySettings, move: AliasMov
     move.seq = len(read_history(client, settings)) + 1
     key = move_key(move.seq)
     details = json.dumps(move.model_dump(mode="json", exclude={"recall_drop"}), separators=(",", ":"))
+    if move.to_version is None:  # a removed alias has no version to hold the details
+        client.set_registered_model_tag(settings.model_name, key, summary_json(move))
+        return key
     client.set_model_version_tag(settings.model_name, move.to_version, key, details)
     try:
         client.set_registered_model_tag(settings.model_name, key, summary_json(move))
@@ -112,7 +116,8 @@ def record_move(client: MlflowClient, settings: RegistrySettings, move: AliasMov
 def forget_move(client: MlflowClient, settings: RegistrySettings, move: AliasMove, key: str) -> None:
     """Take back a move recorded by `record_move` whose alias change did not happen."""
     client.delete_registered_model_tag(settings.model_name, key)
-    client.delete_model_version_tag(settings.model_name, move.to_version, key)
+    if move.to_version is not None:
+        client.delete_model_version_tag(settings.model_name, move.to_version, key)
 
 
 def summary_json(move: AliasMove) -> str:
@@ -163,17 +168,24 @@ def _from_summary(summary: dict, seq: int) -> AliasMove:
 
 def move_details(client: MlflowClient, settings: RegistrySettings, move: AliasMove) -> AliasMove:
     """The full record of a move (every metric, the whole reason), from its target version."""
-    if move.seq is None:
+    if move.seq is None or move.to_version is None:
         return move
     raw = client.get_model_version(settings.model_name, move.to_version).tags.get(move_key(move.seq))
     return AliasMove.model_validate(json.loads(raw)) if raw else move
 
 
 def champion_lineage(moves: list[AliasMove]) -> list[str]:
-    """Champions in order, a rollback undoing the promotion before it; last = current."""
+    """Champions in order, a rollback undoing the promotion before it; last = current.
+
+    A manual move counts as a promotion (a rollback after it goes back to the champion
+    before it); a manual removal of the alias ends the lineage: nothing before it is
+    rolled back to.
+    """
     lineage: list[str] = []
     for move in moves:
-        if move.action == "rollback" and len(lineage) >= 2 and lineage[-2] == move.to_version:
+        if move.to_version is None:
+            lineage = []
+        elif move.action == "rollback" and len(lineage) >= 2 and lineage[-2] == move.to_version:
             lineage.pop()
         else:
             lineage.append(move.to_version)

@@ -20,9 +20,11 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from imgcls.settings import TrackingSettings
-from registry.gate import GateDecision, class_mismatch, decide, gate_metrics
+from registry.describe import describe_after_move
+from registry.gate import GateDecision, class_mismatch, decide, gate_metrics, gate_subset
 from registry.history import AliasMove, champion_lineage, forget_move, read_history, record_move
 from registry.lock import Held, interrupts_deferred, registry_lock
+from registry.reconcile import record_if_moved_by_hand, record_manual_move
 from registry.register import (
     RegistryError,
     champion_version,
@@ -30,6 +32,7 @@ from registry.register import (
     load_version_model,
     set_status,
     version_card,
+    version_metrics,
 )
 from registry.settings import RegistrySettings
 from training.data import DatasetScan
@@ -95,6 +98,7 @@ def promote_if_better(
 
     The version is tagged `promoted` or `rejected`; the alias never moves on a rejection.
     """
+    record_manual_move(client, tracking, settings)
     champion = champion_version(client, settings)
     if candidate == champion:
         return GateDecision(
@@ -104,7 +108,7 @@ def promote_if_better(
     if decision.passed:
         decision = commit_if_unchanged(client, tracking, settings, decision, scan, candidate_eval)
     if not decision.passed:
-        set_status(client, settings, candidate, "rejected")
+        set_status(client, settings, candidate, "rejected", decision.reason)
     log.info(
         "version %s %s: %s", candidate, "promoted" if decision.passed else "not promoted", decision.reason
     )
@@ -166,6 +170,7 @@ def move_if_champion_is(
         _bento_download(settings, move.to_version) as download,
         registry_lock(client, tracking, settings) as held,
     ):
+        record_if_moved_by_hand(client, settings, held)  # a hand move counts as a change
         current = champion_version(client, settings)
         if current != expected or (
             expected_moves is not None and len(read_history(client, settings)) != expected_moves
@@ -264,6 +269,7 @@ def _after_move(client: MlflowClient, settings: RegistrySettings, move: AliasMov
             settings.alias,
             exc_info=True,
         )
+    describe_after_move(client, settings, move)
     if tag is not None:
         from registry.bento import retire_earlier_champions
 
@@ -283,6 +289,7 @@ def force_promote(
     if not reason or not reason.strip():
         raise RegistryError("--force needs --reason: say why the gate is overridden")
     get_version(client, settings, candidate)
+    record_manual_move(client, tracking, settings)
     for _ in range(MAX_ATTEMPTS):
         current = champion_version(client, settings)
         if candidate == current:
@@ -308,6 +315,7 @@ def rollback(
     client: MlflowClient, tracking: TrackingSettings, settings: RegistrySettings, reason: str
 ) -> AliasMove:
     """Move the champion alias back to the champion before the current one (from the history)."""
+    record_manual_move(client, tracking, settings)
     for _ in range(MAX_ATTEMPTS):
         moves = read_history(client, settings)
         current = champion_version(client, settings)
@@ -344,6 +352,4 @@ def _rollback_move(
 
 
 def _tagged_metrics(client: MlflowClient, settings: RegistrySettings, version: str) -> dict[str, float]:
-    tags = get_version(client, settings, version).tags
-    metrics = {k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")}
-    return {k: v for k, v in metrics.items() if k in ("accuracy", "macro_f1") or k.startswith("recall_")}
+    return gate_subset(version_metrics(client, settings, version))

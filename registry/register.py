@@ -23,8 +23,12 @@ from registry.settings import RegistrySettings
 log = logging.getLogger(__name__)
 
 STATUS_TAG = "imgcls.status"
-# Metrics copied onto a version's tags, so `models list` needs no run look-ups.
+# Metrics copied onto a version's tags, so `models list` needs no run look-ups. The
+# per-class figures stay in the run's `test_*` metrics (see `version_metrics`): one tag
+# per class and figure would bury the MLflow UI's tag column.
 KEY_METRICS = ("accuracy", "macro_f1")
+# The run metrics that hold the held-out figures: `test_accuracy`, `test_recall_<class>`, ...
+RUN_METRIC_PREFIX = "test_"
 
 
 class RegistryError(RuntimeError):
@@ -48,10 +52,11 @@ def version_tags(run_id: str, card: ModelCard, metrics: dict[str, float], git_re
         "dataset.fingerprint": card.dataset_fingerprint or "unknown",
         "class_names": json.dumps(card.class_names),
         "image_size": f"{card.image_size[0]}x{card.image_size[1]}",
+        "class_count": str(len(card.class_names)),
         "git.revision": git_revision or "unknown",
         STATUS_TAG: "candidate",
     }
-    tags.update({f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()})
+    tags.update({f"metric.{k}": f"{metrics[k]:.6g}" for k in KEY_METRICS if k in metrics})
     return tags
 
 
@@ -62,17 +67,25 @@ def register_candidate(
 
     MLflow must already point at the store (see `connect`).
     """
+    from registry.describe import describe_version
     from training.tracking import git_revision
 
     tags = version_tags(run_id, card, metrics, git_revision())
     version = mlflow.register_model(model_uri, settings.model_name, tags=tags)
     log.info("registered %s version %s from run %s", settings.model_name, version.version, run_id)
+    describe_version(MlflowClient(), settings, str(version.version))
     return str(version.version)
 
 
-def set_status(client: MlflowClient, settings: RegistrySettings, version: str, status: str) -> None:
-    """Record where a version stands (candidate, promoted, rejected, interrupted, failed)."""
+def set_status(
+    client: MlflowClient, settings: RegistrySettings, version: str, status: str, why: str | None = None
+) -> None:
+    """Record where a version stands (candidate, promoted, rejected, interrupted, failed), and
+    rewrite its description (`why`: the gate's reason, shown on the card)."""
+    from registry.describe import describe_version
+
     client.set_model_version_tag(settings.model_name, version, STATUS_TAG, status)
+    describe_version(client, settings, version, why)
 
 
 def champion_version(client: MlflowClient, settings: RegistrySettings) -> str | None:
@@ -83,6 +96,29 @@ def champion_version(client: MlflowClient, settings: RegistrySettings) -> str | 
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
         raise
+
+
+def version_metrics(client: MlflowClient, settings: RegistrySettings, version: str) -> dict[str, float]:
+    """A version's held-out metrics (`accuracy`, `macro_f1`, `recall_<class>`, ...).
+
+    Read from its run's `test_*` metrics, over its `metric.*` tags (versions registered
+    before the run metrics were the source carry every per-class figure as a tag).
+    """
+    v = get_version(client, settings, version)
+    run_metrics = {}
+    if v.run_id:
+        try:
+            run_metrics = client.get_run(v.run_id).data.metrics
+        except MlflowException:
+            log.warning("the run of version %s cannot be read; using its tags", version, exc_info=True)
+    return held_out_metrics(v.tags, run_metrics)
+
+
+def held_out_metrics(tags: dict[str, str], run_metrics: dict[str, float]) -> dict[str, float]:
+    """Held-out metrics from a version's `metric.*` tags and its run's `test_*` metrics (these win)."""
+    metrics = {k.removeprefix("metric."): float(x) for k, x in tags.items() if k.startswith("metric.")}
+    prefix = RUN_METRIC_PREFIX
+    return metrics | {k.removeprefix(prefix): x for k, x in run_metrics.items() if k.startswith(prefix)}
 
 
 def get_version(client: MlflowClient, settings: RegistrySettings, version: str | int):

@@ -41,7 +41,29 @@ def print_versions(client: MlflowClient, settings: RegistrySettings) -> None:
             (v.run_id or "-")[:8],
         )
     console.print(table)
-    print_history(read_history(client, settings)[-RECENT_MOVES:], f"last {RECENT_MOVES} alias moves")
+    moves = read_history(client, settings)
+    pending = _pending_manual_move(console, moves, champion, settings)
+    print_history(moves[-RECENT_MOVES:] + pending, f"last {RECENT_MOVES} alias moves")
+
+
+def _pending_manual_move(console, moves: list[AliasMove], champion: str | None, settings) -> list[AliasMove]:
+    """A move made by hand that is not recorded yet: said, and shown as the last row.
+
+    Only writing commands record it (under the registry lock); a report only reads, so
+    users who may only read the registry can run it.
+    """
+    from registry.reconcile import manual_move
+
+    move = manual_move(moves, champion, settings.gate_metric)
+    if move is None:
+        return []
+    console.print(
+        f"note: {settings.alias} was moved outside imgcls (history: {move.from_version or 'none'}, "
+        f"alias: {move.to_version or 'none'}); the next pipeline, promote or rollback records it",
+        markup=False,
+    )
+    move.action, move.at = "manual", "not recorded yet"
+    return [move]
 
 
 def print_version(client: MlflowClient, settings: RegistrySettings, version: str) -> None:
@@ -72,9 +94,9 @@ def print_version(client: MlflowClient, settings: RegistrySettings, version: str
     for key in sorted(k for k in v.tags if not k.startswith("metric.")):
         tags.add_row(key, _short(v.tags[key]))
     console.print(tags)
-    moves = [
-        move_details(client, settings, m) for m in moves_of(read_history(client, settings), str(v.version))
-    ]
+    history = read_history(client, settings)
+    pending = _pending_manual_move(console, history, champion, settings)
+    moves = [move_details(client, settings, m) for m in moves_of(history + pending, str(v.version))]
     print_history(moves, f"alias moves of version {v.version}")
 
 
@@ -92,7 +114,7 @@ def print_history(moves: list[AliasMove], title: str) -> None:
             m.at,
             m.action,
             m.from_version or "-",
-            m.to_version,
+            m.to_version or "(none)",
             _compared(m),
             f"{worst[0]} {worst[1]:.4f}" if worst else "-",
             "yes" if m.forced else "no",

@@ -3,15 +3,14 @@ it over HTTP, and Debian's headless chromium reading the React UI's rendered DOM
 
 from __future__ import annotations
 
-import html
 import re
-import subprocess
 import threading
 import time
 
 import pytest
 
 from imgcls.processes import free_port, stop, wait_ready
+from tests.mlflow_pages import check_registry_pages, page_dom, page_text, table_rows
 from tests.registry_fixtures import (
     quick_config,
     registry_settings,
@@ -105,30 +104,6 @@ def test_remote_lease_admits_one_holder_at_a_time(served):
     assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:], strict=False)), spans
 
 
-def _page_text(url: str, profile) -> str:
-    """The visible text of a page after chromium ran its scripts (headless, DOM dump)."""
-    from tests.registry_fixtures import chromium
-
-    out = subprocess.run(
-        [
-            chromium(),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            f"--user-data-dir={profile}",
-            "--virtual-time-budget=20000",
-            "--dump-dom",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
-    out = re.sub(r"<script.*?</script>|<style.*?</style>", " ", out, flags=re.S)
-    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", out)).split())
-
-
 @pytest.mark.browser
 def test_browser_finds_experiment_run_and_champion(served, tmp_path):
     from tests.registry_fixtures import chromium
@@ -139,10 +114,50 @@ def test_browser_finds_experiment_run_and_champion(served, tmp_path):
 
     url, outcome = served["url"], served["outcome"]
     run = mlflow.MlflowClient(tracking_uri=url).get_run(outcome.result.run_id)
-    assert EXPERIMENT in _page_text(f"{url}/#/experiments", tmp_path / "p1")
-    runs_page = _page_text(f"{url}/#/experiments/{run.info.experiment_id}/runs", tmp_path / "p2")
+    assert EXPERIMENT in page_text(f"{url}/#/experiments", tmp_path / "p1")
+    runs_page = page_text(f"{url}/#/experiments/{run.info.experiment_id}/runs", tmp_path / "p2")
     assert run.info.run_name in runs_page
-    model_page = _page_text(f"{url}/#/models/{served['settings'].model_name}", tmp_path / "p3")
+    model_page = page_text(f"{url}/#/models/{served['settings'].model_name}", tmp_path / "p3")
     row = re.search(rf"Version {outcome.version} (.*?)(Version \d|Previous)", model_page)
     assert row, model_page[:2000]
     assert "@ champion" in row.group(1) and outcome.result.run_id in row.group(1)
+
+
+@pytest.mark.browser
+def test_browser_shows_the_model_description_and_the_version_card(served, tmp_path):
+    from tests.registry_fixtures import chromium
+
+    if chromium() is None:
+        pytest.skip("chromium is not installed (make browser)")
+    check_registry_pages(served["url"], served["settings"].model_name, tmp_path / "pipeline")
+
+
+@pytest.mark.browser
+def test_browser_shows_a_hand_move_and_the_rollback_after_it(served, tmp_path):
+    """Through the server (so under the remote lease): v1, v2 forced, the alias moved back to
+    v1 by hand, then `rollback`: it records the hand move and goes back to v2."""
+    from mlflow import MlflowClient
+
+    from registry.promote import force_promote, rollback
+    from registry.reconcile import OUTSIDE
+    from registry.register import register_candidate
+    from tests.registry_fixtures import chromium
+
+    if chromium() is None:
+        pytest.skip("chromium is not installed (make browser)")
+    url, result = served["url"], served["outcome"].result
+    settings = registry_settings(model_name="ui-hand-moves", bento_import=False)
+    client = MlflowClient(tracking_uri=url, registry_uri=url)
+    for reason in ("first", "second"):
+        version = register_candidate(settings, result.model_uri, result.run_id, result.card, result.metrics)
+        force_promote(client, served["tracking"], settings, version, reason, None)
+    client.set_registered_model_alias(settings.model_name, "champion", "1")
+    back = rollback(client, served["tracking"], settings, "the hand pick was wrong")
+    assert (back.from_version, back.to_version) == ("1", "2")
+
+    check_registry_pages(url, settings.model_name, tmp_path)
+    rows = table_rows(page_dom(f"{url}/#/models/{settings.model_name}", tmp_path / "moves"))
+    moves = {row[0]: row for row in rows if len(row) == 8}  # the moves table: number -> cells
+    assert moves["3"][2:5] == ["manual", "2 → 1", OUTSIDE], rows
+    assert moves["3"][7] == "alias moved outside the gate"
+    assert moves["4"][2:4] == ["rollback", "1 → 2"] and moves["4"][7] == "the hand pick was wrong"

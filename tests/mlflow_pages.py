@@ -1,0 +1,83 @@
+"""What a team sees in the MLflow UI, read by Debian's headless chromium from the React UI's
+rendered DOM. `check_registry_pages` takes any server's base URL, so the same check runs
+against `imgcls ui` and against a team `mlflow server` (PostgreSQL, S3)."""
+
+from __future__ import annotations
+
+import html
+import re
+import subprocess
+from pathlib import Path
+
+
+def page_dom(url: str, profile: Path) -> str:
+    """The DOM of a page after chromium ran its scripts (headless), without scripts and styles."""
+    from tests.registry_fixtures import chromium
+
+    out = subprocess.run(
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=20000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    return re.sub(r"<script.*?</script>|<style.*?</style>", " ", out, flags=re.S)
+
+
+def visible_text(dom: str) -> str:
+    """The text of a DOM dump, tags removed, whitespace collapsed."""
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", dom)).split())
+
+
+def page_text(url: str, profile: Path) -> str:
+    """The visible text of a page after chromium ran its scripts."""
+    return visible_text(page_dom(url, profile))
+
+
+def _cells(dom: str, tag: str) -> list[str]:
+    """The text of every `<th>` or `<td>` in a DOM dump."""
+    return [visible_text(c) for c in re.findall(rf"<{tag}\b[^>]*>(.*?)</{tag}>", dom, flags=re.S)]
+
+
+def table_rows(dom: str) -> list[list[str]]:
+    """The cells' text of every table row (`<tr>`) in a DOM dump."""
+    return [_cells(row, "td") for row in re.findall(r"<tr\b[^>]*>(.*?)</tr>", dom, flags=re.S)]
+
+
+def check_registry_pages(base_url: str, model_name: str, profile: Path, alias: str = "champion") -> None:
+    """Assert that the MLflow UI at `base_url` renders imgcls's descriptions of `model_name`:
+    on the model page the champion line and the alias-moves table, on the champion's version
+    page its card (metrics, promotion reason) and the link to its run."""
+    from mlflow import MlflowClient
+
+    from registry.history import MOVE_PREFIX
+
+    client = MlflowClient(tracking_uri=base_url, registry_uri=base_url)
+    champion = client.get_model_version_by_alias(model_name, alias)
+    tags = client.get_registered_model(model_name).tags
+    newest = max(int(k.removeprefix(MOVE_PREFIX)) for k in tags if k.startswith(MOVE_PREFIX))
+
+    dom = page_dom(f"{base_url}/#/models/{model_name}", profile / "model")
+    text = visible_text(dom)
+    assert f"{alias.capitalize()}: version {champion.version}" in text, text[:3000]
+    assert "**" not in text and "|---|" not in text, "the description is shown as raw Markdown"
+    assert "gate: candidate vs champion" in _cells(dom, "th"), _cells(dom, "th")
+    row = f"→ {champion.version}"
+    assert any(cell.endswith(row) for cell in _cells(dom, "td")), _cells(dom, "td")[:40]
+    assert str(newest) in _cells(dom, "td")  # the newest move's number, first column
+
+    dom = page_dom(f"{base_url}/#/models/{model_name}/versions/{champion.version}", profile / "version")
+    cells = _cells(dom, "td")
+    assert "test macro-F1" in cells and "weakest classes (recall)" in cells, cells[:40]
+    assert f"{alias} now" in visible_text(dom) and "Promotion:" in visible_text(dom)
+    run = client.get_run(champion.run_id)
+    assert f'href="#/experiments/{run.info.experiment_id}/runs/{champion.run_id}"' in dom
