@@ -99,3 +99,25 @@ def test_replies_name_their_version_and_images_of_another_size_are_stale(version
     assert not one_version(replies)
     assert one_version(replies[:1])
     assert not one_version([replies[0], {**replies[0], "version": "1"}])
+
+
+def test_bentoml_source_follows_the_entry_the_registry_labels_champion(tmp_path):
+    """--source bentoml: the store entry labelled alias=champion, read again at each poll."""
+    from service.settings import ServiceSettings
+    from service.sources import build_follower
+    from service.store import save_to_bento_store
+
+    path = tmp_path / "m.keras"
+    build_tiny_model().save(path)
+    labels = {"registered_model": "shapes", "alias": "champion"}
+    first = save_to_bento_store(path, tiny_card(), "shapes", 7, labels)
+    follow = build_follower(ServiceSettings(source="bentoml", model_name="shapes", poll_interval_s=5))
+    assert follow.served.predictor.version == "7" and follow.poll_interval_s == 5
+    assert follow.check() is False
+    save_to_bento_store(path, tiny_card(), "shapes", 8, labels)  # the registry's next champion
+    import bentoml
+
+    bentoml.models.delete(first)  # ... and it retires the earlier one
+    assert follow.check() is True and follow.served.predictor.version == "8"
+    pinned = build_follower(ServiceSettings(source="bentoml", model_name="shapes", version="8"))
+    assert pinned.served.predictor.version == "8" and pinned.poll_interval_s == 0
