@@ -34,7 +34,6 @@ import pytest
 from tests.registry_fixtures import CHILD_ENV, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 AUTH_INI = ROOT / "docker" / "mlflow" / "basic_auth.ini"
 # Cold starts on 2 busy cores: MLflow's first start creates ~60 tables in two databases.
 START_TIMEOUT_S = 180
@@ -154,14 +153,24 @@ def unavailable(reason: str):
 # -- PostgreSQL -------------------------------------------------------------------------------
 
 
+def pg_bin() -> Path:
+    """Debian's PostgreSQL 15 server programs (compose runs postgres:15), else the newest."""
+    root = Path("/usr/lib/postgresql")
+    found = sorted(
+        (p for p in root.glob("*/bin") if p.parent.name.isdigit()), key=lambda p: int(p.parent.name)
+    )
+    preferred = root / "15" / "bin"
+    return preferred if preferred in found or not found else found[-1]
+
+
 def _as_postgres(*argv: str) -> list[str]:
     """A command run as the `postgres` OS user (PostgreSQL refuses to run as root)."""
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else list(argv)
 
 
 def _check_postgres_installed() -> None:
-    if not (PG_BIN / "postgres").exists():
-        unavailable(f"PostgreSQL 15 is not installed ({PG_BIN}; apt-get install postgresql)")
+    if not (pg_bin() / "postgres").exists():
+        unavailable(f"the PostgreSQL server is not installed ({pg_bin()}; apt-get install postgresql)")
     if os.geteuid() == 0 and shutil.which("runuser") is None:
         unavailable("runuser is missing (util-linux)")
 
@@ -170,7 +179,7 @@ def _psql(port: int, folder: Path, sql: str) -> None:
     """Run `sql` as the superuser over the server's socket; the SQL goes on stdin, so the
     role's password never appears in a command line."""
     argv = _as_postgres(
-        str(PG_BIN / "psql"), "-v", "ON_ERROR_STOP=1", "-q", "-h", str(folder), "-p", str(port)
+        str(pg_bin() / "psql"), "-v", "ON_ERROR_STOP=1", "-q", "-h", str(folder), "-p", str(port)
     )
     subprocess.run([*argv, "-U", "postgres", "-d", "postgres"], input=sql, text=True, check=True, timeout=60)
 
@@ -181,7 +190,7 @@ def _initdb(folder: Path) -> Path:
         shutil.chown(folder, "postgres", "postgres")
     data = folder / "data"
     subprocess.run(
-        _as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8"),
+        _as_postgres(str(pg_bin() / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8"),
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
     # TCP logins need the password; the socket (in our folder, mode 0700) stays trusted.
@@ -198,7 +207,7 @@ def postgres() -> Iterator[Postgres]:
     try:
         data = _initdb(folder)
         argv = _as_postgres(
-            str(PG_BIN / "postgres"), "-D", str(data), "-p", str(port), "-k", str(folder),
+            str(pg_bin() / "postgres"), "-D", str(data), "-p", str(port), "-k", str(folder),
             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200",
         )  # fmt: skip
         log = folder / "postgres.log"
@@ -215,7 +224,7 @@ def postgres() -> Iterator[Postgres]:
 
 
 def _pg_ready(port: int, folder: Path) -> bool:
-    argv = [str(PG_BIN / "pg_isready"), "-q", "-h", str(folder), "-p", str(port)]
+    argv = [str(pg_bin() / "pg_isready"), "-q", "-h", str(folder), "-p", str(port)]
     return subprocess.run(argv, timeout=10).returncode == 0
 
 
