@@ -6,9 +6,12 @@ the same settings file (registry/mlflow-server.env, read by `registry.server`), 
 basic-auth config (docker/mlflow/basic_auth.ini, with the test's own database), the
 PostgreSQL backend and proxied S3 artifacts. Only the server holds S3 credentials.
 
-Use them from a test module with `pytest_plugins = ["tests.stack"]` (so every module
-shares one instance), then ask for `team_stack` and take a client's environment from
-`team_stack.client_env()` (admin) or `team_stack.client_env(reader=True)`.
+Use them from a test module with `pytest_plugins = ["tests.stack"]` (every module then
+shares one instance; importing the fixtures by name would start one per module), then ask
+for `team_stack`. A client process (`imgcls pipeline`, `imgcls serve --source mlflow`)
+gets its environment from `team_stack.process_env()` (the admin) or
+`team_stack.process_env(reader=True)` (the read-only `classifier` user): the server's URL
+and a login, and no S3 credentials.
 
 A tool that is not installed skips the test on a laptop, and fails it under `CI=true`:
 a skipped team-stack test would hide a broken install.
@@ -35,6 +38,17 @@ from tests.registry_fixtures import CHILD_ENV, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTH_INI = ROOT / "docker" / "mlflow" / "basic_auth.ini"
+CREATE_READER = ROOT / "docker" / "mlflow" / "create_reader.py"
+# No ~/.aws files either: boto3 then finds no credentials at all.
+NO_AWS_FILES = {"AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_CONFIG_FILE": os.devnull}
+# What could let a client reach S3 itself; a client of the stack has none of them.
+S3_CREDENTIALS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "MLFLOW_S3_ENDPOINT_URL",
+)
 # Cold starts on 2 busy cores: MLflow's first start creates ~60 tables in two databases.
 START_TIMEOUT_S = 180
 
@@ -88,19 +102,21 @@ class TeamStack:
     s3: S3
     log: Path
 
-    @property
-    def artifacts_prefix(self) -> str:
-        """Where the server puts artifacts in the bucket."""
-        return "artifacts/"
-
     def client_env(self, reader: bool = False) -> dict[str, str]:
-        """The environment of a client: the server's URL and a user, no S3 credentials."""
+        """What a client adds to its environment: the server's URL and a user (the admin,
+        or the read-only `classifier` with `reader=True`)."""
         user, password = self.reader if reader else self.admin
         return {
             "MLFLOW_TRACKING_URI": self.url,
             "MLFLOW_TRACKING_USERNAME": user,
             "MLFLOW_TRACKING_PASSWORD": password,
         }
+
+    def process_env(self, reader: bool = False, **extra: str) -> dict[str, str]:
+        """The whole environment of a client process (`imgcls pipeline`, `imgcls serve`):
+        this one without any S3 credentials, quiet and offline, a user, and `extra`."""
+        clean = {k: v for k, v in os.environ.items() if k not in S3_CREDENTIALS}
+        return clean | CHILD_ENV | NO_AWS_FILES | self.client_env(reader) | extra
 
 
 # -- processes: the one place that starts and stops them (imgcls/processes.py later) --------
@@ -305,15 +321,23 @@ def _api_answers(url: str, admin: tuple[str, str]) -> bool:
     return response.status_code == 200
 
 
-def create_reader(url: str, admin: tuple[str, str]) -> tuple[str, str]:
-    """A user that may only read (the ini's default_permission is READ), made by the admin."""
-    from mlflow.server.auth.client import AuthServiceClient
-
-    reader = ("classifier", secrets.token_urlsafe(16))
-    with pytest.MonkeyPatch.context() as mp:  # the auth client takes its user from the env
-        mp.setenv("MLFLOW_TRACKING_USERNAME", admin[0])
-        mp.setenv("MLFLOW_TRACKING_PASSWORD", admin[1])
-        AuthServiceClient(url).create_user(*reader)
+def create_reader(url: str, admin: tuple[str, str], username: str = "classifier") -> tuple[str, str]:
+    """A user that may only read, made by the admin with compose's own `mlflow-init` script."""
+    reader = (username, secrets.token_urlsafe(16))
+    env = (
+        os.environ
+        | CHILD_ENV
+        | {
+            "MLFLOW_TRACKING_URI": url,
+            "MLFLOW_TRACKING_USERNAME": admin[0],
+            "MLFLOW_TRACKING_PASSWORD": admin[1],
+            "IMGCLS_READER_USERNAME": reader[0],
+            "IMGCLS_READER_PASSWORD": reader[1],
+        }
+    )
+    subprocess.run(
+        [sys.executable, str(CREATE_READER)], env=env, check=True, capture_output=True, timeout=120
+    )
     return reader
 
 
