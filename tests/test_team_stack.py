@@ -262,3 +262,32 @@ def test_two_pipelines_at_once_leave_one_champion(team_stack, admin, tmp_path):
     loser = outputs[codes.index(3)]
     assert "gate re-run: the champion changed meanwhile" in loser
     assert not set(S3_CREDENTIALS) & set(env)
+
+
+def test_a_release_engineer_with_manage_may_move_the_champion(champion, team_stack, admin, monkeypatch):
+    """README's recipe: the admin grants MANAGE on the registered model; that user may move
+    the alias (and put it back), where the default READ may not."""
+    import secrets
+
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth.client import AuthServiceClient
+
+    name, version = champion["settings"].model_name, champion["outcome"].version
+    engineer = (f"release-{secrets.token_hex(3)}", secrets.token_urlsafe(16))
+    auth = AuthServiceClient(team_stack.url)  # as the admin (the `admin` fixture's login)
+    auth.create_user(*engineer)
+    client = MlflowClient(tracking_uri=team_stack.url, registry_uri=team_stack.url)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", engineer[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", engineer[1])
+    with pytest.raises(MlflowException) as refused:
+        client.set_registered_model_alias(name, "staging", version)
+    assert refused.value.error_code == "PERMISSION_DENIED"
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", team_stack.admin[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", team_stack.admin[1])
+    auth.grant_user_permission(engineer[0], "registered_model", name, "MANAGE")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", engineer[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", engineer[1])
+    client.set_registered_model_alias(name, "staging", version)
+    assert str(client.get_model_version_by_alias(name, "staging").version) == version
+    client.delete_registered_model_alias(name, "staging")
