@@ -73,7 +73,8 @@ def test_mlflow_takes_its_settings_from_the_file_the_tests_use():
 
 
 def test_mlflow_runs_basic_auth_on_postgres_with_psycopg_3():
-    mlflow = _services()["mlflow"]
+    services = _services()
+    mlflow = services["mlflow"]
     assert mlflow["command"] == ["mlflow", "server", "--app-name", "basic-auth"]
     ini_mount = next(
         v for v in mlflow["volumes"] if v["target"] == mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"]
@@ -82,6 +83,9 @@ def test_mlflow_runs_basic_auth_on_postgres_with_psycopg_3():
     auth.read(ini_mount["source"])
     assert auth["mlflow"]["default_permission"] == "READ"
     assert auth["mlflow"]["database_uri"] == "postgresql://mlflow@postgres:5432/mlflow_auth"
+    assert "admin_password" not in auth["mlflow"]  # from MLFLOW_AUTH_ADMIN_PASSWORD (.env)
+    init = next(v for v in services["postgres"]["volumes"] if "docker-entrypoint-initdb.d" in v["target"])
+    assert "CREATE DATABASE mlflow_auth OWNER mlflow;" in Path(init["source"]).read_text()
     dockerfile = (ROOT / "docker" / "mlflow" / "Dockerfile").read_text()
     assert (
         '"psycopg[binary]==3.3.9"' in dockerfile and "psycopg2" not in dockerfile
