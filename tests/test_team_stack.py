@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow
 
 # The compose healthcheck's address inside the container.
 COMPOSE_MLFLOW = "127.0.0.1:5000"
-# 200 classes whose names fill most of PostgreSQL's 5,000-character tag column.
+# 200 classes whose names, ~11,000 characters together, would overflow PostgreSQL's
+# 5,000-character registered-model tag column in any record that listed them all.
 LONG_NAME = "class-with-a-rather-long-descriptive-name-number-{:03d}"
 
 
