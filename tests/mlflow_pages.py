@@ -10,9 +10,19 @@ import subprocess
 from pathlib import Path
 
 
-def page_dom(url: str, profile: Path) -> str:
-    """The DOM of a page after chromium ran its scripts (headless), without scripts and styles."""
+def page_dom(url: str, profile: Path, auth: tuple[str, str] | None = None) -> str:
+    """The DOM of a page after chromium ran its scripts (headless), without scripts and styles.
+
+    `auth` (user, password) logs in to a basic-auth server: chromium takes the login from
+    the address of the page and reuses it for the page's own requests to the same origin.
+    """
+    from urllib.parse import quote
+
     from tests.registry_fixtures import chromium
+
+    if auth is not None:
+        scheme, rest = url.split("://", 1)
+        url = f"{scheme}://{quote(auth[0], safe='')}:{quote(auth[1], safe='')}@{rest}"
 
     out = subprocess.run(
         [
@@ -53,10 +63,17 @@ def table_rows(dom: str) -> list[list[str]]:
     return [_cells(row, "td") for row in re.findall(r"<tr\b[^>]*>(.*?)</tr>", dom, flags=re.S)]
 
 
-def check_registry_pages(base_url: str, model_name: str, profile: Path, alias: str = "champion") -> None:
+def check_registry_pages(
+    base_url: str,
+    model_name: str,
+    profile: Path,
+    alias: str = "champion",
+    auth: tuple[str, str] | None = None,
+) -> None:
     """Assert that the MLflow UI at `base_url` renders imgcls's descriptions of `model_name`:
     on the model page the champion line and the alias-moves table, on the champion's version
-    page its card (metrics, promotion reason) and the link to its run."""
+    page its card (metrics, promotion reason) and the link to its run. `auth`: a login of a
+    basic-auth server (the API calls below then need MLFLOW_TRACKING_USERNAME/PASSWORD)."""
     from mlflow import MlflowClient
 
     from registry.history import MOVE_PREFIX
@@ -66,7 +83,7 @@ def check_registry_pages(base_url: str, model_name: str, profile: Path, alias: s
     tags = client.get_registered_model(model_name).tags
     newest = max(int(k.removeprefix(MOVE_PREFIX)) for k in tags if k.startswith(MOVE_PREFIX))
 
-    dom = page_dom(f"{base_url}/#/models/{model_name}", profile / "model")
+    dom = page_dom(f"{base_url}/#/models/{model_name}", profile / "model", auth)
     text = visible_text(dom)
     assert f"{alias.capitalize()}: version {champion.version}" in text, text[:3000]
     assert "**" not in text and "|---|" not in text, "the description is shown as raw Markdown"
@@ -75,7 +92,7 @@ def check_registry_pages(base_url: str, model_name: str, profile: Path, alias: s
     assert any(cell.endswith(row) for cell in _cells(dom, "td")), _cells(dom, "td")[:40]
     assert str(newest) in _cells(dom, "td")  # the newest move's number, first column
 
-    dom = page_dom(f"{base_url}/#/models/{model_name}/versions/{champion.version}", profile / "version")
+    dom = page_dom(f"{base_url}/#/models/{model_name}/versions/{champion.version}", profile / "version", auth)
     cells = _cells(dom, "td")
     assert "test macro-F1" in cells and "weakest classes (recall)" in cells, cells[:40]
     assert f"{alias} now" in visible_text(dom) and "Promotion:" in visible_text(dom)

@@ -293,3 +293,19 @@ def test_a_release_engineer_with_manage_may_move_the_champion(champion, team_sta
     client.set_registered_model_alias(name, "staging", version)
     assert str(client.get_model_version_by_alias(name, "staging").version) == version
     client.delete_registered_model_alias(name, "staging")
+
+
+@pytest.mark.browser
+def test_the_ui_of_the_team_server_shows_the_registry_descriptions(
+    champion, team_stack, tmp_path, monkeypatch
+):
+    """What a team sees: the model's and the champion's descriptions, rendered by the real
+    MLflow UI of the PostgreSQL/S3 server, in headless chromium, as the read-only user."""
+    from tests.mlflow_pages import check_registry_pages
+    from tests.registry_fixtures import chromium
+
+    if chromium() is None:
+        pytest.fail("chromium is not installed (make test installs it)")
+    for key, value in team_stack.client_env(reader=True).items():
+        monkeypatch.setenv(key, value)
+    check_registry_pages(team_stack.url, champion["settings"].model_name, tmp_path, auth=team_stack.reader)
