@@ -1,8 +1,12 @@
-"""Request guards for the HTTP front: JSON errors for client mistakes, the byte limit (413)."""
+"""Request guards for the HTTP front: JSON errors for client mistakes, the byte limit (413),
+and a bound on the decodes running at once in one front process (503)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -20,9 +24,34 @@ def error_response(status: int, message: str, **extra: Any) -> JSONResponse:
 class Rejected(Exception):
     """A client mistake, answered with `status` and `{"error": message}`."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.retry_after_s = status, message, retry_after_s
+
+
+class DecodeSlots:
+    """At most `limit` image decodes at once in this process; beyond, a quick 503.
+
+    A decode's memory grows with the image, not the upload (a 78 KB PNG can hold 40 MP),
+    so the number running at once is what bounds a front's memory. A request waits at most
+    `wait_s` for a slot (small images take milliseconds), then gets 503 with Retry-After.
+    """
+
+    def __init__(self, limit: int, wait_s: float) -> None:
+        self.limit, self.wait_s = limit, wait_s
+        self._slots = threading.BoundedSemaphore(limit)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """One slot for the duration of the block; raises Rejected(503) if none frees up."""
+        if not self._slots.acquire(timeout=self.wait_s):
+            raise Rejected(
+                503, f"the server is decoding {self.limit} images already; try again", retry_after_s=1
+            )
+        try:
+            yield
+        finally:
+            self._slots.release()
 
 
 def install_error_handlers(app: Any) -> None:
@@ -30,7 +59,10 @@ def install_error_handlers(app: Any) -> None:
     from fastapi.exceptions import RequestValidationError
 
     async def rejected(_request: Any, exc: Rejected) -> JSONResponse:
-        return error_response(exc.status, exc.message)
+        response = error_response(exc.status, exc.message)
+        if exc.retry_after_s is not None:
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
 
     async def invalid(_request: Any, exc: RequestValidationError) -> JSONResponse:
         return error_response(400, _describe(exc.errors()), detail=_jsonable(exc.errors()))

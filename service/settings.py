@@ -82,6 +82,16 @@ class ServiceSettings(BaseSettings):
     # that caps one front near 200 requests/s, below a GPU model's pace. More workers
     # share the port; the model process stays one, so batches still form in one place.
     front_workers: int = Field(1, ge=1, le=64, description="HTTP front processes (decode, resize, answer).")
+    # A worst-case decode (a 40 MP PNG: Pillow holds 4 bytes a pixel) takes ~160 MB, and
+    # an idle front ~110 MB: 2 at once keeps four fronts under 2 GB whatever clients send.
+    max_concurrent_decodes: int = Field(
+        2, ge=1, le=256, description="Image decodes running at once per front process; beyond: 503."
+    )
+    # Ordinary images decode in milliseconds: a short wait absorbs bursts, a long one
+    # would only hold the client's connection while big images go through.
+    decode_wait_s: float = Field(
+        0.5, ge=0, description="Seconds a request waits for a decode slot before its 503."
+    )
     model_workers: int = Field(
         1, ge=1, le=16, description="Model processes; each loads and follows the champion on its own."
     )
