@@ -238,7 +238,7 @@ def _high_byte(values: np.ndarray) -> np.ndarray:
 
 
 def _to_rgb_or_grey(img: Image.Image) -> Image.Image:
-    """"L" and "RGB" as they are, everything else as RGB: the modes `_shrink` can reduce
+    """ "L" and "RGB" as they are, everything else as RGB: the modes `_shrink` can reduce
     exactly as it would the RGB image (a grey image is shrunk before it is tripled)."""
     if img.mode in ("L", "RGB"):
         return img

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from imgcls.images import ImageDecodeError, accepted_extensions, decode_image, refused_format, model_input
+from imgcls.images import ImageDecodeError, accepted_extensions, decode_image, model_input, refused_format
 
 log = logging.getLogger(__name__)
 
