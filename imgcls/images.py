@@ -118,6 +118,20 @@ def prepare_image(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def decode_cost(
+    data: bytes, target: tuple[int, int] | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> int:
+    """About the most bytes `decode_image(data, target=target)` holds at once, from the
+    header alone (no pixel decoded): 4 bytes a decoded pixel (Pillow's RGB), plus the data.
+    Raises ImageDecodeError as `decode_image` would for a refused or oversized header."""
+    with _open(data, max_pixels) as img:
+        width, height = img.size
+        if target is not None and img.format in ("JPEG", "MPO"):
+            scale = _draft_scale(img.size, target)
+            width, height = -(-width // scale), -(-height // scale)
+    return 4 * width * height + len(data)
+
+
 def model_input(data: bytes, size: tuple[int, int], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Image bytes -> the model's (H, W, 3) uint8 input: what training stores and serving
     sends. Raises ImageDecodeError."""
@@ -252,6 +266,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         # Through RGBA so the palette's colours are kept and the alpha is dropped.
         img = img.convert("RGBA")
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _draft_scale(size: tuple[int, int], target: tuple[int, int]) -> int:
+    """The DCT scale Pillow's JPEG draft mode picks for `target` (1, 2, 4 or 8)."""
+    scale = min(size[0] // target[1], size[1] // target[0])
+    return next((s for s in (8, 4, 2) if scale >= s), 1)
 
 
 def _shrink(img: Image.Image, size: tuple[int, int]) -> Image.Image:

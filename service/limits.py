@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,28 +31,59 @@ class Rejected(Exception):
 
 
 class DecodeSlots:
-    """At most `limit` image decodes at once in this process; beyond, a quick 503.
+    """At most `limit` image decodes at once in this process, holding at most
+    `budget_bytes` between them; beyond, a quick 503 with Retry-After.
 
-    A decode's memory grows with the image, not the upload (a 78 KB PNG can hold 40 MP),
-    so the number running at once is what bounds a front's memory. A request waits at most
-    `wait_s` for a slot (small images take milliseconds), then gets 503 with Retry-After.
+    A decode's memory grows with the image, not the upload (a 500 KB PNG can hold 40 MP,
+    160 MB once decoded), so each decode reserves its cost, read from the header
+    (`imgcls.images.decode_cost`): many small images run together, big ones one or two at
+    a time. A decode costing more than the whole budget runs alone. A request waits at most
+    `wait_s` for room (small images take milliseconds), then gets the 503.
     """
 
-    def __init__(self, limit: int, wait_s: float) -> None:
-        self.limit, self.wait_s = limit, wait_s
-        self._slots = threading.BoundedSemaphore(limit)
+    def __init__(self, limit: int, budget_bytes: int, wait_s: float) -> None:
+        self.limit, self.budget_bytes, self.wait_s = limit, budget_bytes, wait_s
+        self._room = threading.Condition()
+        self._running = self._reserved = 0
 
     @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
-        """One slot for the duration of the block; raises Rejected(503) if none frees up."""
-        if not self._slots.acquire(timeout=self.wait_s):
-            raise Rejected(
-                503, f"the server is decoding {self.limit} images already; try again", retry_after_s=1
-            )
+    def hold(self, cost_bytes: int) -> Iterator[None]:
+        """Room for one decode of `cost_bytes` during the block; raises Rejected(503)."""
+        cost = min(cost_bytes, self.budget_bytes)
+        deadline = time.monotonic() + self.wait_s
+        with self._room:
+            while self._running >= self.limit or self._reserved + cost > self.budget_bytes:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Rejected(503, self._busy(), retry_after_s=1)
+                self._room.wait(left)
+            self._running, self._reserved = self._running + 1, self._reserved + cost
         try:
             yield
         finally:
-            self._slots.release()
+            with self._room:
+                self._running, self._reserved = self._running - 1, self._reserved - cost
+                self._room.notify_all()
+
+    def _busy(self) -> str:
+        mib = self.budget_bytes // 2**20
+        return f"the server is busy decoding images (at most {self.limit} at once, {mib} MiB); try again"
+
+
+def return_freed_memory_to_the_system() -> None:
+    """Serve big allocations (decoded images) from mmap, so freeing one gives it back.
+
+    glibc raises its mmap threshold after the first big free (up to 32 MB), and Pillow
+    allocates images in 16 MB blocks: without this, each worker thread's malloc arena keeps
+    the largest image it ever decoded. Fixing the threshold turns that adjustment off.
+    A no-op where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    m_mmap_threshold = -3  # glibc's mallopt parameter number
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(m_mmap_threshold, 1 << 20)
 
 
 def install_error_handlers(app: Any) -> None:

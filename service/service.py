@@ -17,9 +17,21 @@ from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import FileResponse, Response
 
 from imgcls.hooks import hook
-from imgcls.images import ImageDecodeError, UnsupportedFormatError, decode_preview, model_input
+from imgcls.images import (
+    ImageDecodeError,
+    UnsupportedFormatError,
+    decode_cost,
+    decode_preview,
+    model_input,
+)
 from service import gradcam
-from service.limits import BodyLimitMiddleware, DecodeSlots, Rejected, install_error_handlers
+from service.limits import (
+    BodyLimitMiddleware,
+    DecodeSlots,
+    Rejected,
+    install_error_handlers,
+    return_freed_memory_to_the_system,
+)
 from service.metrics import FollowerMetrics, observe_prediction
 from service.predictor import configure_accelerator, top_k
 from service.replies import classify_replies, one_version, stale_reply
@@ -114,7 +126,9 @@ class ImageClassifier:
     def __init__(self) -> None:
         self.settings = SETTINGS
         self._size: tuple[int, int] | None = None  # the input size last heard of
-        self.decodes = DecodeSlots(SETTINGS.max_concurrent_decodes, SETTINGS.decode_wait_s)
+        budget = SETTINGS.decode_memory_mib * 2**20
+        self.decodes = DecodeSlots(SETTINGS.max_concurrent_decodes, budget, SETTINGS.decode_wait_s)
+        return_freed_memory_to_the_system()
 
     def __is_ready__(self) -> bool:
         """Ready once the model process has loaded and warmed up the champion."""
@@ -166,19 +180,21 @@ class ImageClassifier:
         """The drop-an-image page."""
         return FileResponse(STATIC / "index.html")
 
-    def _decoded(self, upload: UploadFile, what: str, decode: Any) -> np.ndarray:
-        """`decode(bytes)` of an upload, in a decode slot (503 when none is free);
-        413 over the byte limit, 415 for a refused format, 400 if unusable."""
+    def _decoded(self, upload: UploadFile, what: str, decode: Any, target=None) -> np.ndarray:
+        """`decode(bytes)` of an upload, with room reserved for it in the decode slots (503
+        when there is none); 413 over the byte limit, 415 for a refused format, 400 if
+        unusable. `target`: the size `decode` shrinks to (what its cost depends on)."""
         limit = self.settings.max_upload_bytes
         if upload.size is not None and upload.size > limit:
             raise Rejected(413, f"{what} is over the upload limit of {limit} bytes")
-        with self.decodes.hold():
-            upload.file.seek(0)  # read again when a model swap asks for another size
-            try:
-                return decode(upload.file.read())
-            except ImageDecodeError as exc:
-                status = 415 if isinstance(exc, UnsupportedFormatError) else 400
-                raise Rejected(status, f"{what} ({upload.filename}): {exc}") from exc
+        upload.file.seek(0)  # read again when a model swap asks for another size
+        data = upload.file.read()
+        try:
+            with self.decodes.hold(decode_cost(data, target, max_pixels=self.settings.max_pixels)):
+                return decode(data)
+        except ImageDecodeError as exc:
+            status = 415 if isinstance(exc, UnsupportedFormatError) else 400
+            raise Rejected(status, f"{what} ({upload.filename}): {exc}") from exc
 
     def _classify(self, uploads: list[tuple[str, UploadFile]]) -> list[dict]:
         """Model replies for uploads, all from one version (decoded again for the new
@@ -199,7 +215,7 @@ class ImageClassifier:
         if self._size is None:
             self._size = tuple(self.model.to_sync.describe()["image_size"])
         size, max_pixels = self._size, self.settings.max_pixels
-        return self._decoded(upload, what, lambda data: model_input(data, size, max_pixels=max_pixels))
+        return self._decoded(upload, what, lambda data: model_input(data, size, max_pixels=max_pixels), size)
 
     def _preview(self, data: bytes) -> np.ndarray:
         """A bounded copy of the upload to draw the Grad-CAM overlay on."""
