@@ -87,7 +87,8 @@ def return_freed_memory_to_the_system() -> None:
 
 
 def install_error_handlers(app: Any) -> None:
-    """Map `Rejected` and FastAPI's request validation errors to 4xx JSON answers."""
+    """Map `Rejected` and FastAPI's request validation errors to 4xx JSON answers, the
+    model's refusals to 503, and anything unexpected to a 500 (UnexpectedErrorMiddleware)."""
     from fastapi.exceptions import RequestValidationError
 
     async def rejected(_request: Any, exc: Rejected) -> JSONResponse:
@@ -104,15 +105,11 @@ def install_error_handlers(app: Any) -> None:
         response.headers["Retry-After"] = "1"
         return response
 
-    async def failed(_request: Any, exc: Exception) -> JSONResponse:
-        logger.exception("request failed", exc_info=exc)
-        return error_response(500, f"internal error: {type(exc).__name__}")
-
     app.add_exception_handler(Rejected, rejected)
     app.add_exception_handler(RequestValidationError, invalid)
     for unavailable in _unavailable_errors():
         app.add_exception_handler(unavailable, busy)
-    app.add_exception_handler(Exception, failed)
+    app.add_middleware(UnexpectedErrorMiddleware)
 
 
 def _unavailable_errors() -> tuple[type[Exception], ...]:
@@ -139,6 +136,36 @@ def _jsonable(errors: list[dict]) -> list[dict]:
     """Validation errors without their inputs (an upload is not JSON)."""
     keep = ("type", "loc", "msg")
     return [{k: err[k] for k in keep if k in err} for err in errors]
+
+
+class UnexpectedErrorMiddleware:
+    """ASGI middleware: an unexpected exception (a bug) becomes a logged 500 in the error
+    shape, and is not raised further, so the client's keep-alive connection stays usable.
+
+    Starlette's handler for `Exception` answers, then re-raises, and uvicorn closes the
+    connection: the client's next request on it failed with a reset.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            logger.exception("request failed", exc_info=exc)
+            if started:  # half an answer is out: closing the connection is all that is left
+                raise
+            await error_response(500, f"internal error: {type(exc).__name__}")(scope, receive, send)
 
 
 class BodyLimitMiddleware:

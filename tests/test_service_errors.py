@@ -92,3 +92,70 @@ def test_a_waiting_decode_gets_the_slot_freed_within_its_wait():
     with slots.hold(50):  # waits for the first to finish, no 503
         pass
     worker.join()
+
+
+def test_a_500_keeps_the_keep_alive_connection(tmp_path):
+    """Real uvicorn, one raw socket: a request after a 500 is answered on the same connection."""
+    import socket
+
+    import uvicorn
+
+    from imgcls.processes import free_port
+
+    app = FastAPI()
+
+    @app.get("/bug")
+    def bug():
+        raise RuntimeError("boom")
+
+    @app.get("/ok")
+    def ok():
+        return {"ok": True}
+
+    install_error_handlers(app)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        _wait_listening(port)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            first = _exchange(sock, "/bug")
+            second = _exchange(sock, "/ok")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert first.startswith(b"HTTP/1.1 500") and b'"internal error: RuntimeError"' in first
+    assert second.startswith(b"HTTP/1.1 200") and second.endswith(b'{"ok":true}')
+
+
+def _exchange(sock, path: str) -> bytes:
+    """Send one keep-alive GET and read its whole answer (headers and Content-Length body)."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before the answer to {path}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(
+            line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+        )
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed during the answer to {path}"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def _wait_listening(port: int, timeout_s: float = 10) -> None:
+    import time
+
+    from imgcls.processes import port_in_use
+
+    deadline = time.monotonic() + timeout_s
+    while not port_in_use(port):
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
