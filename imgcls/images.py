@@ -94,9 +94,9 @@ def decode_preview(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_sid
     Grad-CAM overlays: a picture for eyes, bounded in memory like `decode_image`)."""
     with _open(data, max_pixels) as img:
         width, height = img.size
-        scale = max(width, height) / max_side
-        box = (max(1, round(height / scale)), max(1, round(width / scale))) if scale > 1 else None
-        pixels = decode_image(data, max_pixels=max_pixels, target=box)
+    scale = max(width, height) / max_side
+    box = (max(1, round(height / scale)), max(1, round(width / scale))) if scale > 1 else None
+    pixels = decode_image(data, max_pixels=max_pixels, target=box)
     preview = Image.fromarray(pixels)
     preview.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     return np.asarray(preview)

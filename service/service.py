@@ -17,17 +17,9 @@ from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import FileResponse, Response
 
 from imgcls.hooks import hook
-from imgcls.images import (
-    ImageDecodeError,
-    UnsupportedFormatError,
-    decode_cost,
-    decode_preview,
-    model_input,
-)
 from service import gradcam
 from service.limits import (
     BodyLimitMiddleware,
-    DecodeSlots,
     Rejected,
     install_error_handlers,
     return_freed_memory_to_the_system,
@@ -37,6 +29,7 @@ from service.predictor import configure_accelerator, top_k
 from service.replies import classify_replies, one_version, stale_reply
 from service.settings import ServiceSettings
 from service.sources import build_follower
+from service.uploads import Uploads
 
 logger = logging.getLogger(__name__)
 SETTINGS = ServiceSettings()
@@ -126,8 +119,7 @@ class ImageClassifier:
     def __init__(self) -> None:
         self.settings = SETTINGS
         self._size: tuple[int, int] | None = None  # the input size last heard of
-        budget = SETTINGS.decode_memory_mib * 2**20
-        self.decodes = DecodeSlots(SETTINGS.max_concurrent_decodes, budget, SETTINGS.decode_wait_s)
+        self.uploads = Uploads(SETTINGS)  # every decode of this front: bounded memory
         return_freed_memory_to_the_system()
 
     def __is_ready__(self) -> bool:
@@ -159,7 +151,7 @@ class ImageClassifier:
     @PAGE.post("/explain", response_class=Response)
     def explain(self, image: ImageField) -> Response:
         """Grad-CAM overlay (PNG) of one uploaded image for its predicted class."""
-        preview = self._decoded(image, "image", self._preview)
+        preview = self.uploads.preview(image, "image")
         for _ in range(ATTEMPTS):
             reply = self.model.heatmap(self._model_input(image, "image").astype(np.float32))
             self._size = tuple(reply["image_size"])
@@ -180,22 +172,6 @@ class ImageClassifier:
         """The drop-an-image page."""
         return FileResponse(STATIC / "index.html")
 
-    def _decoded(self, upload: UploadFile, what: str, decode: Any, target=None) -> np.ndarray:
-        """`decode(bytes)` of an upload, with room reserved for it in the decode slots (503
-        when there is none); 413 over the byte limit, 415 for a refused format, 400 if
-        unusable. `target`: the size `decode` shrinks to (what its cost depends on)."""
-        limit = self.settings.max_upload_bytes
-        if upload.size is not None and upload.size > limit:
-            raise Rejected(413, f"{what} is over the upload limit of {limit} bytes")
-        upload.file.seek(0)  # read again when a model swap asks for another size
-        data = upload.file.read()
-        try:
-            with self.decodes.hold(decode_cost(data, target, max_pixels=self.settings.max_pixels)):
-                return decode(data)
-        except ImageDecodeError as exc:
-            status = 415 if isinstance(exc, UnsupportedFormatError) else 400
-            raise Rejected(status, f"{what} ({upload.filename}): {exc}") from exc
-
     def _classify(self, uploads: list[tuple[str, UploadFile]]) -> list[dict]:
         """Model replies for uploads, all from one version (decoded again for the new
         input size and retried if the model was swapped meanwhile)."""
@@ -211,15 +187,10 @@ class ImageClassifier:
         raise Rejected(503, "the served model changed repeatedly during this request; try again")
 
     def _model_input(self, upload: UploadFile, what: str) -> np.ndarray:
-        """The model's uint8 (H, W, 3) input, as training made it (imgcls.images.model_input)."""
+        """The model's uint8 (H, W, 3) input for the input size last heard of."""
         if self._size is None:
             self._size = tuple(self.model.to_sync.describe()["image_size"])
-        size, max_pixels = self._size, self.settings.max_pixels
-        return self._decoded(upload, what, lambda data: model_input(data, size, max_pixels=max_pixels), size)
-
-    def _preview(self, data: bytes) -> np.ndarray:
-        """A bounded copy of the upload to draw the Grad-CAM overlay on."""
-        return decode_preview(data, max_pixels=self.settings.max_pixels)
+        return self.uploads.model_input(upload, what, self._size)
 
     def _answer(self, replies: list[dict], k: int | None) -> list[dict]:
         """Response bodies for model replies; counts them in /metrics."""
