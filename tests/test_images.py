@@ -135,8 +135,9 @@ def test_shrunk_and_full_pixels_give_the_same_model_input():
         assert np.array_equal(model_input(data, size), prepare_image(decode_image(data), size))
 
 
-def test_16_bit_image_is_narrowed_without_a_float_copy():
-    values = np.random.default_rng(7).integers(0, 65536, (3000, 7), dtype=np.uint16)
+def test_16_bit_image_is_narrowed_exactly_across_strips():
+    """1200 rows of 2000 are narrowed in three strips (imgcls.images._STRIP_PIXELS)."""
+    values = np.random.default_rng(7).integers(0, 65536, (1200, 2000), dtype=np.uint16)
     data = png16(values[..., None])
     assert np.array_equal(decode_image(data)[..., 0], (values >> 8).astype(np.uint8))
 
