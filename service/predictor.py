@@ -12,7 +12,13 @@ from typing import Any, TypedDict
 
 import numpy as np
 
-from imgcls.images import DEFAULT_MAX_PIXELS, decode_image, load_image, resize_image
+from imgcls.images import (
+    DEFAULT_MAX_PIXELS,
+    PREPROCESSING_VERSION,
+    decode_preview,
+    load_image,
+    resize_image,
+)
 from imgcls.modelcard import ModelCard
 
 from . import gradcam
@@ -77,11 +83,13 @@ class Predictor:
         return gradcam.gradcam_heatmap(self._split, x, class_index)
 
     def explain(self, image: bytes | np.ndarray, class_index: int | None = None) -> bytes:
-        """Grad-CAM overlay (PNG bytes) of an encoded image or its decoded uint8 pixels."""
-        pixels = image
+        """Grad-CAM overlay (PNG bytes) of an encoded image or its decoded uint8 pixels
+        (an encoded one is drawn on a preview of at most 1024 px, see decode_preview)."""
+        size = tuple(self.card.image_size)
         if isinstance(image, bytes):
-            pixels = decode_image(image, max_pixels=self.max_pixels)
-        x = resize_image(pixels, tuple(self.card.image_size))
+            x, pixels = self.preprocess(image), decode_preview(image, max_pixels=self.max_pixels)
+        else:
+            x, pixels = resize_image(image, size), image
         return gradcam.overlay_png(pixels, self.heatmap(x, class_index))
 
     def warm_up(self) -> None:
@@ -89,6 +97,12 @@ class Predictor:
         h, w = self.card.image_size
         self.probabilities(np.zeros((1, h, w, 3), np.float32))
         logger.info("model %s v%s is warm", self.name, self.version)
+        if self.card.preprocessing != PREPROCESSING_VERSION:
+            logger.info(
+                "model %s v%s was trained with preprocessing %s and is served with %s "
+                "(within the tolerance the README states)",
+                self.name, self.version, self.card.preprocessing, PREPROCESSING_VERSION,
+            )  # fmt: skip
 
     def metadata(self) -> dict[str, Any]:
         """What /metadata shows: name, version and the model card."""

@@ -153,8 +153,22 @@ def test_http_probabilities_equal_the_model_in_memory(server, tiny_model, fmt):
         ({"picture": ("red.png", encode(colour_image("red"), "PNG"))}, 400, "field 'image'"),
         ({"image": ("bomb.png", bomb_png(1500, 1500))}, 400, "over the limit of 1000000"),
         ({"image": ("huge.bin", bytes(MAX_UPLOAD + 10))}, 413, "over the limit"),
+        ({"image": ("x.ico", encode(colour_image("red"), "ICO"))}, 415, "image format ICO is not accepted"),
+        ({"image": ("x.dds", encode(colour_image("red"), "DDS"))}, 415, "image format DDS is not accepted"),
+        ({"image": ("x.eps", encode(colour_image("red"), "EPS"))}, 415, "image format EPS is not accepted"),
     ],
-    ids=["not-image", "empty", "truncated-jpeg", "truncated-png", "wrong-field", "bomb", "too-big"],
+    ids=[
+        "not-image",
+        "empty",
+        "truncated-jpeg",
+        "truncated-png",
+        "wrong-field",
+        "bomb",
+        "too-big",
+        "ico",
+        "dds",
+        "eps",
+    ],  # fmt: skip
 )
 def test_bad_input_gets_4xx_json_and_server_keeps_serving(server, files, status, reason):
     response = httpx.post(f"{server}/predict", files=files, timeout=30)
