@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export KERAS_HOME := $(CURDIR)/.imgcls/keras
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-train bench-serve browser compose-config clean
+.PHONY: help install demo test test-fast lint format bench bench-train bench-serve bench-rollout browser compose-config clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ bench-train: install ## training quality and speed benchmarks (needs ../shared),
 
 bench-serve: install ## serving throughput/latency benchmark, see docs/benchmarks.md
 	$(BIN)/python -m bench.serve_bench
+
+bench-rollout: install ## promote/roll back under load: swap times, p99, memory, see docs/benchmarks.md
+	$(BIN)/python -m bench.rollout_bench
 
 compose-config: install ## validate docker-compose.yml (with .env, or the placeholders of .env.example)
 	@envf=$$([ -f .env ] && echo .env || echo .env.example); \
