@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from statistics import fmean as mean
 
 from bench.loadgen import Answer, Record, Sender, percentiles
 
@@ -46,15 +47,17 @@ class Move:
 def move_timing(records: Iterable[Record], move: Move, until: float = float("inf")) -> dict:
     """first_new_s, last_old_s (see the module docstring), the requests started between
     the move and `until` (the next move), old answers that ended after the first new one
-    (requests that had read the old model before the swap) and answers by any other version."""
+    (requests that had read the old model before the swap), answers by any other version,
+    and the latency of the first new answer (the new model's first batch)."""
     after = [r for r in records if r.ok and move.at <= r.start < until]
     new = [r.end for r in after if r.version == move.new]
     old = [r.end for r in after if r.version == move.old]
-    first_new = min(new) - move.at if new else None
+    first = min((r for r in after if r.version == move.new), key=lambda r: r.end, default=None)
     return {
         **asdict(move),
         "requests": len(after),
-        "first_new_s": first_new,
+        "first_new_s": first.end - move.at if first else None,
+        "first_new_latency_ms": first.latency_ms if first else None,
         "last_old_s": max(old) - move.at if old else None,
         "old_after_first_new": sum(end > min(new) for end in old) if new else 0,
         "other_versions": sum(r.version not in (move.old, move.new) for r in after),
@@ -174,6 +177,34 @@ def targets(key: str, result: dict) -> list[tuple[bool, str]]:
     return [(ok, f"{key}: {line}") for ok, line in checks]
 
 
+def where_time_goes(key: str, result: dict) -> list[str]:
+    """NOTE lines splitting a switch: move -> last old answer (poll wait, the load beside
+    the old model, one batch), last old -> first new answer (the new model's first batch),
+    and the CPU and throughput of the swap windows against steady state."""
+    moves = [m for m in result["moves"] if m["first_new_s"] is not None]
+    if not moves:
+        return []
+    last_old = mean([m["last_old_s"] or 0.0 for m in moves])
+    gap = mean([m["first_new_s"] - (m["last_old_s"] or 0.0) for m in moves])
+    first_ms = mean([m["first_new_latency_ms"] for m in moves])
+    usage, rate = result["usage"], result["images_per_s"]
+    cores = {side: usage[side]["cores"] for side in ("swap", "steady")}
+    lines = [
+        f"move -> last old answer {last_old:.2f} s on average (poll wait ~{result['poll_interval_s'] / 2:g} s "
+        f"+ load and warm-up beside the old model, {result['load_s']:.1f} s on idle cores, + one batch); "
+        f"last old -> first new answer {gap:.2f} s: the new model's first answer took {first_ms:.0f} ms "
+        f"(steady p50 {_ms(result['steady']['p50_ms'])} ms)",
+        "CPU cores of the server's processes, swap / steady: "
+        + ", ".join(
+            f"{role} {cores['swap'].get(role, 0):.2f} / {cores['steady'].get(role, 0):.2f}"
+            for role in ("model", "front")
+        ),  # fmt: skip
+    ]
+    if rate["swap"] and rate["steady"]:
+        lines[-1] += f"; images/s {rate['swap']:.1f} / {rate['steady']:.1f}"
+    return [f"{key}: {line}" for line in lines]
+
+
 def _max(values: Sequence[float | None]) -> str:
     known = [v for v in values if v is not None]
     missing = len(values) - len(known)
@@ -247,6 +278,7 @@ def render(report: dict, out: str) -> str:
     ]
     for key, result in report["results"].items():
         parts += [f"{'PASS' if ok else 'FAIL'} {line}" for ok, line in targets(key, result)]
+        parts += [f"NOTE {line}" for line in where_time_goes(key, result)]
     parts.append(f"\nJSON: {out}")
     return "\n".join(parts)
 

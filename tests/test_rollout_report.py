@@ -113,3 +113,13 @@ def test_watch_waits_until_every_recent_answer_has_the_new_version():
     stop.set()
     assert watch.wait_switched("3", since, 0.0, timeout_s=5, stop=stop) is False
     assert len(watch) == 5
+
+
+def test_where_time_goes_splits_the_switch_at_the_last_old_answer():
+    result = rollout.analyse(synthetic(), [MOVE], [], since=0.0, until=30.0, poll_interval_s=2, load_s=0.5)
+    assert result["moves"][0]["first_new_latency_ms"] == pytest.approx(100)
+    move_line, cpu_line = rollout.where_time_goes("demo", result)
+    assert (
+        "move -> last old answer 2.90 s" in move_line and "last old -> first new answer -0.80 s" in move_line
+    )
+    assert cpu_line.startswith("demo: CPU cores of the server's processes, swap / steady: model 0.00 / 0.00")
