@@ -141,7 +141,9 @@ def analyse(records: Sequence[Record], moves: Sequence[Move], samples, since: fl
     timings = [move_timing(records, m, end) for m, end in zip(moves, ends, strict=True)]
     windows = [swap_window(t) for t in timings]
     for timing, window in zip(timings, windows, strict=True):
-        timing["window_p99_ms"] = latency(r for r in records if window[0] <= r.start < window[1])["p99_ms"]
+        inside = [r.latency_ms for r in records if r.ok and window[0] <= r.start < window[1]]
+        timing["window_p99_ms"] = percentiles(inside)["p99_ms"]
+        timing["window_max_ms"] = max(inside, default=None)
     swap = latency(r for r in records if _inside(r.start, windows))
     return {
         "requests": len(records),
@@ -191,7 +193,7 @@ def where_time_goes(key: str, result: dict) -> list[str]:
     cores = {side: usage[side]["cores"] for side in ("swap", "steady")}
     lines = [
         f"move -> last old answer {last_old:.2f} s on average (poll wait ~{result['poll_interval_s'] / 2:g} s "
-        f"+ load and warm-up beside the old model, {result['load_s']:.1f} s on idle cores, + one batch); "
+        f"+ load and warm-up beside the old model, {result['load_s']:.1f} s before the load, + one batch); "
         f"last old -> first new answer {gap:.2f} s: the new model's first answer took {first_ms:.0f} ms "
         f"(steady p50 {_ms(result['steady']['p50_ms'])} ms)",
         "CPU cores of the server's processes, swap / steady: "

@@ -16,7 +16,7 @@ keeps driving until at least `--min-requests` requests were made.
 Reported per model (definitions in bench/rollout.py): requests and failures; per move the
 time to the first answer by the new version and to the last by the old one, against
 poll interval + load time + 1 s, the load time being the follower's own swap path timed
-once in this process (bench.inprocess.follower_load_s); p99 in the swap windows against
+once in this process before the load (bench.inprocess.follower_load_s); p99 in the swap windows against
 steady state; images/s, CPU of the model process and peak RSS of the server's process
 tree (bench.sampling.TreeSampler) in the swap windows against steady state.
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         results: dict = {"machine": machine(), "images": f"{len(jpegs)} JPEGs at {PHOTO_SIZE}: {source}"}
         results["load_time_how"] = (
             "the follower's swap path (MLflow download, load .keras, check, warm-up) timed once in the "
-            "benchmark process before the load, on otherwise idle cores"
+            "benchmark process before its load starts (other jobs on the machine still run)"
         )
         results["settings"] = {k: getattr(args, k) for k in ("swaps", "poll_interval", "steady", "min_requests",
                                                              "front_workers")}  # fmt: skip
