@@ -229,14 +229,15 @@ def moves_table(results: dict) -> str:
     """Markdown: one row per alias move of every model."""
     lines = [
         "| model | # | move | requests after | first new s | last old s | target s | old after first new "
-        "| window p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| first new answer ms | window p99 ms | window max ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, result in results.items():
         for n, m in enumerate(result["moves"], 1):
             cells = [key, str(n), f"{m['kind']} v{m['old']} -> v{m['new']}", str(m["requests"])]
             cells += [_s(m["first_new_s"]), _s(m["last_old_s"]), f"{result['target_s']:.1f}"]
-            cells += [str(m["old_after_first_new"]), _ms(m["window_p99_ms"])]
+            cells += [str(m["old_after_first_new"]), _ms(m.get("first_new_latency_ms"))]
+            cells += [_ms(m["window_p99_ms"]), _ms(m.get("window_max_ms"))]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
