@@ -4,7 +4,8 @@ records (bench.loadgen.Record), the alias moves and the process sampler's sample
 Definitions (all times `perf_counter` seconds, the clock of the records and the moves):
 
 - `first_new_s`: from the move to the end of the first answer computed by the new
-  version among requests that started after the move (and before the next move).
+  version among requests that started after the move (and ended before the next move:
+  a fast next swap may answer a request still running then).
 - `last_old_s`: from the move to the end of the last answer computed by the old version
   among those requests: the switch is complete then. None when no request started
   after the move got the old version.
@@ -45,11 +46,12 @@ class Move:
 
 
 def move_timing(records: Iterable[Record], move: Move, until: float = float("inf")) -> dict:
-    """first_new_s, last_old_s (see the module docstring), the requests started between
-    the move and `until` (the next move), old answers that ended after the first new one
+    """first_new_s, last_old_s (see the module docstring), the requests started after the
+    move and answered before `until` (the next move), old answers that ended after the first new one
     (requests that had read the old model before the swap), answers by any other version,
     and the latency of the first new answer (the new model's first batch)."""
-    after = [r for r in records if r.ok and move.at <= r.start < until]
+    # Requests still running at the next move are left out: the next swap may answer them.
+    after = [r for r in records if r.ok and move.at <= r.start and r.end < until]
     new = [r.end for r in after if r.version == move.new]
     old = [r.end for r in after if r.version == move.old]
     first = min((r for r in after if r.version == move.new), key=lambda r: r.end, default=None)

@@ -121,6 +121,11 @@ def bench_case(key: str, jpegs: list[bytes], args: argparse.Namespace, work: Pat
             load.join()
         until = time.perf_counter()
     result = rollout.analyse(records, moves, sampler.samples, since, until, args.poll_interval, load_s)
+    if args.records:
+        args.records.mkdir(parents=True, exist_ok=True)
+        rows = [[r.start, r.end, r.status, r.version, r.error] for r in records]
+        (args.records / f"{key}-records.json").write_text(json.dumps({"since": since, "until": until,
+                                                                      "records": rows}))  # fmt: skip
     return {"model": first.name, "versions": [first.version, second.version], "concurrency": concurrency,
             **result}  # fmt: skip
 
@@ -147,6 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logs", type=Path, help="keep the server logs in this folder (default: dropped)")
     parser.add_argument(
         "--out", type=Path, default=ROOT / ".imgcls/bench/rollout_bench.json", help="JSON results file"
+    )
+    parser.add_argument(
+        "--records", type=Path, help="also write every request as JSON into this folder, one file per model"
     )
     args = parser.parse_args(argv)
     if args.quick:

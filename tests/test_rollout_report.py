@@ -38,7 +38,8 @@ def test_move_timing_measures_from_the_move_to_first_new_and_last_old():
 
 
 def test_answers_before_the_move_and_after_the_next_one_are_left_out():
-    records = [rec(9.0, 2.0, "1"), rec(10.5, 0.1, "2"), rec(20.5, 0.1, "1")]
+    # 19.9 s: started before the next move (20 s), answered by the version it brought back.
+    records = [rec(9.0, 2.0, "1"), rec(10.5, 0.1, "2"), rec(19.9, 0.4, "1"), rec(20.5, 0.1, "1")]
     timing = rollout.move_timing(records, MOVE, until=20.0)
     assert timing["first_new_s"] == pytest.approx(0.6)
     assert timing["last_old_s"] is None  # the 9.0 s request started before the move
