@@ -57,6 +57,9 @@ bench-serve: install ## serving throughput/latency benchmark, see docs/benchmark
 bench-memory: install ## HTTP fronts' memory under worst-case uploads, JPEG draft speedup, see docs/benchmarks.md
 	$(BIN)/python -m bench.memory_bench
 
+bench-rollout: install ## promote/roll back under load: swap times, p99, memory, see docs/benchmarks.md
+	$(BIN)/python -m bench.rollout_bench
+
 compose-config: install ## validate docker-compose.yml (with .env, or the placeholders of .env.example)
 	@envf=$$([ -f .env ] && echo .env || echo .env.example); \
 	err=$$($(BIN)/docker-compose --env-file $$envf config --quiet 2>&1); [ -z "$$err" ] || { echo "$$err"; exit 1; }; echo "docker-compose.yml is valid"
