@@ -93,9 +93,12 @@ class Predictor:
         return gradcam.overlay_png(pixels, self.heatmap(x, class_index))
 
     def warm_up(self) -> None:
-        """One prediction on a blank image, so the first request does not pay for tracing."""
+        """Predictions on blank batches of every size class the service will run, so no
+        request pays for tracing: on TensorFlow a batch of 1 and one of 2 (from the second
+        shape on, Keras traces a function of any batch size); on JAX each padded size."""
         h, w = self.card.image_size
-        self.probabilities(np.zeros((1, h, w, 3), np.float32))
+        for size in _warm_batch_sizes():
+            self.probabilities(np.zeros((size, h, w, 3), np.float32))
         logger.info("model %s v%s is warm", self.name, self.version)
         if self.card.preprocessing != PREPROCESSING_VERSION:
             logger.info(
@@ -107,6 +110,16 @@ class Predictor:
     def metadata(self) -> dict[str, Any]:
         """What /metadata shows: name, version and the model card."""
         return {"model": self.name, "version": self.version, **self.card.to_metadata()}
+
+
+# Largest batch warmed up on JAX: the service's default max_batch_size.
+WARM_BATCH_LIMIT = 32
+
+
+def _warm_batch_sizes() -> list[int]:
+    if _backend() != "jax":
+        return [1, 2]
+    return [1 << i for i in range(WARM_BATCH_LIMIT.bit_length())]
 
 
 def _pad_batch(batch: np.ndarray) -> np.ndarray:
