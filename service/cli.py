@@ -69,6 +69,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help="HTTP front processes that decode and resize uploads (1; more where the model is fast)",
     )
+    p.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        help="predict requests running at once per front process; beyond: 503 with Retry-After (64)",
+    )
+    p.add_argument(
+        "--max-concurrent-explains",
+        type=int,
+        help="/explain requests running at once per front process; beyond: 503 with Retry-After (4)",
+    )
+    p.add_argument(
+        "--api-keys-file",
+        help="file of API keys, one a line: every route but /livez, /readyz, /metrics and the "
+        f"page then needs one (Authorization: Bearer KEY or X-API-Key; or {ENV_PREFIX}API_KEYS)",
+    )
+    p.add_argument(
+        "--protect-probes",
+        action="store_const",
+        const=True,
+        help="with API keys, put /metrics behind them too (/livez and /readyz stay open)",
+    )
     p.set_defaults(func=serve)
 
 
@@ -86,8 +107,13 @@ def serve(args: argparse.Namespace) -> int:
             name = f"{ENV_PREFIX}{'_'.join(map(str, error['loc'])).upper()}"
             print(f"error: {name}={error.get('input')!r}: {error['msg']}")
         return 2
-    # Pass every resolved value (.env included) on to the server processes.
-    env = {f"{ENV_PREFIX}{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}
+    keys = _api_keys(settings)
+    if keys is None:
+        return 2
+    # Pass every resolved value (.env included) on to the server processes; the keys
+    # themselves stay where they were given (the environment, .env or the file).
+    values = settings.model_dump(exclude={"api_keys"}).items()
+    env = {f"{ENV_PREFIX}{k.upper()}": str(v) for k, v in values if v is not None}
     following = (
         f"pinned to version {settings.version}"
         if settings.version
@@ -95,8 +121,24 @@ def serve(args: argparse.Namespace) -> int:
         if settings.poll_interval_s and not settings.bento_tag
         else "not following the registry"
     )
-    print(f"serving on http://{settings.host}:{settings.port} (source: {settings.source}, {following})")
+    access = f"{len(keys)} API keys" if keys else "no API key"
+    print(
+        f"serving on http://{settings.host}:{settings.port} (source: {settings.source}, {following}, {access})"
+    )
     return subprocess.call(serve_command(settings.host, settings.port), env={**os.environ, **env})
+
+
+def _api_keys(settings) -> tuple[str, ...] | None:
+    """The configured API keys, or None (after saying why) when the keys file is unusable."""
+    try:
+        keys = settings.api_key_list()
+    except OSError as exc:
+        print(f"error: --api-keys-file: {exc}")
+        return None
+    if settings.api_keys_file is not None and not keys:
+        print(f"error: --api-keys-file {settings.api_keys_file}: no key in it")
+        return None
+    return keys
 
 
 def settings_env(args: argparse.Namespace) -> dict[str, str]:
@@ -105,7 +147,8 @@ def settings_env(args: argparse.Namespace) -> dict[str, str]:
         "port", "host", "source", "model_name", "alias", "bento_tag", "top_k", "batching",
         "max_batch_size", "max_latency_ms", "max_upload_bytes", "max_pixels",
         "max_batch_images", "gpu", "front_workers", "model_workers", "poll_interval_s",
-        "version", "cache_dir",
+        "version", "cache_dir", "max_concurrent_requests", "max_concurrent_explains",
+        "api_keys_file", "protect_probes",
     ]  # fmt: skip
     values = {name: getattr(args, name, None) for name in names}
     return {f"{ENV_PREFIX}{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)

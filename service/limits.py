@@ -12,14 +12,19 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+from service.errors import current_request_id
+
 Scope = dict[str, Any]
 
 logger = logging.getLogger(__name__)
 
 
-def error_response(status: int, message: str, **extra: Any) -> JSONResponse:
-    """The service's one error shape: `{"error": reason}` with a 4xx status."""
-    return JSONResponse({"error": message, **extra}, status_code=status)
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    """The service's one error shape: `{"error": reason}` (service.errors adds the
+    request ID on the way out)."""
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
 class Rejected(Exception):
@@ -87,9 +92,12 @@ def return_freed_memory_to_the_system() -> None:
 
 
 def install_error_handlers(app: Any) -> None:
-    """Map `Rejected` and FastAPI's request validation errors to 4xx JSON answers, the
+    """Map `Rejected`, FastAPI's request validation errors and the framework's own HTTP
+    errors (404, 405, multipart parse errors) to JSON answers in the error shape, the
     model's refusals to 503, and anything unexpected to a 500 (UnexpectedErrorMiddleware)."""
+    from bentoml.exceptions import BentoMLException
     from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
 
     async def rejected(_request: Any, exc: Rejected) -> JSONResponse:
         response = error_response(exc.status, exc.message)
@@ -105,8 +113,19 @@ def install_error_handlers(app: Any) -> None:
         response.headers["Retry-After"] = "1"
         return response
 
+    async def http_error(request: Any, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, _http_error_text(request, exc), headers=exc.headers)
+
+    async def model_error(request: Any, exc: BentoMLException) -> JSONResponse:
+        if exc.error_code.value in (429, 503):  # the model process sheds load: try again
+            return await busy(request, exc)
+        logger.error("the model process answered %d: %s", exc.error_code.value, exc)
+        return error_response(500, f"the model process failed: {type(exc).__name__}")
+
     app.add_exception_handler(Rejected, rejected)
     app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(BentoMLException, model_error)
     for unavailable in _unavailable_errors():
         app.add_exception_handler(unavailable, busy)
     app.add_middleware(UnexpectedErrorMiddleware)
@@ -118,6 +137,16 @@ def _unavailable_errors() -> tuple[type[Exception], ...]:
     from bentoml.exceptions import ServiceUnavailable
 
     return (ServiceUnavailable, aiohttp.ClientConnectionError)
+
+
+def _http_error_text(request: Any, exc: Any) -> str:
+    """The reason of a framework HTTP error, naming the route for 404 and 405."""
+    if exc.status_code == 404:
+        return f"no route {request.url.path}"
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        return f"method {request.method} is not allowed on {request.url.path} (allowed: {allowed})"
+    return str(exc.detail)
 
 
 def _describe(errors: list[dict]) -> str:
@@ -162,7 +191,7 @@ class UnexpectedErrorMiddleware:
         try:
             await self.app(scope, receive, tracking_send)
         except Exception as exc:
-            logger.exception("request failed", exc_info=exc)
+            logger.exception("request %s failed", current_request_id(), exc_info=exc)
             if started:  # half an answer is out: closing the connection is all that is left
                 raise
             await error_response(500, f"internal error: {type(exc).__name__}")(scope, receive, send)

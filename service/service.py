@@ -18,6 +18,8 @@ from fastapi.responses import FileResponse, Response
 
 from imgcls.hooks import hook
 from service import gradcam
+from service.access import ApiKeyMiddleware
+from service.errors import ErrorShapeMiddleware
 from service.limits import (
     BodyLimitMiddleware,
     Rejected,
@@ -28,6 +30,13 @@ from service.metrics import FollowerMetrics, observe_prediction
 from service.predictor import configure_accelerator, top_k
 from service.replies import classify_replies, one_version, stale_reply
 from service.settings import ServiceSettings
+from service.shedding import (
+    HeatmapLane,
+    RouteLimitMiddleware,
+    front_limits,
+    heatmap_waiting_limit,
+    model_max_concurrency,
+)
 from service.sources import build_follower
 from service.uploads import Uploads
 
@@ -56,7 +65,8 @@ def _classify_api(settings: ServiceSettings) -> Any:
 @bentoml.service(
     name="imgcls-model",
     workers=SETTINGS.model_workers,
-    traffic={"timeout": SETTINGS.timeout_s},
+    # A backstop: the fronts' own limits keep below it (service/shedding.py).
+    traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": model_max_concurrency(SETTINGS)},
     # BentoML 1.4.40 recycles the front's client session every 100 requests / 300 s and
     # closes connections still in use (bentoml#5540, #5544): in-flight calls fail. Keep one.
     runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9},
@@ -69,6 +79,7 @@ class ClassifierModel:
     def __init__(self) -> None:
         configure_accelerator()
         self.follower = build_follower(SETTINGS, FollowerMetrics())
+        self.heatmaps = HeatmapLane(heatmap_waiting_limit(SETTINGS))
 
     @bentoml.on_startup
     def follow_the_registry(self) -> None:
@@ -87,8 +98,15 @@ class ClassifierModel:
         return classify_replies(self.follower.served.predictor, images)
 
     @bentoml.api
-    def heatmap(self, image: np.ndarray) -> dict:
-        """Grad-CAM (h, w) of one (H, W, 3) model input for its predicted class."""
+    async def heatmap(self, image: np.ndarray) -> dict:
+        """Grad-CAM (h, w) of one (H, W, 3) model input for its predicted class.
+
+        Async only to wait for its turn: heatmaps run one at a time on a thread of their
+        own (service/shedding.py), so a burst of /explain never holds the classify batches."""
+        return await self.heatmaps.run(self._heatmap, image)
+
+    def _heatmap(self, image: np.ndarray) -> dict:
+        hook("heatmap")  # a test seam: IMGCLS_HOOK_HEATMAP (imgcls/hooks.py)
         predictor = self.follower.served.predictor
         if tuple(image.shape[:2]) != tuple(predictor.card.image_size):
             return stale_reply(predictor)
@@ -153,7 +171,7 @@ class ImageClassifier:
         """Grad-CAM overlay (PNG) of one uploaded image for its predicted class."""
         preview = self.uploads.preview(image, "image")
         for _ in range(ATTEMPTS):
-            reply = self.model.heatmap(self._model_input(image, "image").astype(np.float32))
+            reply = self.model.to_sync.heatmap(self._model_input(image, "image").astype(np.float32))
             self._size = tuple(reply["image_size"])
             if not reply["stale"]:
                 headers = {"X-Model-Version": str(reply["version"])}
@@ -208,4 +226,9 @@ def _origin(reply: dict) -> dict:
 
 
 install_error_handlers(PAGE)
+# Outermost first: a request ID and the error shape on every answer, the API key, the
+# per-route concurrency limits, the byte limit.
+ImageClassifier.add_asgi_middleware(ErrorShapeMiddleware)
+ImageClassifier.add_asgi_middleware(ApiKeyMiddleware, settings=SETTINGS)
+ImageClassifier.add_asgi_middleware(RouteLimitMiddleware, limits=front_limits(SETTINGS))
 ImageClassifier.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_upload_bytes)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "IMGCLS_SERVE_"
@@ -98,9 +98,33 @@ class ServiceSettings(BaseSettings):
     decode_wait_s: float = Field(
         0.5, ge=0, description="Seconds a request waits for a decode slot before its 503."
     )
+    # Requests reaching the model at once per front (/predict, /predict_batch, /metadata):
+    # two full batches (max_batch_size 32), one computing and one filling; more would only
+    # wait in the model's queue. Beyond: 503 with Retry-After (service/shedding.py).
+    max_concurrent_requests: int = Field(
+        64, ge=1, le=4096, description="Predict requests running at once per front process; beyond: 503."
+    )
+    # The model computes one heatmap at a time (a Grad-CAM costs a few predictions): four
+    # per front keep an /explain's wait to a few heatmaps and leave the front's threads
+    # and the model's batches to /predict.
+    max_concurrent_explains: int = Field(
+        4, ge=1, le=256, description="/explain requests running at once per front process; beyond: 503."
+    )
+    api_keys: SecretStr | None = Field(
+        None, description="Comma-separated API keys; set: every route but the probes needs one."
+    )
+    api_keys_file: Path | None = Field(None, description="A file of API keys, one a line (# comments).")
+    protect_probes: bool = Field(False, description="Put /metrics behind the API keys too.")
     model_workers: int = Field(
         1, ge=1, le=16, description="Model processes; each loads and follows the champion on its own."
     )
     port: int = Field(3000, ge=1, le=65535, description="HTTP port of `imgcls serve`.")
     host: str = Field("127.0.0.1", description="Interface `imgcls serve` binds to.")
     timeout_s: int = Field(60, ge=1, description="Per-request timeout.")
+
+    def api_key_list(self) -> tuple[str, ...]:
+        """The configured API keys (inline and from the file); empty: no key needed."""
+        from service.access import read_keys
+
+        inline = self.api_keys.get_secret_value() if self.api_keys else None
+        return read_keys(inline, self.api_keys_file)
