@@ -66,11 +66,12 @@ def _bentoml_request_id() -> str | None:
     return None if not request_id else format(request_id, "016x")
 
 
-def error_body(status: int, body: bytes, content_type: str, request_id: str) -> bytes:
+def error_body(status: int, body: bytes, content_type: str, request_id: str, where: str = "") -> bytes:
     """`body` of an error answer in the service's shape: `{"error": ..., "request_id": ...}`.
 
     JSON with `error` keeps its fields; `{"detail": ...}` becomes the error text; plain
-    text (or nothing) becomes the error, or the status's reason phrase."""
+    text (or nothing) becomes the error, or the status's reason phrase. `where`
+    ("GET /path (allowed: ...)") names the route in a bare 404 or 405."""
     data: Any = None
     if "json" in content_type:
         try:
@@ -85,6 +86,8 @@ def error_body(status: int, body: bytes, content_type: str, request_id: str) -> 
     else:
         text = body.decode("utf-8", "replace").strip()
         shaped = {"error": text or _reason(status)}
+    if where and shaped["error"] == _reason(status) and status in (404, 405):
+        shaped["error"] = f"{_reason(status).lower()}: {where}"
     shaped["request_id"] = request_id
     return json.dumps(shaped).encode()
 
@@ -156,7 +159,10 @@ class _ShapedAnswer:
         start, self._start = self._start, None
         headers = MutableHeaders(raw=start["headers"])
         status = start["status"]
-        body = error_body(status, self._body, headers.get("content-type", ""), self.request_id)
+        where = f"{self.scope.get('method')} {self.scope.get('path')}"
+        if "allow" in headers:
+            where += f" (allowed: {headers['allow']})"
+        body = error_body(status, self._body, headers.get("content-type", ""), self.request_id, where)
         headers["content-type"] = "application/json"
         headers["content-length"] = str(len(body))
         self._log(status, body)

@@ -7,12 +7,16 @@ imgcls.processes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,7 +24,8 @@ import numpy as np
 from PIL import Image
 
 from imgcls.modelcard import ModelCard
-from imgcls.processes import QUIET_ENV
+from imgcls.processes import QUIET_ENV, ServerProcess, free_port
+from service.cli import serve_command
 
 CLASSES = ["red", "green", "blue"]
 SIZE = (32, 32)
@@ -197,3 +202,26 @@ class Clients:
             if self.versions_since(mark) == {version}:
                 return time.monotonic() - started
         raise TimeoutError(f"clients never all got version {version}: {self.versions_since(started)}")
+
+
+@contextlib.contextmanager
+def tiny_model_server(
+    home: Path, model_file: Path, hooks: dict[str, str] | None = None, **settings: object
+) -> Iterator[ServerProcess]:
+    """A real `bentoml serve` of the tiny model (BentoML store under `home`, registry
+    version 7), stopped at the end of the block. `hooks`: IMGCLS_HOOK_<STEP> values."""
+    env = service_env(home, **settings)
+    env.update({f"IMGCLS_HOOK_{step.upper()}": action for step, action in (hooks or {}).items()})
+    save = (
+        "import sys; from imgcls.modelcard import ModelCard; from service.store import "
+        "save_to_bento_store as s; "
+        "s(sys.argv[1], ModelCard.model_validate_json(sys.argv[2]), 'image-classifier', 7)"
+    )
+    card = tiny_card().model_dump_json()
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", save, str(model_file), card], env=env, check=True, cwd=root)
+    port = free_port()
+    cmd = serve_command("127.0.0.1", port)
+    ready = f"http://127.0.0.1:{port}/readyz"
+    with ServerProcess(cmd, ready, home / "server.log", env=env, cwd=root, port=port, timeout_s=150) as srv:
+        yield srv
