@@ -67,7 +67,9 @@ class KeyCheck:
 
 def presented_key(scope: Scope) -> str | None:
     """The key a request carries: `Authorization: Bearer <key>`, else `X-API-Key`."""
-    headers = {name: value.decode("latin-1") for name, value in scope.get("headers", ())}
+    headers = {
+        name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers", ())
+    }
     scheme, _, token = headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()

@@ -204,14 +204,9 @@ class Clients:
         raise TimeoutError(f"clients never all got version {version}: {self.versions_since(started)}")
 
 
-@contextlib.contextmanager
-def tiny_model_server(
-    home: Path, model_file: Path, hooks: dict[str, str] | None = None, **settings: object
-) -> Iterator[ServerProcess]:
-    """A real `bentoml serve` of the tiny model (BentoML store under `home`, registry
-    version 7), stopped at the end of the block. `hooks`: IMGCLS_HOOK_<STEP> values."""
-    env = service_env(home, **settings)
-    env.update({f"IMGCLS_HOOK_{step.upper()}": action for step, action in (hooks or {}).items()})
+def store_tiny_model(model_file: Path, env: dict[str, str]) -> None:
+    """Save the tiny model in the BentoML store of `env` as registry version 7 (a child
+    process, so this one never imports BentoML's store with another BENTOML_HOME)."""
     save = (
         "import sys; from imgcls.modelcard import ModelCard; from service.store import "
         "save_to_bento_store as s; "
@@ -220,6 +215,18 @@ def tiny_model_server(
     card = tiny_card().model_dump_json()
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", save, str(model_file), card], env=env, check=True, cwd=root)
+
+
+@contextlib.contextmanager
+def tiny_model_server(
+    home: Path, model_file: Path, hooks: dict[str, str] | None = None, **settings: object
+) -> Iterator[ServerProcess]:
+    """A real `bentoml serve` of the tiny model (BentoML store under `home`, registry
+    version 7), stopped at the end of the block. `hooks`: IMGCLS_HOOK_<STEP> values."""
+    env = service_env(home, **settings)
+    env.update({f"IMGCLS_HOOK_{step.upper()}": action for step, action in (hooks or {}).items()})
+    store_tiny_model(model_file, env)
+    root = Path(__file__).resolve().parents[1]
     port = free_port()
     cmd = serve_command("127.0.0.1", port)
     ready = f"http://127.0.0.1:{port}/readyz"
