@@ -77,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-concurrent-explains",
         type=int,
-        help="/explain requests running at once per front process; beyond: 503 with Retry-After (4)",
+        help="/explain requests running at once per front process; beyond: 503 with Retry-After (2)",
     )
     p.add_argument(
         "--api-keys-file",

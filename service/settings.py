@@ -104,11 +104,11 @@ class ServiceSettings(BaseSettings):
     max_concurrent_requests: int = Field(
         64, ge=1, le=4096, description="Predict requests running at once per front process; beyond: 503."
     )
-    # The model computes one heatmap at a time (a Grad-CAM costs a few predictions): four
-    # per front keep an /explain's wait to a few heatmaps and leave the front's threads
-    # and the model's batches to /predict.
+    # The model computes one heatmap at a time (a Grad-CAM costs a few predictions and uses
+    # every core while it runs): two per front, one computing and one ready behind it;
+    # more would only wait, holding front threads (explain_bench: docs/benchmarks.md).
     max_concurrent_explains: int = Field(
-        4, ge=1, le=256, description="/explain requests running at once per front process; beyond: 503."
+        2, ge=1, le=256, description="/explain requests running at once per front process; beyond: 503."
     )
     api_keys: SecretStr | None = Field(
         None, description="Comma-separated API keys; set: every route but the probes needs one."
