@@ -159,3 +159,65 @@ def _wait_listening(port: int, timeout_s: float = 10) -> None:
     while not port_in_use(port):
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
+
+
+def _shaped_app() -> TestClient:
+    """A Starlette app like BentoML's (plain-text errors), wrapped in ErrorShapeMiddleware."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from service.errors import ErrorShapeMiddleware
+
+    async def bug(_request):
+        raise RuntimeError("boom")
+
+    async def teapot(_request):
+        return PlainTextResponse("short and stout", status_code=418)
+
+    async def big(_request):
+        return PlainTextResponse("x" * 100_000, status_code=400)
+
+    routes = [
+        Route("/bug", bug),
+        Route("/teapot", teapot),
+        Route("/big", big),
+        Route("/ok", teapot, methods=["PUT"]),
+    ]
+    app = Starlette(routes=routes, middleware=[Middleware(ErrorShapeMiddleware)])
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def test_error_shape_middleware_rewrites_plain_errors_and_names_the_route():
+    client = _shaped_app()
+    missing = client.get("/nope", headers={"X-Request-ID": "abc.123"})
+    assert missing.status_code == 404 and missing.headers["x-request-id"] == "abc.123"
+    assert missing.json() == {"error": "not found: GET /nope", "request_id": "abc.123"}
+    wrong = client.get("/ok")
+    assert wrong.status_code == 405 and wrong.json()["error"] == "method not allowed: GET /ok (allowed: PUT)"
+    teapot = client.get("/teapot")
+    assert teapot.json() == {"error": "short and stout", "request_id": teapot.headers["x-request-id"]}
+
+
+def test_error_shape_middleware_turns_an_escaped_exception_into_a_500_and_lets_big_bodies_through():
+    client = _shaped_app()
+    bug = client.get("/bug")
+    assert bug.status_code == 500
+    assert bug.json() == {"error": "internal error: RuntimeError", "request_id": bug.headers["x-request-id"]}
+    big = client.get("/big")
+    assert big.status_code == 400 and big.text == "x" * 100_000  # not an error text: passed on
+    assert client.head("/nope").status_code == 404
+
+
+def test_framework_http_errors_use_the_error_shape():
+    app = FastAPI()
+
+    @app.post("/predict")
+    def predict():
+        return {}
+
+    install_error_handlers(app)
+    response = TestClient(app).get("/predict")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert response.json() == {"error": "method GET is not allowed on /predict (allowed: POST)"}
