@@ -31,6 +31,8 @@ from service.predictor import configure_accelerator, top_k
 from service.replies import classify_replies, one_version, stale_reply
 from service.settings import ServiceSettings
 from service.shedding import (
+    BACKSTOP_S,
+    DeadlineMiddleware,
     HeatmapLane,
     RouteLimitMiddleware,
     front_limits,
@@ -121,7 +123,9 @@ class ClassifierModel:
         return {**self.follower.served.describe(), "following": self.follower.status()}
 
 
-@bentoml.service(name="imgcls", workers=SETTINGS.front_workers, traffic={"timeout": SETTINGS.timeout_s})
+@bentoml.service(
+    name="imgcls", workers=SETTINGS.front_workers, traffic={"timeout": SETTINGS.timeout_s + BACKSTOP_S}
+)
 @bentoml.asgi_app(PAGE, path="/")
 class ImageClassifier:
     """Public API: /predict, /predict_batch, /explain, /metadata and the page at /.
@@ -227,8 +231,9 @@ def _origin(reply: dict) -> dict:
 
 install_error_handlers(PAGE)
 # Outermost first: a request ID and the error shape on every answer, the API key, the
-# per-route concurrency limits, the byte limit.
+# per-route concurrency limits, the deadline (504), the byte limit.
 ImageClassifier.add_asgi_middleware(ErrorShapeMiddleware)
 ImageClassifier.add_asgi_middleware(ApiKeyMiddleware, settings=SETTINGS)
 ImageClassifier.add_asgi_middleware(RouteLimitMiddleware, limits=front_limits(SETTINGS))
+ImageClassifier.add_asgi_middleware(DeadlineMiddleware, timeout_s=SETTINGS.timeout_s)
 ImageClassifier.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_upload_bytes)

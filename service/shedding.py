@@ -17,6 +17,7 @@ is only a backstop sized to what the fronts may send (`model_max_concurrency`).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -37,6 +38,9 @@ ROUTE_CLASSES = {
 RETRY_AFTER_S = 1
 # The model's describe calls (readiness, /metadata) beside the fronts' classify and heatmap calls.
 MODEL_HEADROOM = 8
+# BentoML's own per-request timeout answers outside the service's middlewares (no request
+# ID); set this much later than the front's own deadline, it is only a backstop.
+BACKSTOP_S = 5
 
 
 class RouteLimitMiddleware:
@@ -65,6 +69,37 @@ class RouteLimitMiddleware:
             f"(at most {self.limits[kind]} at once per front process); try again"
         )
         return error_response(503, message, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+class DeadlineMiddleware:
+    """ASGI middleware: a request not answering within `timeout_s` gets 504 in the error
+    shape (then the work it started is cancelled; a thread already running finishes)."""
+
+    def __init__(self, app: Any, timeout_s: float) -> None:
+        self.app, self.timeout_s = app, timeout_s
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        answering, late = asyncio.Event(), False
+
+        async def watched_send(message: dict) -> None:
+            if not late:
+                answering.set()
+                await send(message)
+
+        work = asyncio.ensure_future(self.app(scope, receive, watched_send))
+        started = asyncio.ensure_future(answering.wait())
+        done, _ = await asyncio.wait(
+            {work, started}, timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        started.cancel()
+        if not done:
+            late = True
+            work.cancel()
+            message = f"no answer within {self.timeout_s:g} s; try again later"
+            return await error_response(504, message)(scope, receive, send)
+        await work
 
 
 def front_limits(settings: ServiceSettings) -> dict[str, int]:

@@ -221,3 +221,33 @@ def test_framework_http_errors_use_the_error_shape():
     response = TestClient(app).get("/predict")
     assert response.status_code == 405 and response.headers["allow"] == "POST"
     assert response.json() == {"error": "method GET is not allowed on /predict (allowed: POST)"}
+
+
+def test_a_request_past_its_deadline_gets_a_504_in_the_error_shape():
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from service.errors import ErrorShapeMiddleware
+    from service.shedding import DeadlineMiddleware
+
+    async def slow(_request):
+        await asyncio.sleep(5)
+        return PlainTextResponse("late")
+
+    async def quick(_request):
+        return PlainTextResponse("ok")
+
+    middleware = [Middleware(ErrorShapeMiddleware), Middleware(DeadlineMiddleware, timeout_s=0.2)]
+    app = Starlette(routes=[Route("/slow", slow), Route("/quick", quick)], middleware=middleware)
+    client = TestClient(app)
+    late = client.get("/slow")
+    assert late.status_code == 504
+    assert late.json() == {
+        "error": "no answer within 0.2 s; try again later",
+        "request_id": late.headers["x-request-id"],
+    }
+    assert client.get("/quick").text == "ok"
