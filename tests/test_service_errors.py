@@ -4,10 +4,11 @@ the front's decode slots are full."""
 from __future__ import annotations
 
 import threading
+from http import HTTPStatus
 
 import aiohttp
 import pytest
-from bentoml.exceptions import ServiceUnavailable
+from bentoml.exceptions import BentoMLException, ServiceUnavailable
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -25,6 +26,16 @@ def _app() -> TestClient:
     def connection():
         raise aiohttp.ClientConnectionError("Connector is closed.")
 
+    @app.get("/shed")
+    def shed():  # BentoML's max_concurrency on the model service answered 429
+        raise BentoMLException("Too many requests", error_code=HTTPStatus.TOO_MANY_REQUESTS)
+
+    @app.get("/model-bug")
+    def model_bug():
+        raise BentoMLException(
+            "An unexpected error has occurred", error_code=HTTPStatus.INTERNAL_SERVER_ERROR
+        )
+
     @app.get("/bug")
     def bug():
         raise RuntimeError("boom")
@@ -35,7 +46,7 @@ def _app() -> TestClient:
 
 def test_model_overload_and_broken_connection_are_503_json():
     client = _app()
-    for path in ("/overloaded", "/connection"):
+    for path in ("/overloaded", "/connection", "/shed"):
         response = client.get(path)
         assert response.status_code == 503
         assert response.headers["retry-after"] == "1"
@@ -46,6 +57,9 @@ def test_unexpected_errors_are_json_not_text():
     response = _app().get("/bug")
     assert response.status_code == 500
     assert response.json() == {"error": "internal error: RuntimeError"}
+    failed = _app().get("/model-bug")
+    assert failed.status_code == 500
+    assert failed.json() == {"error": "the model process failed: BentoMLException"}
 
 
 def test_rejected_with_retry_after_sets_the_header():
