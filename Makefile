@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export KERAS_HOME := $(CURDIR)/.imgcls/keras
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-train bench-serve browser compose-config clean
+.PHONY: help install demo test test-fast lint format bench bench-train bench-serve bench-gpu-pack bench-gpu-cpu browser compose-config clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -48,6 +48,18 @@ bench-train: install ## training quality and speed benchmarks (needs ../shared),
 
 bench-serve: install ## serving throughput/latency benchmark, see docs/benchmarks.md
 	$(BIN)/python -m bench.serve_bench
+
+# The GPU run's wheelhouse (issue 11): CPython 3.12 on the GPU machine by default;
+# `make bench-gpu-pack PYTHON_VERSION=3.11 GPU_WHEELS=.gpu-wheels-311` builds the CPU proof's.
+PYTHON_VERSION ?= 3.12
+GPU_WHEELS ?= $(if $(filter 3.12,$(PYTHON_VERSION)),.gpu-wheels,.gpu-wheels-$(subst .,,$(PYTHON_VERSION)))
+bench-gpu-pack: install ## wheels the GPU benchmark carries (checked: resolves offline, fits 64 MiB)
+	$(BIN)/python -m bench.gpu_pack --python-version $(PYTHON_VERSION) --dest $(GPU_WHEELS) \
+	  $(if $(filter 3.12,$(PYTHON_VERSION)),,--provided-from-env)
+
+bench-gpu-cpu: install ## the GPU benchmark's proof on this CPU: 3.11 wheelhouse, --quick (~5 min)
+	$(MAKE) bench-gpu-pack PYTHON_VERSION=3.11 GPU_WHEELS=.gpu-wheels-311
+	PATH=$(CURDIR)/$(BIN):$$PATH GPU_WHEELS=.gpu-wheels-311 bash bench/gpu_bench.sh --quick
 
 compose-config: install ## validate docker-compose.yml (with .env, or the placeholders of .env.example)
 	@envf=$$([ -f .env ] && echo .env || echo .env.example); \

@@ -21,7 +21,7 @@ from imgcls.images import ImageDecodeError, decode_image, prepare_image
 from service import gradcam
 from service.limits import BodyLimitMiddleware, Rejected, install_error_handlers
 from service.metrics import FollowerMetrics, observe_prediction
-from service.predictor import configure_accelerator, top_k
+from service.predictor import configure_accelerator, keep_off_accelerators, top_k
 from service.replies import classify_replies, one_version, stale_reply
 from service.settings import ServiceSettings
 from service.sources import build_follower
@@ -112,6 +112,8 @@ class ImageClassifier:
     model = bentoml.depends(ClassifierModel)
 
     def __init__(self) -> None:
+        if not isinstance(self.model, ClassifierModel.inner):  # the model has a process of its own
+            keep_off_accelerators()  # before the resize below imports Keras: the GPU is the model's
         self.settings = SETTINGS
         self._size: tuple[int, int] | None = None  # the input size last heard of
         # Warm the resize path (it imports Keras and its backend, seconds on a cold
