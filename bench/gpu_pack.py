@@ -70,13 +70,15 @@ def pins_from_env(names: list[str]) -> dict[str, str]:
     return {name: importlib.metadata.version(name) for name in names}
 
 
-def make_stub(name: str, version: str, folder: Path) -> Path:
+def make_stub(name: str, version: str, folder: Path, requires: tuple[str, ...] = (), label: str = LOCAL_LABEL) -> Path:
     """A metadata-only wheel `name==version+provided`: stands for a package the target
-    machine already has, so the resolver checks every pin against its version."""
-    dist, full = name.replace("-", "_"), f"{version}+{LOCAL_LABEL}"
+    machine already has, so the resolver checks every pin against its version.
+    (`requires` and `label` let the tests make wheels with pins of their own.)"""
+    dist, full = name.replace("-", "_"), f"{version}+{label}" if label else version
     info = f"{dist}-{full}.dist-info"
+    metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {full}\n"
     files = {
-        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {full}\n",
+        f"{info}/METADATA": metadata + "".join(f"Requires-Dist: {r}\n" for r in requires),
         f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: imgcls\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
     files[f"{info}/RECORD"] = "".join(f"{p},,\n" for p in [*files, f"{info}/RECORD"])
@@ -197,6 +199,25 @@ def check_installed(site: Path) -> list[str]:
     return problems
 
 
+def unpack(wheels: Path, site: Path) -> int:
+    """Install wheels by unzipping them into `site` (for a machine without pip); their count."""
+    import shutil
+
+    count = 0
+    for wheel in sorted(wheels.glob("*.whl")):
+        with zipfile.ZipFile(wheel) as whl:
+            whl.extractall(site)
+        count += 1
+    for data in site.glob("*.data"):
+        for lib in ("purelib", "platlib"):
+            for item in (data / lib).glob("*") if (data / lib).is_dir() else []:
+                shutil.copytree(
+                    item, site / item.name, dirs_exist_ok=True
+                ) if item.is_dir() else shutil.copy2(item, site)
+        shutil.rmtree(data)
+    return count
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -213,12 +234,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--check", action="store_true", help="only check an existing wheelhouse (no download)"
     )
     parser.add_argument("--limit-mib", type=float, default=CARRY_LIMIT_MIB, help="carry limit (64)")
+    parser.add_argument("--check-installed", type=Path, metavar="SITE",
+                        help="on the target machine: check every requirement of what SITE holds")  # fmt: skip
+    parser.add_argument("--unpack", type=Path, metavar="WHEELS", help="install WHEELS by unzipping (no pip)")
+    parser.add_argument("--into", type=Path, metavar="SITE", help="where --unpack installs")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Build (unless --check), resolve, size; print the sizes. Exit 1 with the reason on failure."""
     args = parse_args(argv)
+    if args.unpack:
+        print(f"unpacked {unpack(args.unpack, args.into)} wheels into {args.into}")
+        return 0
+    if args.check_installed:
+        problems = check_installed(args.check_installed)
+        print("\n".join(problems) or f"every requirement of {args.check_installed} is met")
+        return 1 if problems else 0
     provided = read_pins(PROVIDED)
     if args.provided_from_env:
         provided = pins_from_env(list(provided))
