@@ -70,7 +70,9 @@ def pins_from_env(names: list[str]) -> dict[str, str]:
     return {name: importlib.metadata.version(name) for name in names}
 
 
-def make_stub(name: str, version: str, folder: Path, requires: tuple[str, ...] = (), label: str = LOCAL_LABEL) -> Path:
+def make_stub(
+    name: str, version: str, folder: Path, requires: tuple[str, ...] = (), label: str = LOCAL_LABEL
+) -> Path:
     """A metadata-only wheel `name==version+provided`: stands for a package the target
     machine already has, so the resolver checks every pin against its version.
     (`requires` and `label` let the tests make wheels with pins of their own.)"""

@@ -13,8 +13,8 @@ import zipfile
 import pytest
 
 from bench import gpu_pack
-from bench.gpu_report import render
 from bench.gpu_bench import split
+from bench.gpu_report import render
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,9 @@ def test_wheelhouse_for_the_gpu_machine_resolves_offline_and_fits(wheelhouse, ca
     assert {"keras", "bentoml", "fastapi", "pydantic_core", "h5py"} <= names
     # What the GPU machine has is never shipped: its CUDA jax and its numpy are used.
     assert not names & {"numpy", "jax", "jaxlib", "pillow", "ml_dtypes", "scipy", "tensorflow", "mlflow"}
-    assert all("cp312" in p.name or "none-any" in p.name or "abi3" in p.name for p in wheelhouse.glob("*.whl"))
+    assert all(
+        "cp312" in p.name or "none-any" in p.name or "abi3" in p.name for p in wheelhouse.glob("*.whl")
+    )
     assert gpu_pack.main(["--dest", str(wheelhouse), "--check"]) == 0
     out = capsys.readouterr().out
     assert "numpy 2.5.2" in out and "jax 0.11.2" in out and "of 64 MiB" in out
