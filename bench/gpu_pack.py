@@ -140,7 +140,7 @@ def resolve(dest: Path, python_version: str, provided: dict[str, str], work: Pat
     for name, version in provided.items():
         make_stub(name, version, stubs)
     report = work / "report.json"
-    pip("install", "--dry-run", "-q", "--no-index", "--ignore-installed", *target_options(python_version),
+    pip("install", "--dry-run", "--no-index", "--ignore-installed", *target_options(python_version),
         "--find-links", str(dest), "--find-links", str(stubs), "--target", str(work / "target"),
         "--report", str(report), "-c", str(constraints(provided, work)), "-r", str(REQUIREMENTS))  # fmt: skip
     resolved, used = {}, set()
