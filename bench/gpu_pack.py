@@ -126,6 +126,8 @@ def download(dest: Path, python_version: str, provided: dict[str, str], work: Pa
     stubs.mkdir(exist_ok=True)
     names = [make_stub(name, v, stubs).name for name, v in provided.items()]
     dest.mkdir(parents=True, exist_ok=True)
+    for stale in dest.glob("*.whl"):  # a fresh set each time (pip's cache makes it quick)
+        stale.unlink()
     pip("download", "-q", *target_options(python_version), "--find-links", str(stubs), "-d", str(dest),
         "-c", str(constraints(provided, work)), "-r", str(REQUIREMENTS))  # fmt: skip
     for name in names:
