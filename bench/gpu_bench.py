@@ -356,7 +356,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--budget-s",
         type=float,
         default=450,
-        help="skip a served precision that would start past this (450 s)",
+        help="skip a served precision that would end past this (450 s)",
     )
     p.add_argument(
         "--out",
