@@ -58,7 +58,7 @@ bench-gpu-pack: install ## wheels the GPU benchmark carries (checked: resolves o
 	  $(if $(filter 3.12,$(PYTHON_VERSION)),,--provided-from-env)
 
 bench-gpu-cpu: install ## the GPU benchmark's proof on this CPU: 3.11 wheelhouse, --quick (~5 min)
-	$(MAKE) bench-gpu-pack PYTHON_VERSION=3.11 GPU_WHEELS=.gpu-wheels-311
+	$(BIN)/python -m bench.gpu_pack --python-version 3.11 --provided-from-env --dest .gpu-wheels-311
 	PATH=$(CURDIR)/$(BIN):$$PATH GPU_WHEELS=.gpu-wheels-311 BLOCK_TENSORFLOW=1 bash bench/gpu_bench.sh --quick
 
 compose-config: install ## validate docker-compose.yml (with .env, or the placeholders of .env.example)
