@@ -8,7 +8,8 @@
 # checks that every requirement is met by what is importable (the machine's own jax,
 # numpy, pillow included), then runs `python -m bench.gpu_bench`: results in $OUT
 # (default ./gpu-out). Without a wheelhouse it runs on what already imports (this checkout's
-# .venv). BLOCK_TENSORFLOW=1 makes `import tensorflow` fail, as on the GPU machine.
+# .venv; NO_INSTALL=1 does the same with one). BLOCK_TENSORFLOW=1 makes `import tensorflow`
+# fail, as on the GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -22,7 +23,7 @@ LOG="$OUT/gpu_bench.log"
 exec 3>&1 4>&2 > >(tee -a "$LOG") 2>&1   # the install steps go into the one log too
 started=$(date +%s)
 
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
+if [ "${NO_INSTALL:-0}" != 1 ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
   rm -rf "$SITE" && mkdir -p "$SITE"
   echo "installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $SITE"
   # --no-deps: --target ignores what is installed, so the machine's jax and numpy would
