@@ -395,60 +395,85 @@ def child_env(work: Path) -> dict:
     return env
 
 
-def run(args, work: Path, log: Log) -> dict:
+def attempt(results: dict, what: str, log: Log, step):
+    """Run one step; a failure is logged and listed in the report, and the run goes on
+    (a failed bfloat16 step must not cost the float32 figures)."""
+    try:
+        return step()
+    except Exception as exc:  # noqa: BLE001 - reported, the next step runs
+        log(f"FAILED {what}: {type(exc).__name__}: {exc}")
+        results.setdefault("failures", []).append(f"{what}: {type(exc).__name__}: {str(exc)[:300]}")
+        return None
+
+
+def save(results: dict, out: Path, log: Log) -> str:
+    """gpu_bench.json and gpu_bench.md as they stand: after every step, so a run cut
+    short by the device's time limit still brings its figures back."""
+    results["seconds"] = time.perf_counter() - log.start
+    (out / "gpu_bench.json").write_text(json.dumps(results, indent=1, default=str))
+    try:
+        table = render(results)
+    except (KeyError, TypeError, ValueError) as exc:  # a run that failed before its first figures
+        table = f"# GPU benchmark: no table ({type(exc).__name__}: {exc})\n\n" + "\n".join(
+            results.get("failures", [])
+        )
+    (out / "gpu_bench.md").write_text(table)
+    return table
+
+
+def run(args, work: Path, log: Log, results: dict) -> None:
     """Everything the report needs, in order: machine, model speeds, stages, service."""
     env = child_env(work)
     os.environ["JAX_PLATFORMS"] = "cpu"  # this process and its clients never touch the GPU
-    results = {"machine": {"gpu": gpu_name(), "cpu": cpu_name(), "cores": os.cpu_count(),
-                           "python": sys.version.split()[0], "versions": versions()}}  # fmt: skip
+    results["machine"] = {"gpu": gpu_name(), "cpu": cpu_name(), "cores": os.cpu_count(),
+                          "python": sys.version.split()[0], "versions": versions()}  # fmt: skip
     results["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "shared")}
     log(f"machine: {json.dumps(results['machine'])}")
     log(f"settings: {json.dumps(results['settings'], default=str)}")
-    results["model"] = [
-        model_speed(p, args, env, work, log, save=p in args.serve_precisions) for p in args.precisions
-    ]
-    jpegs, sizes, source = varied_jpegs(args.shared, DISTINCT_JPEGS)
+    for p in args.precisions:
+        speed = attempt(results, f"model {p}", log,
+                        lambda p=p: model_speed(p, args, env, work, log, save=p in args.serve_precisions))  # fmt: skip
+        results["model"] += [speed] if speed else []
+        save(results, args.out, log)
+    jpegs, _sizes, source = varied_jpegs(args.shared, DISTINCT_JPEGS)
     results["images"] = (
         f"{len(jpegs)} JPEGs, mean {sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB: {source}"
     )
     log(f"images: {results['images']}")
     results["stages"] = stage_times(jpegs, args.size)
     log(f"stages in one process: {json.dumps(results['stages'])}")
+    save(results, args.out, log)
     tags = {m["precision"]: m["bento_tag"] for m in results["model"] if m.get("bento_tag")}
-    results["service"] = []
     with GpuSampler() as gpu:
         last_s = 0.0  # how long the last served precision took: the next one's estimate
-        for precision in args.serve_precisions:
+        for precision in [p for p in args.serve_precisions if p in tags]:
             if time.perf_counter() - log.start + last_s > args.budget_s:
                 log(f"service {precision}: skipped, it would end past the {args.budget_s:.0f} s budget")
                 continue
             t0 = time.perf_counter()
-            results["service"] += bench_service(tags[precision], precision, jpegs, args, env, work, gpu, log)
+            rows = attempt(results, f"service {precision}", log,
+                           lambda p=precision: bench_service(tags[p], p, jpegs, args, env, work, gpu, log))  # fmt: skip
+            results["service"] += rows or []
             last_s = time.perf_counter() - t0
-    results["seconds"] = time.perf_counter() - log.start
-    return results
+            save(results, args.out, log)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark in a temporary BentoML home; write gpu_bench.{md,log,json} to --out."""
+    """Run the benchmark in a temporary BentoML home; write gpu_bench.{md,log,json} to --out.
+    Exit 1 if any step failed (the report lists which), 0 otherwise."""
     quiet_environment()
     os.environ.setdefault("KERAS_BACKEND", "jax")
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     log = Log(args.out / "gpu_bench.log")
+    results: dict = {"model": [], "service": [], "images": "-", "stages": {}}
     with tempfile.TemporaryDirectory(prefix="imgcls-gpu-bench-") as tmp:
-        try:
-            results = run(args, Path(tmp), log)
-        except Exception as exc:
-            log(f"FAILED: {type(exc).__name__}: {exc}")
-            raise
-    (args.out / "gpu_bench.json").write_text(json.dumps(results, indent=1, default=str))
-    table = render(results)
-    (args.out / "gpu_bench.md").write_text(table)
+        attempt(results, "run", log, lambda: run(args, Path(tmp), log, results))
+    table = save(results, args.out, log)
     log.append("table", table)
     print(table)
     log(f"done in {results['seconds']:.0f} s: {args.out}/gpu_bench.md, gpu_bench.log, gpu_bench.json")
-    return 0
+    return 1 if results.get("failures") else 0
 
 
 if __name__ == "__main__":

@@ -88,15 +88,17 @@ def main_table(results: dict) -> list[str]:
 
 def capacities(results: dict) -> list[tuple[str, float | None, float | None, str]]:
     """(stage, ms per image, images/s that stage allows, how) for the top service level."""
-    s, st = results["settings"], results["stages"]
+    s, st = results["settings"], results.get("stages") or {}
     fronts, procs = s["front_workers"], s["client_procs"]
     rows = [
-        ("JPEG decode (front, CPU)", st["decode_ms"], None, f"x {fronts} fronts"),
-        ("resize, size seen before (front, CPU)", st["resize_ms"], None, f"x {fronts} fronts"),
+        ("JPEG decode (front, CPU)", st.get("decode_ms"), None, f"x {fronts} fronts"),
+        ("resize, size seen before (front, CPU)", st.get("resize_ms"), None, f"x {fronts} fronts"),
     ]
     rows = [(n, ms, fronts * 1000 / ms if ms else None, how) for n, ms, _, how in rows]
     # Paid once per input size and front (a resize traced per shape): not a steady rate.
-    rows.append(("resize, first time a size is seen", st["resize_first_ms"], None, "once per size and front"))
+    rows.append(
+        ("resize, first time a size is seen", st.get("resize_first_ms"), None, "once per size and front")
+    )
     top = max(results["service"], key=lambda r: r["concurrency"], default=None)
     m = reference(results, top) if top else None
     if m:
@@ -174,7 +176,7 @@ def render(results: dict) -> str:
         f"Devices of the model process: {results['model'][0]['device'] if results['model'] else '-'}. "
         f"Service: {s['front_workers']} front processes, one model process, max batch {s['max_batch_size']}, "
         f"{s['client_procs']} load-generator processes, {s['level_seconds']:g} s per level.",
-        f"Images: {results['images']}.",
+        f"Images: {results.get('images', '-')}.",
         "",
     ]
     lines = (
@@ -183,4 +185,6 @@ def render(results: dict) -> str:
         + ["", "Where the time goes (top service level):", ""]
         + stage_table(results)
     )
-    return "\n".join([*lines, "", *verdict(results), f"\n{results['seconds']:.0f} s in all.", ""])
+    failures = [f"FAILED {line}" for line in results.get("failures", [])]
+    seconds = f"\n{results.get('seconds', 0):.0f} s in all."
+    return "\n".join([*lines, "", *verdict(results), *failures, seconds, ""])

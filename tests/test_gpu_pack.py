@@ -106,3 +106,14 @@ def test_report_names_the_limiting_stage_and_the_ratio_to_the_model():
     # The slowest stage: the model forward pass at 100 images/s (the model process allows 111).
     assert "Limiting stage: **model forward pass**, about 100 images/s." in text
     assert "No GPU" in text
+
+
+def test_a_failed_step_is_reported_and_the_run_goes_on(tmp_path):
+    from bench.gpu_bench import Log, attempt
+
+    results: dict = {"model": [], "service": []}
+    log = Log(tmp_path / "log")
+    assert attempt(results, "model bfloat16", log, lambda: 1 / 0) is None
+    assert attempt(results, "model float32", log, lambda: "figures") == "figures"
+    assert results["failures"] == ["model bfloat16: ZeroDivisionError: division by zero"]
+    assert "FAILED model bfloat16" in (tmp_path / "log").read_text()
