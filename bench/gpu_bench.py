@@ -48,6 +48,7 @@ from bench.gpu_model import NAME  # noqa: E402
 from bench.gpu_photos import varied_jpegs  # noqa: E402
 from bench.gpu_report import render  # noqa: E402
 from bench.machine import cpu_name, quiet_environment  # noqa: E402
+from imgcls.processes import HOST  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every model process reports real GPU memory instead of JAX's 75% preallocation, and the
@@ -260,14 +261,8 @@ def service_options(tag: str, port: int, args) -> argparse.Namespace:
     return argparse.Namespace(
         source="bentoml", model_name=NAME, bento_tag=tag, poll_interval_s=0, batching=True,
         max_batch_size=args.max_batch_size, max_latency_ms=args.max_latency_ms, gpu=args.gpu or None,
-        front_workers=args.front_workers, host=loadgen_host(), port=port,
+        front_workers=args.front_workers, host=HOST, port=port,
     )  # fmt: skip
-
-
-def loadgen_host() -> str:
-    from imgcls.processes import HOST
-
-    return HOST
 
 
 def bench_service(
@@ -275,7 +270,7 @@ def bench_service(
 ) -> list[dict]:
     """Warm-up, then each concurrency level against the real service; one row each."""
     from bench.servers import server_side, service_probe
-    from imgcls.processes import HOST, ServerProcess, free_port
+    from imgcls.processes import ServerProcess, free_port
     from service.cli import serve_command, settings_env
 
     port = free_port()
