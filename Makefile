@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export KERAS_HOME := $(CURDIR)/.imgcls/keras
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-train bench-serve bench-gpu-pack bench-gpu-cpu browser compose-config clean
+.PHONY: help install demo test test-fast lint format bench bench-train bench-serve bench-memory bench-rollout bench-gpu-pack bench-gpu-cpu browser postgres compose-config clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -28,10 +28,15 @@ browser: ## install Debian's chromium for the page tests (needs root; skipped ot
 	  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) ; } \
 	  || echo "chromium not installed: browser tests will be skipped"
 
+postgres: ## install Debian's PostgreSQL 15 server for the team-stack tests (needs root; skipped otherwise)
+	@[ -x /usr/lib/postgresql/15/bin/postgres ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get install -y -q postgresql >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null)) ; } \
+	  || echo "postgresql not installed: team-stack tests will be skipped (they fail under CI=true)"
+
 demo: install ## train, register, promote and serve the digits demo, then show a prediction
 	$(BIN)/imgcls demo
 
-test: install browser ## run the test suite (about ten minutes on 2 cores)
+test: install browser postgres ## run the test suite (about ten minutes on 2 cores)
 	$(BIN)/pytest -q
 
 test-fast: install ## the suite without the slow tests
@@ -48,6 +53,12 @@ bench-train: install ## training quality and speed benchmarks (needs ../shared),
 
 bench-serve: install ## serving throughput/latency benchmark, see docs/benchmarks.md
 	$(BIN)/python -m bench.serve_bench
+
+bench-memory: install ## HTTP fronts' memory under worst-case uploads, JPEG draft speedup, see docs/benchmarks.md
+	$(BIN)/python -m bench.memory_bench
+
+bench-rollout: install ## promote/roll back under load: swap times, p99, memory, see docs/benchmarks.md
+	$(BIN)/python -m bench.rollout_bench
 
 # The GPU run's wheelhouse (issue 11): CPython 3.12 on the GPU machine by default;
 # `make bench-gpu-pack PYTHON_VERSION=3.11 GPU_WHEELS=.gpu-wheels-311` builds the CPU proof's.

@@ -72,3 +72,23 @@ def preprocess_ms(jpegs: list[bytes], size: int) -> float:
         load_image(data, (size, size))
         times.append((time.perf_counter() - t0) * 1000)
     return float(np.median(times))
+
+
+def follower_load_s(case: Case, cache_dir) -> float:
+    """Seconds the follower's own swap path takes here, on a quiet process: resolve and
+    download the registered version, load the `.keras` file, check it against its card
+    and warm it up (service.sources.MlflowSource.load, then service.follower.prepare)."""
+    from pathlib import Path
+
+    from service.follower import prepare
+    from service.sources import MlflowSource
+
+    source = MlflowSource(case.name, ALIAS, Path(cache_dir))
+    start = time.perf_counter()
+    predictor = prepare(source.load(case.version))
+    seconds = time.perf_counter() - start
+    del predictor
+    import keras
+
+    keras.backend.clear_session()
+    return seconds

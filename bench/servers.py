@@ -49,6 +49,27 @@ def service_server(case: Case, batching: bool, args: argparse.Namespace, log: Pa
     return _server(serve_command(HOST, port), env, "/readyz", port, log)
 
 
+def following_server(case: Case, args: argparse.Namespace, log: Path, work: Path) -> ServerProcess:
+    """`imgcls serve --source mlflow --poll-interval S` on the case's registered model: it
+    follows `models:/<name>@champion` of the temporary store in `work`."""
+    from service.cli import serve_command, settings_env
+
+    port = free_port()
+    options = argparse.Namespace(
+        source="mlflow",
+        model_name=case.name,
+        alias=ALIAS,
+        poll_interval_s=args.poll_interval,
+        cache_dir=work / "serve-cache",
+        front_workers=args.front_workers,
+        host=HOST,
+        port=port,
+    )
+    env = {**os.environ, **QUIET_ENV, **settings_env(options)}
+    env["MLFLOW_TRACKING_URI"] = tracking_settings(work).tracking_uri
+    return _server(serve_command(HOST, port), env, "/readyz", port, log)
+
+
 def mlflow_server(case: Case, args: argparse.Namespace, work: Path) -> ServerProcess:
     """`mlflow models serve` on models:/<name>@champion, in this environment."""
     port = free_port()

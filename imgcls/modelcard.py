@@ -19,6 +19,10 @@ class ModelCard(BaseModel):
     dataset_fingerprint: str | None = None
     # The saved model takes raw RGB pixels 0-255 at `image_size`; see imgcls.images.
     input_format: str = "rgb_uint8_range"
+    # Which resize made its training pixels (imgcls.images.PREPROCESSING_VERSION): 1, the
+    # Keras bilinear resize, for cards written before the field; training writes the
+    # current one. The service serves both with today's resize (README: "Preprocessing").
+    preprocessing: int = Field(1, ge=1)
 
     def to_metadata(self) -> dict:
         """A JSON-safe dict for MLflow/BentoML metadata."""

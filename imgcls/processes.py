@@ -107,16 +107,20 @@ def wait_ready(
 
 
 def stop(
-    proc: subprocess.Popen, port: int | None = None, term_timeout_s: float = 20, kill_timeout_s: float = 10
+    proc: subprocess.Popen,
+    port: int | None = None,
+    term_timeout_s: float = 20,
+    kill_timeout_s: float = 10,
+    first_signal: int = signal.SIGTERM,
 ) -> list[int]:
     """Stop `proc` and its process group; returns the pids still listening on `port`.
 
-    SIGTERM to the group, up to `term_timeout_s` for the leader to exit, then SIGKILL to
+    `first_signal` (SIGTERM; PostgreSQL wants SIGINT for its fast shutdown) to the group, up to `term_timeout_s` for the leader to exit, then SIGKILL to
     the group; group members that outlive the leader get SIGKILL too. With `port`, waits
     a little for it to close and logs a warning naming whatever still listens (BentoML
     workers run in sessions of their own); an empty list means the port is free.
     """
-    _signal_group(proc, signal.SIGTERM)
+    _signal_group(proc, first_signal)
     try:
         proc.wait(timeout=term_timeout_s)
     except subprocess.TimeoutExpired:

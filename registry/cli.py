@@ -270,16 +270,17 @@ def run_ui(args: argparse.Namespace) -> int:
     """`imgcls ui`: run `mlflow server` in the foreground on the configured store."""
     import subprocess
 
-    from registry.ui import server_command, server_env
+    from registry.server import server_command
+    from registry.ui import ui_env
 
     tracking, _ = _settings()
     uri = tracking.resolved_tracking_uri()
     if not uri.startswith("sqlite:///"):
         print(f"the store is a tracking server: open {uri} in a browser")
         return 0
-    command = server_command(tracking, args.host, args.port)
+    env = ui_env(tracking, args.host, args.port)
     print(f"MLflow UI: http://{args.host}:{args.port}  (store {uri}; Ctrl-C stops it)", flush=True)
     try:
-        return subprocess.run(command, env=server_env(), check=False).returncode
+        return subprocess.run(server_command(), env=env, check=False).returncode
     except KeyboardInterrupt:
         return 0

@@ -1,8 +1,13 @@
-"""Request guards for the HTTP front: JSON errors for client mistakes, the byte limit (413)."""
+"""Request guards for the HTTP front: JSON errors for client mistakes, the byte limit (413),
+and a bound on the decodes running at once in one front process (503)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -20,17 +25,77 @@ def error_response(status: int, message: str, **extra: Any) -> JSONResponse:
 class Rejected(Exception):
     """A client mistake, answered with `status` and `{"error": message}`."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.retry_after_s = status, message, retry_after_s
+
+
+class DecodeSlots:
+    """At most `limit` image decodes at once in this process, holding at most
+    `budget_bytes` between them; beyond, a quick 503 with Retry-After.
+
+    A decode's memory grows with the image, not the upload (a 500 KB PNG can hold 40 MP,
+    160 MB once decoded), so each decode reserves its cost, read from the header
+    (`imgcls.images.decode_cost`): many small images run together, big ones one or two at
+    a time. A decode costing more than the whole budget runs alone. A request waits at most
+    `wait_s` for room (small images take milliseconds), then gets the 503.
+    """
+
+    def __init__(self, limit: int, budget_bytes: int, wait_s: float) -> None:
+        self.limit, self.budget_bytes, self.wait_s = limit, budget_bytes, wait_s
+        self._room = threading.Condition()
+        self._running = self._reserved = 0
+
+    @contextlib.contextmanager
+    def hold(self, cost_bytes: int) -> Iterator[None]:
+        """Room for one decode of `cost_bytes` during the block; raises Rejected(503)."""
+        cost = min(cost_bytes, self.budget_bytes)
+        deadline = time.monotonic() + self.wait_s
+        with self._room:
+            while self._running >= self.limit or self._reserved + cost > self.budget_bytes:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Rejected(503, self._busy(), retry_after_s=1)
+                self._room.wait(left)
+            self._running, self._reserved = self._running + 1, self._reserved + cost
+        try:
+            yield
+        finally:
+            with self._room:
+                self._running, self._reserved = self._running - 1, self._reserved - cost
+                self._room.notify_all()
+
+    def _busy(self) -> str:
+        mib = self.budget_bytes // 2**20
+        return f"the server is busy decoding images (at most {self.limit} at once, {mib} MiB); try again"
+
+
+def return_freed_memory_to_the_system() -> None:
+    """Serve big allocations (decoded images) from mmap, so freeing one gives it back.
+
+    glibc raises its mmap threshold after the first big free (up to 32 MB), and Pillow
+    allocates images in 16 MB blocks: without this, each worker thread's malloc arena keeps
+    the largest image it ever decoded. Fixing the threshold turns that adjustment off.
+    A no-op where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    m_mmap_threshold = -3  # glibc's mallopt parameter number
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(m_mmap_threshold, 1 << 20)
 
 
 def install_error_handlers(app: Any) -> None:
-    """Map `Rejected` and FastAPI's request validation errors to 4xx JSON answers."""
+    """Map `Rejected` and FastAPI's request validation errors to 4xx JSON answers, the
+    model's refusals to 503, and anything unexpected to a 500 (UnexpectedErrorMiddleware)."""
     from fastapi.exceptions import RequestValidationError
 
     async def rejected(_request: Any, exc: Rejected) -> JSONResponse:
-        return error_response(exc.status, exc.message)
+        response = error_response(exc.status, exc.message)
+        if exc.retry_after_s is not None:
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
 
     async def invalid(_request: Any, exc: RequestValidationError) -> JSONResponse:
         return error_response(400, _describe(exc.errors()), detail=_jsonable(exc.errors()))
@@ -40,15 +105,11 @@ def install_error_handlers(app: Any) -> None:
         response.headers["Retry-After"] = "1"
         return response
 
-    async def failed(_request: Any, exc: Exception) -> JSONResponse:
-        logger.exception("request failed", exc_info=exc)
-        return error_response(500, f"internal error: {type(exc).__name__}")
-
     app.add_exception_handler(Rejected, rejected)
     app.add_exception_handler(RequestValidationError, invalid)
     for unavailable in _unavailable_errors():
         app.add_exception_handler(unavailable, busy)
-    app.add_exception_handler(Exception, failed)
+    app.add_middleware(UnexpectedErrorMiddleware)
 
 
 def _unavailable_errors() -> tuple[type[Exception], ...]:
@@ -75,6 +136,36 @@ def _jsonable(errors: list[dict]) -> list[dict]:
     """Validation errors without their inputs (an upload is not JSON)."""
     keep = ("type", "loc", "msg")
     return [{k: err[k] for k in keep if k in err} for err in errors]
+
+
+class UnexpectedErrorMiddleware:
+    """ASGI middleware: an unexpected exception (a bug) becomes a logged 500 in the error
+    shape, and is not raised further, so the client's keep-alive connection stays usable.
+
+    Starlette's handler for `Exception` answers, then re-raises, and uvicorn closes the
+    connection: the client's next request on it failed with a reset.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            logger.exception("request failed", exc_info=exc)
+            if started:  # half an answer is out: closing the connection is all that is left
+                raise
+            await error_response(500, f"internal error: {type(exc).__name__}")(scope, receive, send)
 
 
 class BodyLimitMiddleware:

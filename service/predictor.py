@@ -14,7 +14,13 @@ from typing import Any, TypedDict
 
 import numpy as np
 
-from imgcls.images import DEFAULT_MAX_PIXELS, decode_image, load_image, resize_image
+from imgcls.images import (
+    DEFAULT_MAX_PIXELS,
+    PREPROCESSING_VERSION,
+    decode_preview,
+    load_image,
+    resize_image,
+)
 from imgcls.modelcard import ModelCard
 
 from . import gradcam
@@ -79,22 +85,43 @@ class Predictor:
         return gradcam.gradcam_heatmap(self._split, x, class_index)
 
     def explain(self, image: bytes | np.ndarray, class_index: int | None = None) -> bytes:
-        """Grad-CAM overlay (PNG bytes) of an encoded image or its decoded uint8 pixels."""
-        pixels = image
+        """Grad-CAM overlay (PNG bytes) of an encoded image or its decoded uint8 pixels
+        (an encoded one is drawn on a preview of at most 1024 px, see decode_preview)."""
+        size = tuple(self.card.image_size)
         if isinstance(image, bytes):
-            pixels = decode_image(image, max_pixels=self.max_pixels)
-        x = resize_image(pixels, tuple(self.card.image_size))
+            x, pixels = self.preprocess(image), decode_preview(image, max_pixels=self.max_pixels)
+        else:
+            x, pixels = resize_image(image, size), image
         return gradcam.overlay_png(pixels, self.heatmap(x, class_index))
 
     def warm_up(self) -> None:
-        """One prediction on a blank image, so the first request does not pay for tracing."""
+        """Predictions on blank batches of every size class the service will run, so no
+        request pays for tracing: on TensorFlow a batch of 1 and one of 2 (from the second
+        shape on, Keras traces a function of any batch size); on JAX each padded size."""
         h, w = self.card.image_size
-        self.probabilities(np.zeros((1, h, w, 3), np.float32))
+        for size in _warm_batch_sizes():
+            self.probabilities(np.zeros((size, h, w, 3), np.float32))
         logger.info("model %s v%s is warm", self.name, self.version)
+        if self.card.preprocessing != PREPROCESSING_VERSION:
+            logger.info(
+                "model %s v%s was trained with preprocessing %s and is served with %s "
+                "(within the tolerance the README states)",
+                self.name, self.version, self.card.preprocessing, PREPROCESSING_VERSION,
+            )  # fmt: skip
 
     def metadata(self) -> dict[str, Any]:
         """What /metadata shows: name, version and the model card."""
         return {"model": self.name, "version": self.version, **self.card.to_metadata()}
+
+
+# Largest batch warmed up on JAX: the service's default max_batch_size.
+WARM_BATCH_LIMIT = 32
+
+
+def _warm_batch_sizes() -> list[int]:
+    if _backend() != "jax":
+        return [1, 2]
+    return [1 << i for i in range(WARM_BATCH_LIMIT.bit_length())]
 
 
 def _pad_batch(batch: np.ndarray) -> np.ndarray:
@@ -128,15 +155,16 @@ def configure_accelerator() -> None:
             logger.warning("could not enable memory growth on %s", gpu.name)
 
 
-# Set in the HTTP front before it imports Keras: it decodes and resizes on the CPU, and on
-# JAX each front would otherwise claim the GPU and preallocate most of its memory.
+# Set in the HTTP front at start-up: it decodes and resizes with Pillow on the CPU. Should
+# anything import an ML framework there, on JAX each front would otherwise claim the GPU
+# and preallocate most of its memory beside the model process that needs it.
 FRONT_ENV = {"JAX_PLATFORMS": "cpu", "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def keep_off_accelerators() -> None:
     """Hide every GPU from this process (the HTTP front); only the model process uses one.
 
-    It must run before Keras or its backend is imported here: a warning says when too late.
+    It must run before any ML framework is imported here: a warning says when too late.
     """
     os.environ.update(FRONT_ENV)
     imported = [name for name in ("jax", "tensorflow", "torch") if name in sys.modules]

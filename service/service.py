@@ -17,14 +17,19 @@ from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import FileResponse, Response
 
 from imgcls.hooks import hook
-from imgcls.images import ImageDecodeError, decode_image, prepare_image
 from service import gradcam
-from service.limits import BodyLimitMiddleware, Rejected, install_error_handlers
+from service.limits import (
+    BodyLimitMiddleware,
+    Rejected,
+    install_error_handlers,
+    return_freed_memory_to_the_system,
+)
 from service.metrics import FollowerMetrics, observe_prediction
 from service.predictor import configure_accelerator, keep_off_accelerators, top_k
 from service.replies import classify_replies, one_version, stale_reply
 from service.settings import ServiceSettings
 from service.sources import build_follower
+from service.uploads import Uploads
 
 logger = logging.getLogger(__name__)
 SETTINGS = ServiceSettings()
@@ -113,12 +118,11 @@ class ImageClassifier:
 
     def __init__(self) -> None:
         if not isinstance(self.model, ClassifierModel.inner):  # the model has a process of its own
-            keep_off_accelerators()  # before the resize below imports Keras: the GPU is the model's
+            keep_off_accelerators()  # the front needs no accelerator: the GPU is the model's
         self.settings = SETTINGS
         self._size: tuple[int, int] | None = None  # the input size last heard of
-        # Warm the resize path (it imports Keras and its backend, seconds on a cold
-        # process) before /readyz says ready, not on the first client's request.
-        prepare_image(np.zeros((4, 4, 3), dtype=np.uint8), (2, 2))
+        self.uploads = Uploads(SETTINGS)  # every decode of this front: bounded memory
+        return_freed_memory_to_the_system()
 
     def __is_ready__(self) -> bool:
         """Ready once the model process has loaded and warmed up the champion."""
@@ -133,7 +137,7 @@ class ImageClassifier:
     @PAGE.post("/predict")
     def predict(self, image: ImageField, top_k: TopK = None) -> dict:
         """Top-k labels of one uploaded image (multipart field `image`)."""
-        reply = self._classify([self._pixels(image)])[0]
+        reply = self._classify([("image", image)])[0]
         return self._answer([reply], top_k)[0]
 
     @PAGE.post("/predict_batch")
@@ -142,21 +146,21 @@ class ImageClassifier:
         limit = self.settings.max_batch_images
         if len(images) > limit:
             raise Rejected(400, f"too many images: {len(images)}, at most {limit}")
-        replies = self._classify([self._pixels(u, f"image {i}") for i, u in enumerate(images)])
+        replies = self._classify([(f"image {i}", u) for i, u in enumerate(images)])
         results = self._answer(replies, top_k)
         return {**_origin(replies[0]), "results": [{"predictions": r["predictions"]} for r in results]}
 
     @PAGE.post("/explain", response_class=Response)
     def explain(self, image: ImageField) -> Response:
         """Grad-CAM overlay (PNG) of one uploaded image for its predicted class."""
-        pixels = self._pixels(image)
+        preview = self.uploads.preview(image, "image")
         for _ in range(ATTEMPTS):
-            reply = self.model.heatmap(self._model_input(pixels).astype(np.float32))
+            reply = self.model.heatmap(self._model_input(image, "image").astype(np.float32))
             self._size = tuple(reply["image_size"])
             if not reply["stale"]:
                 headers = {"X-Model-Version": str(reply["version"])}
                 return Response(
-                    gradcam.overlay_png(pixels, reply["heatmap"]), media_type="image/png", headers=headers
+                    gradcam.overlay_png(preview, reply["heatmap"]), media_type="image/png", headers=headers
                 )
         raise Rejected(503, "the served model changed repeatedly during this request; try again")
 
@@ -170,22 +174,12 @@ class ImageClassifier:
         """The drop-an-image page."""
         return FileResponse(STATIC / "index.html")
 
-    def _pixels(self, upload: UploadFile, what: str = "image") -> np.ndarray:
-        """Decoded RGB pixels of an upload; 413 over the byte limit, 400 if unusable."""
-        limit = self.settings.max_upload_bytes
-        if upload.size is not None and upload.size > limit:
-            raise Rejected(413, f"{what} is over the upload limit of {limit} bytes")
-        try:
-            return decode_image(upload.file.read(), max_pixels=self.settings.max_pixels)
-        except ImageDecodeError as exc:
-            raise Rejected(400, f"{what} ({upload.filename}): {exc}") from exc
-
-    def _classify(self, pixels: list[np.ndarray]) -> list[dict]:
-        """Model replies for decoded images, all from one version (resized again and
-        retried if the model was swapped meanwhile)."""
+    def _classify(self, uploads: list[tuple[str, UploadFile]]) -> list[dict]:
+        """Model replies for uploads, all from one version (decoded again for the new
+        input size and retried if the model was swapped meanwhile)."""
         step = self.settings.max_batch_size
         for _ in range(ATTEMPTS):
-            batch = [self._model_input(p) for p in pixels]
+            batch = [self._model_input(upload, what) for what, upload in uploads]
             replies = [
                 r for i in range(0, len(batch), step) for r in self.model.classify(batch[i : i + step])
             ]
@@ -194,11 +188,11 @@ class ImageClassifier:
             self._size = tuple(replies[-1]["image_size"])
         raise Rejected(503, "the served model changed repeatedly during this request; try again")
 
-    def _model_input(self, pixels: np.ndarray) -> np.ndarray:
-        """The model's input as uint8 (H, W, 3): what `load_image` gives, before the cast."""
+    def _model_input(self, upload: UploadFile, what: str) -> np.ndarray:
+        """The model's uint8 (H, W, 3) input for the input size last heard of."""
         if self._size is None:
             self._size = tuple(self.model.to_sync.describe()["image_size"])
-        return prepare_image(pixels, self._size)
+        return self.uploads.model_input(upload, what, self._size)
 
     def _answer(self, replies: list[dict], k: int | None) -> list[dict]:
         """Response bodies for model replies; counts them in /metrics."""

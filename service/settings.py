@@ -82,6 +82,22 @@ class ServiceSettings(BaseSettings):
     # that caps one front near 200 requests/s, below a GPU model's pace. More workers
     # share the port; the model process stays one, so batches still form in one place.
     front_workers: int = Field(1, ge=1, le=64, description="HTTP front processes (decode, resize, answer).")
+    # Decodes at once per front: beyond it a request waits decode_wait_s, then gets a 503.
+    # Small images decode in milliseconds, so 8 keeps two cores busy without a queue.
+    max_concurrent_decodes: int = Field(
+        8, ge=1, le=256, description="Image decodes running at once per front process; beyond: 503."
+    )
+    # What the decodes of one front may hold together, from each image's header: 256 MiB
+    # lets one 40 MP image (160 MiB decoded) run beside small ones, and keeps four idle
+    # fronts (~110 MB each) plus their decodes under 2 GB whatever clients send.
+    decode_memory_mib: int = Field(
+        256, ge=16, description="Memory the concurrent decodes of one front may hold (MiB); beyond: 503."
+    )
+    # A short wait absorbs bursts of small images; a long one would only hold the
+    # client's connection while big images go through.
+    decode_wait_s: float = Field(
+        0.5, ge=0, description="Seconds a request waits for a decode slot before its 503."
+    )
     model_workers: int = Field(
         1, ge=1, le=16, description="Model processes; each loads and follows the champion on its own."
     )

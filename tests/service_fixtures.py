@@ -10,9 +10,12 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
+import time
 import zlib
 from pathlib import Path
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -144,3 +147,53 @@ def service_env(bentoml_home: Path, **settings: object) -> dict[str, str]:
     env = {**os.environ, **QUIET_ENV, "BENTOML_HOME": str(bentoml_home)}
     env.update({f"IMGCLS_SERVE_{k.upper()}": str(v) for k, v in settings.items()})
     return env
+
+
+class Clients:
+    """Threads that keep asking /predict and /predict_batch and keep every answer."""
+
+    def __init__(self, url: str, threads: int = 3):
+        self.url, self.stop, self.answers, self.failures = url, threading.Event(), [], []
+        self.red = encode(colour_image("red"), "PNG")
+        self.files = [("images", (f"{c}.png", encode(colour_image(c), "PNG"))) for c in CLASSES]
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def __enter__(self) -> Clients:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+    def _run(self, index: int) -> None:
+        with httpx.Client(timeout=60) as http:
+            while not self.stop.is_set():
+                batch = index % 3 == 2
+                try:
+                    if batch:
+                        response = http.post(f"{self.url}/predict_batch", files=self.files)
+                    else:
+                        response = http.post(f"{self.url}/predict", files={"image": ("red.png", self.red)})
+                except httpx.HTTPError as exc:
+                    self.failures.append(repr(exc))
+                    continue
+                if response.status_code != 200:
+                    self.failures.append(f"{response.status_code} {response.text[:200]}")
+                else:
+                    self.answers.append((time.monotonic(), batch, response.json()))
+
+    def versions_since(self, t: float) -> set[str]:
+        return {body["version"] for at, _, body in list(self.answers) if at >= t}
+
+    def wait_for(self, version: str, timeout_s: float = 60) -> float:
+        """Seconds until every client answers with `version` (all answers since one moment)."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            mark = time.monotonic()
+            time.sleep(1.0)
+            if self.versions_since(mark) == {version}:
+                return time.monotonic() - started
+        raise TimeoutError(f"clients never all got version {version}: {self.versions_since(started)}")

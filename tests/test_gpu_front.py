@@ -12,7 +12,7 @@ FRONT = textwrap.dedent("""
     import json, os, sys
     from service.predictor import keep_off_accelerators
     keep_off_accelerators()
-    from imgcls.images import prepare_image  # the front's resize: imports Keras on JAX
+    from imgcls.images import prepare_image  # the front's resize
     import numpy as np
     prepare_image(np.zeros((8, 8, 3), np.uint8), (4, 4))
     import jax

@@ -465,17 +465,25 @@ def test_a_failed_history_read_is_raised_and_erases_nothing(tmp_path, monkeypatc
     assert _champion(client, settings) == "2"
 
 
-def test_remote_lease_is_renewed_while_held_and_checked_before_writing(tmp_path):
-    from registry.lock import LEASE_TAG, _try_lease, tag_lease
-    from registry.promote import move_alias
+def test_remote_lease_is_renewed_while_held(tmp_path):
+    from registry.lock import _try_lease, tag_lease
 
     client, _, settings = _bare_model(tmp_path, 1, lease_s=1.0)
     with tag_lease(client, settings) as held:
         time.sleep(2.5)  # well past the lease's lifetime: only the heartbeat keeps it ours
         assert not _try_lease(client, settings, "another-writer")
         held.check()
-        from registry.lock import LockLost
 
+
+def test_a_lost_lease_is_caught_before_writing(tmp_path):
+    """A lease taken over while held stops the alias move. The lease lasts 60 s, so no
+    heartbeat (every 20 s) can write ours back over the stolen one during the test."""
+    from registry.lock import LEASE_TAG, LockLost, tag_lease
+    from registry.promote import move_alias
+
+    client, _, settings = _bare_model(tmp_path, 1, lease_s=60.0)
+    with tag_lease(client, settings) as held:
+        held.check()
         stolen = {"owner": "another-writer", "expires": time.time() + 60}
         client.set_registered_model_tag(settings.model_name, LEASE_TAG, json.dumps(stolen))
         with pytest.raises(LockLost):

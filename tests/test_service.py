@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from PIL import Image
 from imgcls.images import load_image
 from imgcls.processes import ServerProcess, free_port
 from service.cli import serve_command
+from tests.browser import Chromium
 from tests.service_fixtures import (
     CLASSES,
     SIZE,
@@ -153,8 +153,22 @@ def test_http_probabilities_equal_the_model_in_memory(server, tiny_model, fmt):
         ({"picture": ("red.png", encode(colour_image("red"), "PNG"))}, 400, "field 'image'"),
         ({"image": ("bomb.png", bomb_png(1500, 1500))}, 400, "over the limit of 1000000"),
         ({"image": ("huge.bin", bytes(MAX_UPLOAD + 10))}, 413, "over the limit"),
+        ({"image": ("x.ico", encode(colour_image("red"), "ICO"))}, 415, "image format ICO is not accepted"),
+        ({"image": ("x.dds", encode(colour_image("red"), "DDS"))}, 415, "image format DDS is not accepted"),
+        ({"image": ("x.eps", encode(colour_image("red"), "EPS"))}, 415, "image format EPS is not accepted"),
     ],
-    ids=["not-image", "empty", "truncated-jpeg", "truncated-png", "wrong-field", "bomb", "too-big"],
+    ids=[
+        "not-image",
+        "empty",
+        "truncated-jpeg",
+        "truncated-png",
+        "wrong-field",
+        "bomb",
+        "too-big",
+        "ico",
+        "dds",
+        "eps",
+    ],  # fmt: skip
 )
 def test_bad_input_gets_4xx_json_and_server_keeps_serving(server, files, status, reason):
     response = httpx.post(f"{server}/predict", files=files, timeout=30)
@@ -268,68 +282,3 @@ def test_page_shows_the_label_of_an_uploaded_file(server, tmp_path):
         assert page.evaluate("document.getElementById('top-label').textContent") == "red"
         assert page.evaluate("document.querySelectorAll('#bars .bar').length") == 3
         page.wait_for("document.getElementById('overlay').naturalWidth > 0")
-
-
-class Chromium:
-    """Headless chromium driven over the DevTools protocol (a tiny CDP client)."""
-
-    def __init__(self, profile: Path) -> None:
-        self.profile = profile
-        self.proc: subprocess.Popen | None = None
-        self._ids = iter(range(1, 1_000_000))
-
-    def __enter__(self) -> Chromium:
-        from httpx_ws import connect_ws
-
-        port = free_port()
-        cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
-        cmd += [f"--remote-debugging-port={port}", f"--user-data-dir={self.profile}"]
-        self.proc = subprocess.Popen([*cmd, "about:blank"], stderr=subprocess.DEVNULL)
-        target = self._page_target(f"http://127.0.0.1:{port}")
-        self._client = httpx.Client()
-        self._ws_cm = connect_ws(target["webSocketDebuggerUrl"], self._client)
-        self.ws = self._ws_cm.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._ws_cm.__exit__(*exc)
-        self._client.close()
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-
-    def _page_target(self, base: str) -> dict:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                targets = httpx.get(f"{base}/json/list", timeout=2).json()
-                pages = [t for t in targets if t.get("type") == "page"]
-                if pages:
-                    return pages[0]
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError("chromium did not open its DevTools port")
-
-    def call(self, method: str, **params) -> dict:
-        """Send one CDP command and return its result (events in between are skipped)."""
-        call_id = next(self._ids)
-        self.ws.send_text(json.dumps({"id": call_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.ws.receive_text(timeout=30))
-            if message.get("id") == call_id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message["result"]
-
-    def evaluate(self, expression: str):
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        return result["result"].get("value")
-
-    def wait_for(self, expression: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.evaluate(expression):
-                return
-            time.sleep(0.2)
-        errors = self.evaluate("document.getElementById('error')?.textContent")
-        raise TimeoutError(f"page never satisfied {expression!r} (page error: {errors!r})")

@@ -1,13 +1,17 @@
-"""Server-side failures still answer JSON: 503 with Retry-After when the model is busy."""
+"""Server-side failures still answer JSON: 503 with Retry-After when the model is busy or
+the front's decode slots are full."""
 
 from __future__ import annotations
 
+import threading
+
 import aiohttp
+import pytest
 from bentoml.exceptions import ServiceUnavailable
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.limits import install_error_handlers
+from service.limits import DecodeSlots, Rejected, install_error_handlers
 
 
 def _app() -> TestClient:
@@ -42,3 +46,116 @@ def test_unexpected_errors_are_json_not_text():
     response = _app().get("/bug")
     assert response.status_code == 500
     assert response.json() == {"error": "internal error: RuntimeError"}
+
+
+def test_rejected_with_retry_after_sets_the_header():
+    app = FastAPI()
+
+    @app.get("/busy")
+    def busy():
+        raise Rejected(503, "decoding too much", retry_after_s=1)
+
+    install_error_handlers(app)
+    response = TestClient(app).get("/busy")
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json() == {"error": "decoding too much"}
+
+
+def test_decode_slots_refuse_quickly_beyond_the_count_and_the_memory_budget():
+    slots = DecodeSlots(limit=2, budget_bytes=100, wait_s=0.05)
+    with slots.hold(10), slots.hold(10), pytest.raises(Rejected) as refused, slots.hold(1):
+        pass
+    assert refused.value.status == 503 and refused.value.retry_after_s == 1
+    assert "at most 2 at once" in refused.value.message
+    with slots.hold(80):
+        with pytest.raises(Rejected), slots.hold(30):  # over the budget beside the first
+            pass
+        with slots.hold(20):  # fits beside it
+            pass
+    with slots.hold(10**9):  # bigger than the whole budget: runs, alone
+        pass
+
+
+def test_a_waiting_decode_gets_the_slot_freed_within_its_wait():
+    slots = DecodeSlots(limit=1, budget_bytes=100, wait_s=5)
+    started, release = threading.Event(), threading.Event()
+
+    def first():
+        with slots.hold(50):
+            started.set()
+            release.wait(5)
+
+    worker = threading.Thread(target=first)
+    worker.start()
+    started.wait(5)
+    threading.Timer(0.1, release.set).start()
+    with slots.hold(50):  # waits for the first to finish, no 503
+        pass
+    worker.join()
+
+
+def test_a_500_keeps_the_keep_alive_connection(tmp_path):
+    """Real uvicorn, one raw socket: a request after a 500 is answered on the same connection."""
+    import socket
+
+    import uvicorn
+
+    from imgcls.processes import free_port
+
+    app = FastAPI()
+
+    @app.get("/bug")
+    def bug():
+        raise RuntimeError("boom")
+
+    @app.get("/ok")
+    def ok():
+        return {"ok": True}
+
+    install_error_handlers(app)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        _wait_listening(port)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            first = _exchange(sock, "/bug")
+            second = _exchange(sock, "/ok")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert first.startswith(b"HTTP/1.1 500") and b'"internal error: RuntimeError"' in first
+    assert second.startswith(b"HTTP/1.1 200") and second.endswith(b'{"ok":true}')
+
+
+def _exchange(sock, path: str) -> bytes:
+    """Send one keep-alive GET and read its whole answer (headers and Content-Length body)."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before the answer to {path}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(
+            line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+        )
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed during the answer to {path}"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def _wait_listening(port: int, timeout_s: float = 10) -> None:
+    import time
+
+    from imgcls.processes import port_in_use
+
+    deadline = time.monotonic() + timeout_s
+    while not port_in_use(port):
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)

@@ -3,7 +3,6 @@ under steady load, across two models with different class sets and input sizes."
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from imgcls.modelcard import ModelCard
 from imgcls.processes import ServerProcess, free_port
 from service.cli import serve_command
-from tests.service_fixtures import build_tiny_model, colour_image, encode, service_env, tiny_card
+from tests.service_fixtures import Clients, build_tiny_model, colour_image, encode, service_env, tiny_card
 
 pytestmark = pytest.mark.slow
 NAME = "follow-clf"
@@ -79,56 +78,6 @@ def serve(registry, tracking_uri: str, log_name: str, **settings):
     url = f"http://127.0.0.1:{port}"
     return ServerProcess(serve_command("127.0.0.1", port), f"{url}/readyz", root / log_name,
                          env=env, cwd=cwd, port=port, timeout_s=150)  # fmt: skip
-
-
-class Clients:
-    """Threads that keep asking /predict and /predict_batch and keep every answer."""
-
-    def __init__(self, url: str, threads: int = 3):
-        self.url, self.stop, self.answers, self.failures = url, threading.Event(), [], []
-        self.red = encode(colour_image("red"), "PNG")
-        self.files = [("images", (f"{c}.png", encode(colour_image(c), "PNG"))) for c in V1_CLASSES]
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
-
-    def __enter__(self) -> Clients:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
-
-    def _run(self, index: int) -> None:
-        with httpx.Client(timeout=60) as http:
-            while not self.stop.is_set():
-                batch = index % 3 == 2
-                try:
-                    if batch:
-                        response = http.post(f"{self.url}/predict_batch", files=self.files)
-                    else:
-                        response = http.post(f"{self.url}/predict", files={"image": ("red.png", self.red)})
-                except httpx.HTTPError as exc:
-                    self.failures.append(repr(exc))
-                    continue
-                if response.status_code != 200:
-                    self.failures.append(f"{response.status_code} {response.text[:200]}")
-                else:
-                    self.answers.append((time.monotonic(), batch, response.json()))
-
-    def versions_since(self, t: float) -> set[str]:
-        return {body["version"] for at, _, body in list(self.answers) if at >= t}
-
-    def wait_for(self, version: str, timeout_s: float = 60) -> float:
-        """Seconds until every client answers with `version` (all answers since one moment)."""
-        started = time.monotonic()
-        while time.monotonic() - started < timeout_s:
-            mark = time.monotonic()
-            time.sleep(1.0)
-            if self.versions_since(mark) == {version}:
-                return time.monotonic() - started
-        raise TimeoutError(f"clients never all got version {version}: {self.versions_since(started)}")
 
 
 def assert_no_answer_mixes_versions(answers) -> None:

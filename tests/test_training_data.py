@@ -125,3 +125,11 @@ def test_training_sees_exactly_the_pixels_the_service_computes(tmp_path, shapes_
     for name, loaded in zip(names, np.asarray(images), strict=True):
         served = load_image((shapes_dir / "circle" / name).read_bytes(), (32, 32))
         np.testing.assert_array_equal(loaded, served, err_msg=name)
+
+
+def test_refused_formats_are_left_out_with_the_format_named(shapes_dir):
+    Image.new("RGB", (16, 16), "red").save(shapes_dir / "circle" / "icon.ico", format="ICO")
+    Image.new("RGB", (16, 16), "red").save(shapes_dir / "square" / "texture.png", format="DDS")
+    bad = dict(scan_dataset(shapes_dir).bad_files)
+    assert bad["circle/icon.ico"].startswith("image format ICO is not accepted (accepted: JPEG, PNG")
+    assert bad["square/texture.png"].startswith("image format DDS is not accepted")

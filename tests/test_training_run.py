@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from imgcls.images import load_image
+from imgcls.images import PREPROCESSING_VERSION, load_image
 from tests.conftest import quick_config
 from training.config import ConfigError
 from training.train import train
@@ -68,6 +68,7 @@ def test_logged_model_reloads_with_its_card_and_predicts_the_same(shapes_dir_sha
     info = mlflow.models.get_model_info(result.model_uri)
     assert info.metadata["class_names"] == ["circle", "square", "stripes"]
     assert info.metadata["image_size"] == [32, 32]
+    assert info.metadata["preprocessing"] == PREPROCESSING_VERSION  # the resize it was trained on
     assert info.signature is not None and info.saved_input_example_info is not None
     reloaded = mlflow.keras.load_model(result.model_uri)
     files = [shapes_dir_shared / rel for rel, _ in result.scan.files["test"]]

@@ -3,7 +3,7 @@
 `scan_dataset` checks every file before training starts (bad files are left out and
 listed; an unusable dataset stops with a message naming the problem and the path).
 The split is fixed in a manifest. Each split is then written once, through the service's
-own `imgcls.images.load_image`, as lossless PNGs at the model's input size, and Keras'
+own `imgcls.images.model_input`, as lossless PNGs at the model's input size, and Keras'
 `image_dataset_from_directory` reads those: the loader never meets a bad file mid-epoch,
 and training sees exactly the pixels the service will compute for the same file.
 """
@@ -21,12 +21,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from imgcls.images import ImageDecodeError, decode_image
+from imgcls.images import ImageDecodeError, accepted_extensions, decode_image, model_input, refused_format
 
 log = logging.getLogger(__name__)
 
-# Image files taken from a dataset folder (anything else is listed as left out).
-IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".webp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 
@@ -134,6 +132,7 @@ def _class_names(folder: Path) -> list[str]:
 def _check_files(root: Path, split_dirs: dict[str, Path], class_names: list[str]):
     """Decode every candidate file once; returns usable files, bad files, EXIF-rotated count."""
     candidates, bad = [], []
+    extensions = accepted_extensions()  # the service's allow-list; anything else is left out
     for split, folder in split_dirs.items():
         for label, name in enumerate(class_names):
             class_dir = folder / name
@@ -141,8 +140,8 @@ def _check_files(root: Path, split_dirs: dict[str, Path], class_names: list[str]
                 continue
             for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
                 rel = str(path.relative_to(root))
-                if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                    bad.append((rel, f"not an image file ({path.suffix or 'no extension'})"))
+                if path.suffix.lower() not in extensions:
+                    bad.append((rel, _not_an_image_file(path)))
                 else:
                     candidates.append((split, rel, label))
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
@@ -156,6 +155,13 @@ def _check_files(root: Path, split_dirs: dict[str, Path], class_names: list[str]
             per_split[split].append((rel, label))
             exif += rotated
     return per_split, bad, exif
+
+
+def _not_an_image_file(path: Path) -> str:
+    """Why a file with another ending is left out: a refused image format, or not an image."""
+    with path.open("rb") as f:
+        refused = refused_format(f.read(16))
+    return refused or f"not an image file ({path.suffix or 'no extension'})"
 
 
 def _check_image(path: Path) -> tuple[str | None, bool]:
@@ -249,7 +255,7 @@ def scan_from_manifest(manifest: dict) -> DatasetScan:
 def write_view(scan: DatasetScan, split: str, dest: Path, image_size: tuple[int, int]) -> Path:
     """Write `dest/<class>/<n>.png`: each usable file of a split as the model will see it.
 
-    Uses `imgcls.images.load_image` (what the service runs on an upload), stored as
+    Uses `imgcls.images.model_input` (what the service runs on an upload), stored as
     lossless PNGs at `image_size`; Keras then reads them without changing a pixel.
     """
     for name in scan.class_names:
@@ -266,9 +272,7 @@ def write_view(scan: DatasetScan, split: str, dest: Path, image_size: tuple[int,
 def _write_model_input(source: Path, target: Path, image_size: tuple[int, int]) -> None:
     from PIL import Image
 
-    from imgcls.images import prepare_image
-
-    pixels = prepare_image(decode_image(source.read_bytes()), image_size)
+    pixels = model_input(source.read_bytes(), image_size)
     Image.fromarray(pixels).save(target, compress_level=1)  # lossless; fast beats small here
 
 

@@ -18,6 +18,7 @@ import keras
 import mlflow
 import numpy as np
 
+from imgcls.images import PREPROCESSING_VERSION
 from imgcls.modelcard import ModelCard
 from imgcls.settings import TrackingSettings
 from training import evaluate as ev
@@ -104,6 +105,7 @@ def _run(config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_i
         backbone=config.backbone,
         metrics={k: metrics[k] for k in ("accuracy", "macro_f1")},
         dataset_fingerprint=scan.fingerprint,
+        preprocessing=PREPROCESSING_VERSION,  # the resize its training images went through
     )
     model_uri = tracking.log_keras_model(model, card, first_test_image)
     return TrainResult(run_id, model_uri, card, metrics, evaluation, history, scan, model, params, seconds)

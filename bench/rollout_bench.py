@@ -1,0 +1,204 @@
+"""Rollout benchmark: steady load while the champion is promoted and rolled back.
+
+    python -m bench.rollout_bench [--models resnet50,demo] [--swaps 5] [--poll-interval 2]
+                                  [--concurrency N] [--quick] [--out FILE]
+
+Per case (ResNet50 at 224 with `weights=none`, the demo `simple_cnn` at 32) two versions
+are registered in a temporary SQLite MLflow store and the alias `champion` is put on the
+first. The real service follows it (`imgcls serve --source mlflow --poll-interval S`)
+while concurrent clients POST real JPEGs to /predict; during that load the benchmark
+moves the alias with `MlflowClient().set_registered_model_alias` `--swaps` times each way
+(promote v1 -> v2, roll back v2 -> v1), waiting after each move until every answer comes
+from the new version and then `--steady` seconds more (plus a share of the poll interval
+that differs per move, so the moves land at different points of the poll cycle). It
+keeps driving until at least `--min-requests` requests were made.
+
+Reported per model (definitions in bench/rollout.py): requests and failures; per move the
+time to the first answer by the new version and to the last by the old one, against
+poll interval + load time + 1 s, the load time being the follower's own swap path timed
+once in this process before the load (bench.inprocess.follower_load_s); p99 in the swap windows against
+steady state; images/s, CPU of the model process and peak RSS of the server's process
+tree (bench.sampling.TreeSampler) in the swap windows against steady state.
+
+This script only parses arguments and calls the shared modules: bench.cases (models),
+bench.photos (JPEGs), bench.servers (the following service), bench.loadgen (the load),
+bench.sampling (CPU and memory), bench.rollout (the analysis and the report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+if not __package__:  # `python bench/rollout_bench.py` from a checkout: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import loadgen, rollout  # noqa: E402
+from bench.cases import ALIAS, CASES, register_case  # noqa: E402
+from bench.inprocess import follower_load_s  # noqa: E402
+from bench.machine import machine, quiet_environment  # noqa: E402
+from bench.photos import PHOTO_SIZE, photo_jpegs  # noqa: E402
+from bench.sampling import TreeSampler  # noqa: E402
+from bench.serve_bench import stop_on_signals  # noqa: E402
+from bench.servers import following_server  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# ResNet50 answers ~20 images/s on 2 cores: 8 clients keep the model busy with batches
+# of ~8 without queueing past a second; the demo model needs more to be busy at all.
+DEFAULT_CONCURRENCY = {"resnet50": 8, "demo": 16}
+DISTINCT_IMAGES = 32
+FRONT_WORKERS = 2  # as in serve_bench: one front caps the demo model near 200 requests/s
+# Answers that must all come from the new version before a switch counts as done: a
+# little more than one ResNet50 batch at concurrency 8 on 2 cores.
+HOLD_S = 2.0
+# Load before the steady state starts: TensorFlow sets up each batch shape on first use.
+WARM_S = 8.0
+
+
+def move_alias(client, name: str, old: str, new: str, kind: str) -> rollout.Move:
+    """Point `champion` at `new`; the move's time is taken just before the call."""
+    at = time.perf_counter()
+    client.set_registered_model_alias(name, ALIAS, new)
+    return rollout.Move(at, old, new, kind, (time.perf_counter() - at) * 1000)
+
+
+def run_moves(client, name: str, versions: tuple[str, str], watch, args, stop) -> list[rollout.Move]:
+    """`--swaps` promotions and rollbacks, each waited for, then `--steady` s of steady load."""
+    v1, v2 = versions
+    moves = []
+    for n in range(2 * args.swaps):
+        old, new, kind = (v1, v2, "promote") if n % 2 == 0 else (v2, v1, "rollback")
+        moves.append(move_alias(client, name, old, new, kind))
+        switched = watch.wait_switched(new, moves[-1].at, HOLD_S, args.switch_timeout, stop)
+        print(f"    {kind} v{old} -> v{new}: {'switched' if switched else 'NOT switched'}", flush=True)
+        time.sleep(args.steady + poll_phase(n) * args.poll_interval)
+    return moves
+
+
+def poll_phase(n: int) -> float:
+    """A fraction in [0, 1) that differs for each move (golden-ratio steps). Without it
+    every move lands at the same point of the poll cycle (the wait before it is a switch,
+    which follows a poll, plus fixed sleeps), so all moves would show one poll delay."""
+    return (n * 0.618034) % 1
+
+
+def bench_case(key: str, jpegs: list[bytes], args: argparse.Namespace, work: Path, stop) -> dict:
+    """Register two versions, serve the first, move the alias under load, analyse."""
+    from mlflow import MlflowClient
+
+    print(f"{key}: registering two versions", flush=True)
+    first, second = register_case(key, work), register_case(key, work)
+    client = MlflowClient()
+    client.set_registered_model_alias(first.name, ALIAS, first.version)
+    load_s = follower_load_s(second, work / "load-probe-cache")
+    print(f"  follower load + check + warm-up in process: {load_s:.1f} s", flush=True)
+    concurrency = args.concurrency or DEFAULT_CONCURRENCY[key]
+    watch, done, records = rollout.Watch(), threading.Event(), []
+    log = args.log_dir / f"{key}-rollout.log"
+    with (
+        following_server(first, args, log, work) as srv,
+        TreeSampler(srv.pid) as sampler,
+        loadgen.http_client(concurrency, args.request_timeout) as http,
+    ):
+        send = watch.wrap(loadgen.service_sender(http, srv.url, jpegs))
+        load = threading.Thread(target=lambda: records.extend(loadgen.drive(send, concurrency, stop=done)))
+        load.start()
+        try:
+            time.sleep(WARM_S)
+            since = time.perf_counter()
+            time.sleep(args.steady)
+            moves = run_moves(client, first.name, (first.version, second.version), watch, args, stop)
+            while len(watch) < args.min_requests and not stop.is_set():
+                time.sleep(0.5)
+        finally:
+            done.set()
+            load.join()
+        until = time.perf_counter()
+    result = rollout.analyse(records, moves, sampler.samples, since, until, args.poll_interval, load_s)
+    if args.records:
+        args.records.mkdir(parents=True, exist_ok=True)
+        rows = [[r.start, r.end, r.status, r.version, r.error] for r in records]
+        (args.records / f"{key}-records.json").write_text(json.dumps({"since": since, "until": until,
+                                                                      "records": rows}))  # fmt: skip
+    return {"model": first.name, "versions": [first.version, second.version], "concurrency": concurrency,
+            **result}  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="resnet50,demo", help="comma-separated cases: resnet50, demo")
+    parser.add_argument("--swaps", type=int, default=5, help="promote + rollback cycles (5: 10 alias moves)")
+    parser.add_argument("--poll-interval", type=float, default=2.0, help="service's --poll-interval, s (2)")
+    parser.add_argument(
+        "--concurrency", type=int, help="clients (default: resnet50 8, demo 16, as for 2 cores)"
+    )
+    parser.add_argument("--steady", type=float, default=8.0, help="steady load after each switch, s (8)")
+    parser.add_argument("--min-requests", type=int, default=2000, help="drive at least this many (2000)")
+    parser.add_argument("--switch-timeout", type=float, default=120, help="most to wait for a switch, s")
+    parser.add_argument("--request-timeout", type=float, default=60, help="client timeout per request, s")
+    parser.add_argument("--front-workers", type=int, default=FRONT_WORKERS, help="service's HTTP fronts (2)")
+    parser.add_argument("--quick", action="store_true", help="demo only, 2 cycles, 300 requests (~2 min)")
+    parser.add_argument(
+        "--shared", type=Path, default=ROOT.parent / "shared", help="folder with data/ (photos)"
+    )
+    parser.add_argument("--logs", type=Path, help="keep the server logs in this folder (default: dropped)")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / ".imgcls/bench/rollout_bench.json", help="JSON results file"
+    )
+    parser.add_argument(
+        "--records", type=Path, help="also write every request as JSON into this folder, one file per model"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.swaps, args.min_requests, args.steady = "demo", 2, 300, 4.0
+    args.cases = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(args.cases) - set(CASES))
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {sorted(CASES)}")
+    if args.swaps < 1 or args.poll_interval <= 0:
+        parser.error("--swaps must be 1 or more and --poll-interval above 0 (0 turns following off)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the arguments, run every case in a temporary MLflow and BentoML home, report."""
+    quiet_environment()
+    args = parse_args(argv)
+    stop = stop_on_signals()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="imgcls-rollout-bench-") as tmp:
+        work = Path(tmp)
+        os.environ["BENTOML_HOME"] = str(work / "bentoml")
+        os.environ.setdefault("KERAS_HOME", str(work / "keras"))
+        args.log_dir = args.logs or work
+        args.log_dir.mkdir(parents=True, exist_ok=True)
+        jpegs, source = photo_jpegs(args.shared, DISTINCT_IMAGES)
+        results: dict = {"machine": machine(), "images": f"{len(jpegs)} JPEGs at {PHOTO_SIZE}: {source}"}
+        results["load_time_how"] = (
+            "the follower's swap path (MLflow download, load .keras, check, warm-up) timed once in the "
+            "benchmark process before its load starts (other jobs on the machine still run)"
+        )
+        results["settings"] = {k: getattr(args, k) for k in ("swaps", "poll_interval", "steady", "min_requests",
+                                                             "front_workers")}  # fmt: skip
+        results["results"] = {key: bench_case(key, jpegs, args, work, stop) for key in args.cases}
+        results |= {"seconds": time.perf_counter() - started, "load_average_at_end": os.getloadavg()[0]}
+    results["targets"] = [
+        {"passed": ok, "check": line}
+        for key, result in results["results"].items()
+        for ok, line in rollout.targets(key, result)
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, default=str))
+    print(rollout.render(results, str(args.out)))
+
+
+if __name__ == "__main__":
+    main()
