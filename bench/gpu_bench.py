@@ -7,9 +7,9 @@
    (float32, bfloat16 via Keras mixed precision), ResNet50 built by training/model.py with
    random weights, `Predictor.probabilities` at batch 1, 32 and 128; the float32 (and, if
    served, bfloat16) model is saved as .keras into a temporary BentoML store.
-2. The stages in this process (JAX on the CPU, as the HTTP front): JPEG decode and resize
+2. The stages in this process, with the front's own functions: JPEG decode and resize
    per image, the resize also the first time an input size is seen (a resize traced per
-   shape pays a compile there).
+   shape, as `jax.image.resize` is, would pay a compile there).
 3. The service: `bentoml serve service.service:ImageClassifier` (`--source bentoml`, `--gpu`
    when there is one, N front workers, max batch tuned for the GPU), driven with real
    photos as JPEGs of varied sizes by bench.loadgen from several client processes, at
@@ -177,13 +177,13 @@ def model_speed(precision: str, args, env: dict, work: Path, log: Log, save: boo
 
 
 def stage_times(jpegs: list[bytes], size: int) -> dict:
-    """Median ms per image in this process (JAX on the CPU, like a front): decode; resize
+    """Median ms per image in this process, with the front's functions: decode; resize
     the first time an input size is seen; resize again at a size already seen."""
     import numpy as np
 
     from imgcls.images import decode_image, prepare_image
 
-    prepare_image(np.zeros((8, 8, 3), np.uint8), (size, size))  # import Keras and its backend
+    prepare_image(np.zeros((8, 8, 3), np.uint8), (size, size))  # first-call set-up, untimed
     decode, first, again = [], [], []
     for data in jpegs:
         t0 = time.perf_counter()
