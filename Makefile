@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export KERAS_HOME := $(CURDIR)/.imgcls/keras
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-train bench-serve bench-memory bench-rollout bench-explain bench-gpu-pack browser postgres compose-config clean
+.PHONY: help install demo test test-fast lint format bench bench-train bench-serve bench-memory bench-rollout bench-explain bench-gpu-pack bench-gpu-cpu browser postgres compose-config clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -62,6 +62,18 @@ bench-rollout: install ## promote/roll back under load: swap times, p99, memory,
 
 bench-explain: install ## /predict p99 under 50 concurrent /explain (overload shedding), see docs/benchmarks.md
 	$(BIN)/python -m bench.explain_bench
+
+# The GPU run's wheelhouse (issue 11): CPython 3.12 on the GPU machine by default;
+# `make bench-gpu-pack PYTHON_VERSION=3.11 GPU_WHEELS=.gpu-wheels-311` builds the CPU proof's.
+PYTHON_VERSION ?= 3.12
+GPU_WHEELS ?= $(if $(filter 3.12,$(PYTHON_VERSION)),.gpu-wheels,.gpu-wheels-$(subst .,,$(PYTHON_VERSION)))
+bench-gpu-pack: install ## wheels the GPU benchmark carries (checked: resolves offline, fits 64 MiB)
+	$(BIN)/python -m bench.gpu_pack --python-version $(PYTHON_VERSION) --dest $(GPU_WHEELS) \
+	  $(if $(filter 3.12,$(PYTHON_VERSION)),,--provided-from-env)
+
+bench-gpu-cpu: install ## the GPU benchmark's proof on this CPU: 3.11 wheelhouse, --quick (~5 min)
+	$(BIN)/python -m bench.gpu_pack --python-version 3.11 --provided-from-env --dest .gpu-wheels-311
+	PATH=$(CURDIR)/$(BIN):$$PATH GPU_WHEELS=.gpu-wheels-311 BLOCK_TENSORFLOW=1 bash bench/gpu_bench.sh --quick
 
 compose-config: install ## validate docker-compose.yml (with .env, or the placeholders of .env.example)
 	@envf=$$([ -f .env ] && echo .env || echo .env.example); \

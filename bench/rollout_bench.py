@@ -145,6 +145,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--switch-timeout", type=float, default=120, help="most to wait for a switch, s")
     parser.add_argument("--request-timeout", type=float, default=60, help="client timeout per request, s")
     parser.add_argument("--front-workers", type=int, default=FRONT_WORKERS, help="service's HTTP fronts (2)")
+    parser.add_argument(
+        "--model-workers",
+        type=int,
+        default=1,
+        help="model processes, each following on its own: 'last old' is when all of them agree (1)",
+    )
     parser.add_argument("--quick", action="store_true", help="demo only, 2 cycles, 300 requests (~2 min)")
     parser.add_argument(
         "--shared", type=Path, default=ROOT.parent / "shared", help="folder with data/ (photos)"
@@ -187,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
             "benchmark process before its load starts (other jobs on the machine still run)"
         )
         results["settings"] = {k: getattr(args, k) for k in ("swaps", "poll_interval", "steady", "min_requests",
-                                                             "front_workers")}  # fmt: skip
+                                                             "front_workers", "model_workers")}  # fmt: skip
         results["results"] = {key: bench_case(key, jpegs, args, work, stop) for key in args.cases}
         results |= {"seconds": time.perf_counter() - started, "load_average_at_end": os.getloadavg()[0]}
     results["targets"] = [

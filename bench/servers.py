@@ -62,6 +62,7 @@ def following_server(case: Case, args: argparse.Namespace, log: Path, work: Path
         poll_interval_s=args.poll_interval,
         cache_dir=work / "serve-cache",
         front_workers=args.front_workers,
+        model_workers=getattr(args, "model_workers", 1),
         host=HOST,
         port=port,
     )

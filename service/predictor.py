@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -151,6 +153,23 @@ def configure_accelerator() -> None:
             tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError:  # already initialised: growth can no longer be changed
             logger.warning("could not enable memory growth on %s", gpu.name)
+
+
+# Set in the HTTP front at start-up: it decodes and resizes with Pillow on the CPU. Should
+# anything import an ML framework there, on JAX each front would otherwise claim the GPU
+# and preallocate most of its memory beside the model process that needs it.
+FRONT_ENV = {"JAX_PLATFORMS": "cpu", "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def keep_off_accelerators() -> None:
+    """Hide every GPU from this process (the HTTP front); only the model process uses one.
+
+    It must run before any ML framework is imported here: a warning says when too late.
+    """
+    os.environ.update(FRONT_ENV)
+    imported = [name for name in ("jax", "tensorflow", "torch") if name in sys.modules]
+    if imported:
+        logger.warning("%s already imported: this front process may still hold a GPU", imported)
 
 
 def load_predictor(settings: Any) -> Predictor:

@@ -27,7 +27,7 @@ from service.limits import (
     return_freed_memory_to_the_system,
 )
 from service.metrics import FollowerMetrics, observe_prediction
-from service.predictor import configure_accelerator, top_k
+from service.predictor import configure_accelerator, keep_off_accelerators, top_k
 from service.replies import classify_replies, one_version, stale_reply
 from service.settings import ServiceSettings
 from service.shedding import (
@@ -139,6 +139,8 @@ class ImageClassifier:
     model = bentoml.depends(ClassifierModel)
 
     def __init__(self) -> None:
+        if not isinstance(self.model, ClassifierModel.inner):  # the model has a process of its own
+            keep_off_accelerators()  # the front needs no accelerator: the GPU is the model's
         self.settings = SETTINGS
         self._size: tuple[int, int] | None = None  # the input size last heard of
         self.uploads = Uploads(SETTINGS)  # every decode of this front: bounded memory

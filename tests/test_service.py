@@ -60,6 +60,9 @@ def server(tmp_path_factory, model_file) -> str:
         max_pixels=MAX_PIXELS,
         max_batch_images=MAX_BATCH_IMAGES,
         front_workers=2,
+        # Room for the concurrency test's 16 requests even on an overloaded machine.
+        max_concurrent_decodes=32,
+        decode_wait_s=30,
     )
     env["IMGCLS_HOOK_MODEL_CALL"] = f"hold:{home / 'hold-model'}"  # see test_concurrent_...
     card = tiny_card().model_dump_json()
