@@ -18,7 +18,7 @@ Champion moves made outside imgcls (MLflow's UI, a script): noticed, then record
 
 Anyone with write access to the registered model can set or delete the champion alias by
 hand: the gate is bypassed and no history is written, so the history no longer ends at
-the champion. `manual_move` is the pure comparison of the two. `record_manual_move` writes
+the champion. `manual_move` is the pure comparison of the two. `reconcile` writes
 the missing record, under the registry lock, as a move of action `manual` by
 `unknown (outside imgcls)`. Only commands that write anyway call it (pipeline, `models
 promote`, `models rollback`, before they plan); `models list` and `show` merely show a
@@ -28,7 +28,7 @@ In the lineage a manual move counts as a promotion (`rollback` then goes back to
 champion before it); a removal of the alias ends the lineage. A recorded hand move also
 updates the BentoML store like a promotion (not a removal: the store keeps the last
 champion). One noticed only under the lock of a move in progress (made while that move's
-gate ran) is recorded there without a BentoML copy: the store lags until the next move.
+gate ran) is recorded there without a BentoML copy: the store lags until the next command.
 """
 
 from __future__ import annotations

@@ -73,12 +73,10 @@ def test_plan_rollback_follows_the_lineage_and_refuses_without_one():
     from registry.steps import Move, Rollback, Snapshot, plan
 
     settings = registry_settings()
-    back = plan(Snapshot("3", 3, lineage=("1", "2", "3")), Rollback("bad", {"2": {"macro_f1": 0.9}}), settings)
-    assert isinstance(back, Move) and (back.move.action, back.move.from_version, back.move.to_version) == (
-        "rollback",
-        "3",
-        "2",
-    )
+    snap = Snapshot("3", 3, lineage=("1", "2", "3"))
+    back = plan(snap, Rollback("bad", {"2": {"macro_f1": 0.9}}), settings)
+    assert isinstance(back, Move) and back.move.action == "rollback"
+    assert (back.move.from_version, back.move.to_version) == ("3", "2")
     assert back.move.candidate_metrics == {"macro_f1": 0.9}
     assert "nothing to roll back" in plan(Snapshot(None, 0), Rollback("r"), settings).reason
     assert "first champion" in plan(Snapshot("1", 1, lineage=("1",)), Rollback("r"), settings).reason
