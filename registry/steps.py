@@ -177,6 +177,8 @@ def run(
             if isinstance(decision, Refusal):
                 return _refused(snapshot, intent, decision, settings, regated=attempt > 0)
             download = _download(downloads, fetched, settings, decision.move.to_version)
+            log.info("%s planned against champion %s; taking the registry lock", decision.move.action,
+                     snapshot.champion)  # fmt: skip
             acted = act(client, tracking, settings, snapshot, decision.move, download)
             if isinstance(acted, Stale):
                 log.info("champion changed from %s to %s meanwhile: planning again", snapshot.champion,

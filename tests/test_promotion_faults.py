@@ -338,7 +338,7 @@ def test_a_hung_tracking_server_fails_the_locked_write_in_seconds(mlflow_server,
             proc.kill()
     output = log.read_text()
     assert code == 1 and "error:" in output, output[-3000:]
-    assert took < 45, f"the hung write took {took:.0f} s"
+    assert took < 60, f"the hung write took {took:.0f} s"  # bounded: ~10 s per request
     fresh = MlflowClient(tracking_uri=url, registry_uri=url)
     assert champion_version(fresh, settings) == "2"
     time.sleep(2)  # requests the stopped server had queued are answered now
