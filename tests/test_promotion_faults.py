@@ -232,6 +232,30 @@ def test_a_failure_at_each_step_leaves_the_alias_the_truth(champions, step, monk
 
 
 @pytest.mark.slow
+def test_an_alias_write_whose_answer_is_lost_is_read_before_anything_is_undone(champions, monkeypatch):
+    """The alias write lands but its response is lost (the connection drops): the alias is
+    read first, the move stands, nothing is taken back, BentoML is labelled."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from registry.history import read_history
+    from registry.promote import force_promote
+
+    client, tracking, settings = champions
+    real = MlflowClient.set_registered_model_alias
+
+    def write_then_lose_the_answer(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        raise MlflowException("API request failed: connection reset by peer")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", write_then_lose_the_answer)
+    assert force_promote(client, tracking, settings, "3", "r", None).passed
+    monkeypatch.undo()
+    assert [m.to_version for m in read_history(client, settings)] == ["1", "2", "3"]
+    assert _assert_agree(client, settings) == "3"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("step", STEPS)
 def test_a_kill_at_each_step_is_reconciled_by_the_next_command(champions, step, tmp_path):
     """A real `imgcls models promote 3 --force` SIGKILLed at the step (the gate runs too)."""
@@ -338,6 +362,7 @@ def test_a_hung_tracking_server_fails_the_locked_write_in_seconds(mlflow_server,
             proc.kill()
     output = log.read_text()
     assert code == 1 and "error:" in output, output[-3000:]
+    print(f"the promotion failed {took:.1f} s after the server stopped answering")
     assert took < 60, f"the hung write took {took:.0f} s"  # bounded: ~10 s per request
     fresh = MlflowClient(tracking_uri=url, registry_uri=url)
     assert champion_version(fresh, settings) == "2"
