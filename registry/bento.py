@@ -2,8 +2,9 @@
 
 The store mirrors the alias: the entry of the current champion carries the label
 `alias=<alias>`. A promotion downloads the model first (slow, outside the registry lock),
-saves the entry under the lock, removes it again if the alias move fails, and once the
-alias has moved deletes the entries of earlier champions.
+and saves the entry only once the alias has moved and been read back, then deletes the
+entries of earlier champions (registry/steps.py); the next command's reconcile repairs a
+store a crash left behind (registry/reconcile.py).
 """
 
 from __future__ import annotations
@@ -49,14 +50,6 @@ def save_champion(settings: RegistrySettings, download: Download) -> str:
         version=download.version,
         extra_labels={REGISTERED_LABEL: settings.model_name, ALIAS_LABEL: settings.alias},
     )
-
-
-def remove_entry(tag: str) -> None:
-    """Delete an entry saved for an alias move that did not happen."""
-    import bentoml
-
-    bentoml.models.delete(tag)
-    log.info("removed %s from the BentoML store: the alias did not move", tag)
 
 
 def retire_earlier_champions(settings: RegistrySettings, keep: str) -> None:

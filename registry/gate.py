@@ -2,25 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from registry.settings import RegistrySettings
 from training.evaluate import Evaluation
-
-
-@dataclass
-class GateDecision:
-    """What the gate decided about a candidate version, and on which numbers."""
-
-    candidate_version: str
-    champion_version: str | None
-    metric: str
-    passed: bool
-    reason: str
-    candidate_metrics: dict[str, float] = field(default_factory=dict)
-    champion_metrics: dict[str, float] = field(default_factory=dict)
-    regated: bool = False  # the champion changed while the gate ran, so it ran again
-    interrupted: bool = False  # Ctrl-C/SIGTERM arrived during the alias move, which completed
 
 
 def gate_metrics(evaluation: Evaluation) -> dict[str, float]:

@@ -12,6 +12,7 @@ lock is held, and a move is never rewritten: a failed read cannot erase the hist
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 from datetime import UTC, datetime
@@ -25,6 +26,9 @@ from registry.settings import RegistrySettings
 
 MOVE_PREFIX = "imgcls.promotion."
 LEGACY_TAG = "imgcls.promotions"  # the whole list in one tag, before 0.2: read, never written
+# Written just before a move's record and deleted once the alias was read back: a record
+# whose marker is still there when the alias is elsewhere is a move that never happened.
+IN_FLIGHT_TAG = "imgcls.move_in_flight"
 # Well under MLflow's String(5000) registered-model tag column; long reasons are cut to fit.
 MAX_SUMMARY_CHARS = 2000
 MAX_REASON_CHARS = 1000
@@ -81,12 +85,21 @@ def read_history(client: MlflowClient, settings: RegistrySettings) -> list[Alias
     Any other failure (network, server error, a malformed record) is raised: a caller must
     never mistake an unreadable history for an empty one.
     """
+    return history_from_tags(model_tags(client, settings))
+
+
+def model_tags(client: MlflowClient, settings: RegistrySettings) -> dict[str, str]:
+    """The registered model's tags; empty only when the model does not exist (else raised)."""
     try:
-        tags = client.get_registered_model(settings.model_name).tags
+        return client.get_registered_model(settings.model_name).tags
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
-            return []
+            return {}
         raise
+
+
+def history_from_tags(tags: dict[str, str]) -> list[AliasMove]:
+    """The recorded moves held in a registered model's tags, oldest first."""
     moves = [AliasMove.model_validate(item) for item in json.loads(tags.get(LEGACY_TAG) or "[]")]
     for index, move in enumerate(moves, start=1):
         move.seq = index
@@ -95,10 +108,12 @@ def read_history(client: MlflowClient, settings: RegistrySettings) -> list[Alias
     return moves
 
 
-def record_move(client: MlflowClient, settings: RegistrySettings, move: AliasMove) -> str:
-    """Append `move` (full details on its target version, summary on the model); returns
-    the summary's tag key. Call only while holding the registry lock."""
-    move.seq = len(read_history(client, settings)) + 1
+def record_move(
+    client: MlflowClient, settings: RegistrySettings, move: AliasMove, seq: int | None = None
+) -> str:
+    """Append `move` as number `seq` (default: after the last; full details on its target
+    version, summary on the model); returns the summary's tag key. Call holding the lock."""
+    move.seq = seq or len(read_history(client, settings)) + 1
     key = move_key(move.seq)
     details = json.dumps(move.model_dump(mode="json", exclude={"recall_drop"}), separators=(",", ":"))
     if move.to_version is None:  # a removed alias has no version to hold the details
@@ -117,7 +132,25 @@ def forget_move(client: MlflowClient, settings: RegistrySettings, move: AliasMov
     """Take back a move recorded by `record_move` whose alias change did not happen."""
     client.delete_registered_model_tag(settings.model_name, key)
     if move.to_version is not None:
-        client.delete_model_version_tag(settings.model_name, move.to_version, key)
+        with contextlib.suppress(MlflowException):  # never written if the summary write failed first
+            client.delete_model_version_tag(settings.model_name, move.to_version, key)
+
+
+def in_flight(tags: dict[str, str]) -> dict | None:
+    """The move marked in flight (`{"seq", "from", "to"}`), or None."""
+    raw = tags.get(IN_FLIGHT_TAG)
+    return json.loads(raw) if raw else None
+
+
+def mark_in_flight(client: MlflowClient, settings: RegistrySettings, move: AliasMove, seq: int) -> None:
+    """Say that move `seq` is being made: set before its record, cleared once the alias was read back."""
+    marker = {"seq": seq, "from": move.from_version, "to": move.to_version}
+    client.set_registered_model_tag(settings.model_name, IN_FLIGHT_TAG, json.dumps(marker))
+
+
+def clear_in_flight(client: MlflowClient, settings: RegistrySettings) -> None:
+    """Remove the in-flight marker (the move is settled either way)."""
+    client.delete_registered_model_tag(settings.model_name, IN_FLIGHT_TAG)
 
 
 def summary_json(move: AliasMove) -> str:

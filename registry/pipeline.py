@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the CLI imports this module to build its parser: keep it light
     from imgcls.settings import TrackingSettings
-    from registry.gate import GateDecision
     from registry.settings import RegistrySettings
+    from registry.steps import Outcome
     from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class PipelineOutcome:
 
     result: object  # training.train.TrainResult
     version: str
-    decision: GateDecision
+    decision: Outcome
 
     @property
     def exit_code(self) -> int:

@@ -39,6 +39,14 @@ class RegistrySettings(BaseSettings):
     lock_timeout_s: float = Field(600.0, gt=0, description="Seconds to wait for the registry lock.")
     # A crashed process's remote lease expires after this; longer than any alias move takes.
     lease_s: float = Field(120.0, gt=0, description="Lifetime of a remote registry lease.")
+    # While the lock is held a hung tracking server must fail a write in seconds: MLflow's
+    # defaults (7 retries x 120 s) would hold the lock for about 20 minutes per request.
+    locked_request_timeout_s: int = Field(
+        5, gt=0, description="MLflow HTTP timeout per request while the registry lock is held."
+    )
+    locked_request_retries: int = Field(
+        1, ge=0, le=10, description="MLflow HTTP retries per request while the registry lock is held."
+    )
 
     @model_validator(mode="after")
     def _bento_name_follows_model_name(self) -> RegistrySettings:

@@ -148,16 +148,16 @@ def test_a_hand_move_during_a_locked_move_is_recorded_before_it(tmp_path):
     """The compare-and-set under the lock records a hand move it finds, then refuses to move
     from a champion that no longer is."""
     from registry.history import AliasMove
-    from registry.promote import move_if_champion_is
+    from registry.promote import move_alias
+    from registry.steps import Stale, act, read_snapshot
 
     client, tracking, settings = _bare_model(tmp_path, 3)
-    from registry.promote import move_alias
-
     move_alias(client, settings, _move("promote", None, "1"))
+    planned_on = read_snapshot(client, settings)
     client.set_registered_model_alias(settings.model_name, "champion", "2")
     planned = AliasMove(action="promote", from_version="1", to_version="3", metric="macro_f1", reason="gate")
-    outcome = move_if_champion_is(client, tracking, settings, "1", planned)
-    assert not outcome.moved and outcome.champion == "2"
+    outcome = act(client, tracking, settings, planned_on, planned)
+    assert isinstance(outcome, Stale) and outcome.now.champion == "2"
     assert [h[:3] for h in _history(client, settings)] == [("promote", None, "1"), ("manual", "1", "2")]
 
 

@@ -172,22 +172,28 @@ def test_champion_change_during_the_gate_makes_it_run_again(store, monkeypatch):
     and the gate runs again outside the registry lock (evaluations are slow)."""
     import registry.promote
     from registry.lock import file_lock
-    from registry.promote import commit_if_unchanged, run_gate
+    from registry.promote import promote_if_better
 
     tracking, good, weak, _ = store
     settings = registry_settings(first_model_floor=0.0)
-    client, _, _ = _promote(store, settings, weak)  # v1
-    stale = run_gate(settings, _register(settings, weak), weak.scan, None)  # v2 vs "no champion"
-    assert stale.passed
-    _, v3, _ = _promote(store, settings, good)  # meanwhile v3 becomes champion
+    from registry.register import connect
+
+    client = connect(tracking)
+    v2, v3 = _register(settings, weak), _register(settings, good)
     lock = Path(tracking.resolved_tracking_uri().removeprefix("sqlite:///") + f".{settings.model_name}.lock")
+    real, calls = registry.promote.evaluate_version, []
 
-    def gate_without_the_lock(*args, **kwargs):
+    def gate_without_the_lock_meanwhile_v3_wins(settings_, version, scan):
+        calls.append(version)
         with file_lock(lock, timeout_s=0.5):  # LockTimeout if this process holds it
-            return run_gate(*args, **kwargs)
+            result = real(settings_, version, scan)
+        if len(calls) == 1:  # v2 passed against "no champion": meanwhile v3 becomes champion
+            registry.promote.force_promote(client, tracking, settings, v3, "meanwhile", None)
+        return result
 
-    monkeypatch.setattr(registry.promote, "run_gate", gate_without_the_lock)
-    decision = commit_if_unchanged(client, tracking, settings, stale, weak.scan)
+    monkeypatch.setattr(registry.promote, "evaluate_version", gate_without_the_lock_meanwhile_v3_wins)
+    decision = promote_if_better(client, tracking, settings, v2, weak.scan)
+    assert calls == [v2, v3]  # the candidate once, then the new champion
     assert decision.regated and not decision.passed and decision.champion_version == v3
     assert _champion(client, settings) == v3
 
