@@ -28,6 +28,7 @@ bench.sampling (CPU and memory), bench.rollout (the analysis and the report).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -68,7 +69,20 @@ def move_alias(client, name: str, old: str, new: str, kind: str) -> rollout.Move
     return rollout.Move(at, old, new, kind, (time.perf_counter() - at) * 1000)
 
 
-def run_moves(client, name: str, versions: tuple[str, str], watch, args, stop) -> list[rollout.Move]:
+def service_load_s(url: str) -> float | None:
+    """How long the service's last swap took to load, check and warm the new version, as its
+    /metadata says (with several model workers: the one that answered)."""
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/metadata", timeout=30).json()["following"]["last_load_s"]
+    except (httpx.HTTPError, KeyError, ValueError):
+        return None
+
+
+def run_moves(
+    client, name: str, versions: tuple[str, str], watch, args, stop, url: str
+) -> list[rollout.Move]:
     """`--swaps` promotions and rollbacks, each waited for, then `--steady` s of steady load."""
     v1, v2 = versions
     moves = []
@@ -76,6 +90,7 @@ def run_moves(client, name: str, versions: tuple[str, str], watch, args, stop) -
         old, new, kind = (v1, v2, "promote") if n % 2 == 0 else (v2, v1, "rollback")
         moves.append(move_alias(client, name, old, new, kind))
         switched = watch.wait_switched(new, moves[-1].at, HOLD_S, args.switch_timeout, stop)
+        moves[-1] = dataclasses.replace(moves[-1], service_load_s=service_load_s(url))
         print(f"    {kind} v{old} -> v{new}: {'switched' if switched else 'NOT switched'}", flush=True)
         time.sleep(args.steady + poll_phase(n) * args.poll_interval)
     return moves
@@ -113,7 +128,7 @@ def bench_case(key: str, jpegs: list[bytes], args: argparse.Namespace, work: Pat
             time.sleep(WARM_S)
             since = time.perf_counter()
             time.sleep(args.steady)
-            moves = run_moves(client, first.name, (first.version, second.version), watch, args, stop)
+            moves = run_moves(client, first.name, (first.version, second.version), watch, args, stop, srv.url)
             while len(watch) < args.min_requests and not stop.is_set():
                 time.sleep(0.5)
         finally:

@@ -102,6 +102,7 @@ class Follower:
         self.failures = 0
         self.last_check: str | None = None
         self.last_error: str | None = None
+        self.last_load_s: float | None = None  # download + load + check + warm-up of the last swap
         self.class_changes: deque[dict] = deque(maxlen=RECENT_EVENTS)
         self.failed_loads: deque[dict] = deque(maxlen=RECENT_EVENTS)
         if metrics is not None:
@@ -127,11 +128,13 @@ class Follower:
         failures, retry_at = self._failed.get(key, (0, 0.0))
         if now < retry_at:
             return False
+        started = time.monotonic()
         try:
             predictor = prepare(self.source.load(key))
         except Exception as exc:  # noqa: BLE001 - a bad version is never served
             self._record_failure(key, failures + 1, now, exc)
             return False
+        self.last_load_s = round(time.monotonic() - started, 3)
         self._swap(Served(predictor, key, self.source.kind))
         return True
 
@@ -193,6 +196,7 @@ class Follower:
             "last_check": self.last_check,
             "last_error": self.last_error,
             "swaps": self.swaps,
+            "last_load_s": self.last_load_s,
             "failed_loads": self.failures,
             "recent_failures": list(self.failed_loads),
             "class_set_changes": list(self.class_changes),

@@ -57,6 +57,7 @@ def test_a_new_champion_is_swapped_in_and_a_running_request_keeps_its_model(vers
     change = follow.status()["class_set_changes"][0]
     assert change["added"] == ["rot", "gruen", "blau"] and change["removed"] == ["red", "green", "blue"]
     assert follow.status()["swaps"] == 1
+    assert follow.status()["last_load_s"] >= 0  # how long the swap's load, check and warm-up took
 
 
 def test_a_version_that_fails_its_checks_is_never_served_and_retried_with_backoff(versions):
