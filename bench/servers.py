@@ -83,13 +83,13 @@ def mlflow_server(case: Case, args: argparse.Namespace, work: Path) -> ServerPro
 
 
 def service_probe(client, url: str, log: Path) -> Callable[[], dict]:
-    """A snapshot of the service: its log size and adaptive batching counters (/metrics)."""
+    """A snapshot of the service: its log size and batching counters (/metrics)."""
 
     def probe() -> dict:
         sums = {"_sum": 0.0, "_count": 0.0}
         with contextlib.suppress(Exception):  # metrics are a nice-to-have here
             for line in client.get(f"{url}/metrics").text.splitlines():
-                if line.startswith("bentoml_service_adaptive_batch_size_"):
+                if line.startswith("imgcls_batch_size_"):
                     name, value = line.split("{", 1)[0], line.rsplit(" ", 1)[-1]
                     for suffix in sums:
                         sums[suffix] += float(value) if name.endswith(suffix) else 0

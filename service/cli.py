@@ -51,13 +51,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         dest="batching",
         action="store_const",
         const=False,
-        help="turn adaptive batching off (for comparisons)",
+        help="turn batching off: one request per model call (for comparisons)",
     )
-    p.add_argument("--max-batch-size", type=int, help="largest adaptive batch (32)")
+    p.add_argument("--max-batch-size", type=int, help="largest batch (32)")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        help="longest an idle model waits for companions of a lone request (0: none)",
+    )
     p.add_argument(
         "--max-latency-ms",
         type=int,
-        help="BentoML's batching deadline: a queued request expected to wait longer gets a 503 (10000)",
+        help="deadline: a request queued longer for the model gets a 503 (10000)",
     )
     p.add_argument("--max-upload-bytes", type=int, help="largest request body; above: 413")
     p.add_argument("--max-pixels", type=int, help="largest image, width x height (40e6)")
@@ -145,7 +150,7 @@ def settings_env(args: argparse.Namespace) -> dict[str, str]:
     """IMGCLS_SERVE_* variables for the options given on the command line."""
     names = [
         "port", "host", "source", "model_name", "alias", "bento_tag", "top_k", "batching",
-        "max_batch_size", "max_latency_ms", "max_upload_bytes", "max_pixels",
+        "max_batch_size", "max_wait_ms", "max_latency_ms", "max_upload_bytes", "max_pixels",
         "max_batch_images", "gpu", "front_workers", "model_workers", "poll_interval_s",
         "version", "cache_dir", "max_concurrent_requests", "max_concurrent_explains",
         "api_keys_file", "protect_probes",

@@ -59,3 +59,22 @@ class FollowerMetrics:
 
     def failed(self) -> None:
         self.failures.inc()
+
+
+class BatchMetrics:
+    """`imgcls_batch_size` (images per forward pass) and `imgcls_batch_wait_seconds` (how
+    long the oldest request of a batch queued), from the model process's batcher."""
+
+    def __init__(self) -> None:
+        import prometheus_client
+
+        sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+        self.size = prometheus_client.Histogram("imgcls_batch_size", "Images per model call", buckets=sizes)
+        waits = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10)
+        self.wait = prometheus_client.Histogram(
+            "imgcls_batch_wait_seconds", "Queueing of the oldest request of each batch", buckets=waits
+        )
+
+    def observe(self, size: int, oldest_wait_s: float) -> None:
+        self.size.observe(size)
+        self.wait.observe(oldest_wait_s)

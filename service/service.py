@@ -1,24 +1,26 @@
 """The champion behind a BentoML REST API: `bentoml serve service.service:ImageClassifier`.
 
 Two services: `ImageClassifier` answers HTTP (decodes and checks uploads, formats
-answers, serves the page) and `ClassifierModel` holds the model and runs adaptive
-batching, so single-image requests that arrive together share one forward pass.
+answers, serves the page) and `ClassifierModel` holds the model and batches the requests
+that arrive while it is busy (service/batching.py), so they share one forward pass.
 BentoML builds both from their decorators when it imports this module, so the settings
 are read here, when the server starts; nothing else happens at import.
 """
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import bentoml
 import numpy as np
+from bentoml.exceptions import ServiceUnavailable
 from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import FileResponse, Response
 
 from imgcls.hooks import hook
 from service import gradcam
 from service.access import ApiKeyMiddleware
+from service.batching import Batcher, Overloaded, Policy
 from service.errors import ErrorShapeMiddleware
 from service.limits import (
     BodyLimitMiddleware,
@@ -26,7 +28,7 @@ from service.limits import (
     install_error_handlers,
     return_freed_memory_to_the_system,
 )
-from service.metrics import FollowerMetrics, observe_prediction
+from service.metrics import BatchMetrics, FollowerMetrics, observe_prediction
 from service.predictor import configure_accelerator, keep_off_accelerators, top_k
 from service.replies import classify_replies, one_version, stale_reply
 from service.settings import ServiceSettings
@@ -53,15 +55,10 @@ STATIC = Path(__file__).parent / "static"
 ATTEMPTS = 3
 
 
-def _classify_api(settings: ServiceSettings) -> Any:
-    """`@bentoml.api` for the model call: adaptive batching unless turned off."""
-    if not settings.batching:
-        return bentoml.api()
-    return bentoml.api(
-        batchable=True,
-        max_batch_size=settings.max_batch_size,
-        max_latency_ms=settings.max_latency_ms,
-    )
+def _batching_policy(settings: ServiceSettings) -> Policy:
+    """Bounded-wait batching (service/batching.py); batches of one with --no-batching."""
+    size = settings.max_batch_size if settings.batching else 1
+    return Policy(size, settings.max_wait_ms / 1000, settings.max_latency_ms / 1000)
 
 
 @bentoml.service(
@@ -82,6 +79,7 @@ class ClassifierModel:
         configure_accelerator()
         self.follower = build_follower(SETTINGS, FollowerMetrics())
         self.heatmaps = HeatmapLane(heatmap_waiting_limit(SETTINGS))
+        self.batcher = Batcher(self._classify_now, _batching_policy(SETTINGS), BatchMetrics().observe)
 
     @bentoml.on_startup
     def follow_the_registry(self) -> None:
@@ -91,11 +89,21 @@ class ClassifierModel:
     @bentoml.on_shutdown
     def stop_following(self) -> None:
         self.follower.stop()
+        self.batcher.close()
 
-    @_classify_api(SETTINGS)
-    def classify(self, images: list[np.ndarray]) -> list[dict]:
+    @bentoml.api
+    async def classify(self, images: list[np.ndarray]) -> list[dict]:
         """Probabilities of each (H, W, 3) uint8 model input, with the version, class names
-        and input size of the one model that computed them (see service/replies.py)."""
+        and input size of the one model that computed them (see service/replies.py).
+
+        Calls that arrive while a batch runs are batched together (service/batching.py):
+        no learned wait, so a lone request after a burst goes at once."""
+        try:
+            return await self.batcher.submit(images)
+        except Overloaded as exc:
+            raise ServiceUnavailable(f"the model is overloaded: {exc}") from exc
+
+    def _classify_now(self, images: list[np.ndarray]) -> list[dict]:
         hook("model_call")  # a test seam: IMGCLS_HOOK_MODEL_CALL (imgcls/hooks.py)
         return classify_replies(self.follower.served.predictor, images)
 
@@ -203,7 +211,9 @@ class ImageClassifier:
         for _ in range(ATTEMPTS):
             batch = [self._model_input(upload, what) for what, upload in uploads]
             replies = [
-                r for i in range(0, len(batch), step) for r in self.model.classify(batch[i : i + step])
+                r
+                for i in range(0, len(batch), step)
+                for r in self.model.to_sync.classify(batch[i : i + step])
             ]
             if one_version(replies):
                 return replies

@@ -260,11 +260,11 @@ def _blue_predictions(metrics: str) -> float:
 
 
 def _adaptive_batch_sizes(metrics: str) -> dict[str, float]:
-    """Sum and count of BentoML's adaptive batch size histogram for `classify`."""
+    """Sum and count of the model batcher's batch size histogram (imgcls_batch_size)."""
     totals = {"sum": 0.0, "count": 0.0}
     for line in metrics.splitlines():
         for key in totals:
-            if line.startswith(f"bentoml_service_adaptive_batch_size_{key}") and "classify" in line:
+            if line.startswith(f"imgcls_batch_size_{key}"):
                 totals[key] += float(line.rsplit(" ", 1)[1])
     return totals
 
