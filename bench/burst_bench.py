@@ -1,0 +1,130 @@
+"""Latency at low load after bursts: concurrency 1, 32, 1, 32, 1 against one server.
+
+    python -m bench.burst_bench [--models resnet50,demo] [--rounds 2] [--out FILE]
+
+BentoML 1.4's adaptive batching learned a wait from past queueing, so a lone request
+after a burst waited 3-6x longer (issue 10); the service's own batcher (service/batching.py)
+keeps no memory. Per case (an untrained model registered as in bench.serve_bench) this
+runs the service, then `--rounds` of [c=1, c=32] and a last c=1, on one server, and
+reports every level's p50/p99 and images/s beside the model's own batch-1 latency in
+process (`predict_on_batch`). Target: every c=1 p50 within 5 ms of that, before and after
+the bursts. Prints a Markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/burst_bench.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import loadgen  # noqa: E402
+from bench.cases import CASES, register_case  # noqa: E402
+from bench.inprocess import raw_predict  # noqa: E402
+from bench.machine import machine, quiet_environment  # noqa: E402
+from bench.photos import photo_jpegs  # noqa: E402
+from bench.serve_bench import FRONT_WORKERS, stop_on_signals  # noqa: E402
+from bench.servers import service_server  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# Requests per level: a c=1 level of 48 gives a steady p50; 8 per client at c=32.
+LONE_REQUESTS = {"resnet50": 48, "demo": 200}
+BURST_PER_CLIENT = {"resnet50": 8, "demo": 24}
+BURST = 32
+# The issue's bound on what the service adds to a lone request.
+MAX_ADDED_MS = 5.0
+
+
+def bench_case(key: str, jpegs: list[bytes], args: argparse.Namespace, work: Path, stop) -> dict:
+    """The model's own batch-1 latency, then the levels against one running service."""
+    import numpy as np
+
+    from imgcls.images import load_image
+
+    case = register_case(key, work)
+    inputs = np.stack([load_image(data, (case.size, case.size)) for data in jpegs])
+    raw, _ = raw_predict(case, inputs, lambda batch: 48)
+    own = next(r for r in raw if r["method"] == "predict_on_batch" and r["batch"] == 1)["p50_ms"]
+    levels = [c for _ in range(args.rounds) for c in (1, BURST)] + [1]
+    rows = []
+    with (
+        service_server(case, True, args, args.log_dir / f"{key}-burst.log") as srv,
+        loadgen.http_client(BURST, 60) as client,
+    ):
+        send = loadgen.service_sender(client, srv.url, jpegs)
+        loadgen.run_level(send, 4 * BURST, BURST, 120, stop)  # warm every batch size
+        for c in levels:
+            n = LONE_REQUESTS[key] if c == 1 else BURST_PER_CLIENT[key] * c
+            rows.append(loadgen.run_level(send, n, c, 120, stop))
+            print(
+                f"  {key} c={c}: p50 {rows[-1]['p50_ms']:.1f} ms, {rows[-1]['images_per_s']:.1f} img/s",
+                flush=True,
+            )
+    return {"model": case.name, "own_batch1_p50_ms": own, "levels": rows}
+
+
+def render(results: dict) -> str:
+    """Markdown: one row per level of each case, and PASS/FAIL for the c=1 target."""
+    lines = ["| model | # | concurrency | images/s | p50 ms | p99 ms | errors | c=1 p50 - own batch-1 p50 |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    verdicts = []
+    for key, result in results["results"].items():
+        own = result["own_batch1_p50_ms"]
+        for n, row in enumerate(result["levels"], 1):
+            added = f"{row['p50_ms'] - own:+.1f} ms" if row["concurrency"] == 1 else ""
+            lines.append(f"| {key} | {n} | {row['concurrency']} | {row['images_per_s']:.1f} | "
+                         f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['errors']} | {added} |")  # fmt: skip
+        lone = [r["p50_ms"] - own for r in result["levels"] if r["concurrency"] == 1]
+        ok = all(x <= MAX_ADDED_MS for x in lone)
+        verdicts.append(f"{'PASS' if ok else 'FAIL'} {key}: every c=1 p50 within {MAX_ADDED_MS:g} ms of the "
+                        f"model's own batch-1 p50 {own:.1f} ms: {', '.join(f'{x:+.1f}' for x in lone)} ms")  # fmt: skip
+    return "\n".join(lines + [""] + verdicts)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="resnet50,demo", help="comma-separated cases: resnet50, demo")
+    parser.add_argument("--rounds", type=int, default=2, help="[c=1, c=32] rounds before the last c=1 (2)")
+    parser.add_argument("--front-workers", type=int, default=FRONT_WORKERS, help="service's HTTP fronts (2)")
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="folder with data/")
+    parser.add_argument("--logs", type=Path, help="keep the server logs in this folder")
+    parser.add_argument("--out", type=Path, default=ROOT / ".imgcls/bench/burst_bench.json", help="JSON file")
+    args = parser.parse_args(argv)
+    args.cases = [m.strip() for m in args.models.split(",") if m.strip()]
+    if set(args.cases) - set(CASES):
+        parser.error(f"--models: choose from {sorted(CASES)}")
+    args.max_batch_size = args.max_latency_ms = None  # the service's defaults
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    quiet_environment()
+    args = parse_args(argv)
+    stop = stop_on_signals()
+    with tempfile.TemporaryDirectory(prefix="imgcls-burst-bench-") as tmp:
+        work = Path(tmp)
+        os.environ["BENTOML_HOME"] = str(work / "bentoml")
+        os.environ.setdefault("KERAS_HOME", str(work / "keras"))
+        args.log_dir = args.logs or work
+        args.log_dir.mkdir(parents=True, exist_ok=True)
+        jpegs, _source = photo_jpegs(args.shared, 32)
+        results = {
+            "machine": machine(),
+            "results": {k: bench_case(k, jpegs, args, work, stop) for k in args.cases},
+        }
+        results["load_average_at_end"] = os.getloadavg()[0]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, default=str))
+    print(render(results))
+    print(f"\nJSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
