@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export KERAS_HOME := $(CURDIR)/.imgcls/keras
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-train bench-serve bench-memory bench-rollout bench-explain bench-gpu-pack bench-gpu-cpu browser postgres compose-config clean
+.PHONY: help install demo test test-fast lint format bench bench-train bench-serve bench-memory bench-burst bench-rollout bench-explain bench-gpu-pack bench-gpu-cpu browser postgres compose-config clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ bench-serve: install ## serving throughput/latency benchmark, see docs/benchmark
 
 bench-memory: install ## HTTP fronts' memory under worst-case uploads, JPEG draft speedup, see docs/benchmarks.md
 	$(BIN)/python -m bench.memory_bench
+
+bench-burst: install ## a lone request's latency after bursts (c=1, 32, 1, 32, 1), see docs/benchmarks.md
+	$(BIN)/python -m bench.burst_bench
 
 bench-rollout: install ## promote/roll back under load: swap times, p99, memory, see docs/benchmarks.md
 	$(BIN)/python -m bench.rollout_bench
