@@ -37,7 +37,7 @@ demo: install ## train, register, promote and serve the digits demo, then show a
 	$(BIN)/imgcls demo
 
 test: install browser postgres ## run the test suite (about ten minutes on 2 cores)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 test-fast: install ## the suite without the slow tests
 	$(BIN)/pytest -q -m "not slow"
