@@ -110,7 +110,9 @@ def test_exif_orientation_turns_as_pillow_exif_transpose(orientation):
 def test_exif_turn_keeps_jpeg_draft_decoding_and_the_cost_bound():
     big = colour_image("red", size=(1200, 800))
     plain, turned = encode(big, "JPEG", quality=95), exif_rotated_jpeg(big)
-    assert decode_image(turned, target=(64, 64)).shape[:2] == decode_image(plain, target=(64, 64)).shape[1::-1]
+    assert (
+        decode_image(turned, target=(64, 64)).shape[:2] == decode_image(plain, target=(64, 64)).shape[1::-1]
+    )
     assert decode_image(turned, target=(64, 64)).shape[0] < 1200 / 2  # still decoded at a reduced scale
     assert decode_cost(plain, (64, 64)) < decode_cost(turned, (64, 64)) < 2 * decode_cost(plain, (64, 64))
     assert decode_cost(turned) >= 2 * 4 * 1200 * 800  # full size: the decoded image and its turn
