@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("mlflow", "alembic", "urllib3", "absl", "h5py", "matplotlib", "PIL"):
+    for noisy in ("mlflow", "alembic", "urllib3", "absl", "h5py", "matplotlib", "PIL", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return int(args.func(args) or 0)
 

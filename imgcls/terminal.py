@@ -6,7 +6,9 @@ Only lines a user cannot act on are hidden, each by its own pattern:
   before Python can configure anything (TensorFlow 2.21 no longer honours
   `TF_CPP_MIN_LOG_LEVEL` for them): absl's "before InitializeLog" banner, the oneDNN
   notice (the optimisation stays on, only its notice goes) and a tf.data graph note about
-  `use_unbounded_threadpool`, an attribute its own runtime ignores.
+  `use_unbounded_threadpool`, an attribute its own runtime ignores;
+- MLflow's "Successfully registered model" / "Created version" prints (imgcls logs the
+  registered version itself).
 
 Every other line, warnings about the data included, reaches the terminal unchanged.
 Called by `imgcls.cli.main`; nothing here runs at import.
@@ -31,7 +33,10 @@ PYTHON_NOISE = (
 NATIVE_NOISE = re.compile(
     rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
     rb"|I\d{4} [\d:.]+ +\d+ port\.cc:\d+\] oneDNN custom operations are on"
-    rb"|E\d{4} [\d:.]+ +\d+ node_def_util\.cc:\d+\] NodeDef mentions attribute use_unbounded_threadpool )"
+    rb"|E\d{4} [\d:.]+ +\d+ node_def_util\.cc:\d+\] NodeDef mentions attribute use_unbounded_threadpool "
+    # MLflow's own prints on registration; imgcls logs the registered version itself.
+    rb"|Successfully registered model '[^']*'\.$"
+    rb"|Created version '\d+' of model '[^']*'\.$)"
 )
 # A partial line (no newline yet) is passed on after this long without more output.
 _PARTIAL_LINE_WAIT_S = 0.1
