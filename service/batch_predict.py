@@ -139,11 +139,14 @@ def predict_files(
     predictor, files: list[Path], out: Path, *, top_k: int = 3, batch_size: int = 32
 ) -> Summary:
     """Classify `files` in batches and write the CSV `out`; a progress bar on the terminal."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     start, done, skipped = time.perf_counter(), 0, 0
     columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with open(out, "w", newline="") as file, Progress(*columns, transient=True) as progress:
+    console = Console()
+    bar = Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
+    with open(out, "w", newline="") as file, bar as progress:
         writer = csv.writer(file)
         writer.writerow(csv_header(top_k))
         task = progress.add_task("predict", total=len(files))

@@ -231,7 +231,10 @@ def fit_model(model: keras.Model, splits: Splits, config: TrainConfig, scan: Dat
     extractor = feature_extractor(model)
     class_weight = _class_weights(scan, config)
     if extractor is None:
-        history = _fit_full(model, splits, config, class_weight, [timer], offset=0)
+        validation, validate = _validation(model, splits, config)
+        history = _fit_full(
+            model, splits, config, class_weight, [*validation, timer], offset=0, validate=validate
+        )
     elif not config.augment.active and config.cache_features:
         history = _fit_head_on_cached_features(model, extractor, splits, config, class_weight, timer)
     else:
@@ -305,7 +308,19 @@ def _fine_tune(model, splits, config, class_weight, timer, offset):
     log.info("fine-tuning: %d backbone layers unfrozen at lr %g", opened, config.fine_tune.learning_rate)
     compile_model(model, config.fine_tune.learning_rate)
     mlflow.log_param("fine_tune.layers_unfrozen", opened)
-    return _fit_full(model, splits, config, class_weight, [timer], offset, epochs=config.fine_tune.epochs)
+    validation, validate = _validation(model, splits, config)
+    callbacks = [*validation, timer]
+    return _fit_full(
+        model, splits, config, class_weight, callbacks, offset, validate, config.fine_tune.epochs
+    )
+
+
+def _validation(model, splits, config) -> tuple[list[keras.callbacks.Callback], bool]:
+    """(callbacks, whether Keras validates): under a tf.distribute strategy the model is
+    validated directly, outside the strategy (DirectValidation)."""
+    if config.distribute == "none":
+        return [], True
+    return [DirectValidation(model, splits.val)], False
 
 
 def _standard_callbacks(config: TrainConfig, offset: int) -> list[keras.callbacks.Callback]:
@@ -344,11 +359,35 @@ class CachedValidation(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         batches = np.array_split(self.features, max(1, len(self.features) // 256))
-        probs = np.concatenate([np.asarray(self.head(b, training=False)) for b in batches]).astype("float64")
-        picked = probs[np.arange(len(self.labels)), self.labels]
-        logs = logs if logs is not None else {}
-        logs["val_loss"] = float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())
-        logs["val_accuracy"] = float((probs.argmax(axis=1) == self.labels).mean())
+        probs = np.concatenate([np.asarray(self.head(b, training=False)) for b in batches])
+        _validation_logs(probs, self.labels, logs)
+
+
+class DirectValidation(keras.callbacks.Callback):
+    """Validation by calling the model on each batch, outside any tf.distribute strategy:
+    a strategy splits a last batch smaller than its replica count into an empty one,
+    which TensorFlow's CPU convolution rejects ("input depth must be evenly divisible").
+    Adds val_loss/val_accuracy to the logs."""
+
+    def __init__(self, model: keras.Model, dataset):
+        super().__init__()
+        self.classifier, self.dataset = model, dataset
+
+    def on_epoch_end(self, epoch, logs=None):
+        probs, labels = [], []
+        for images, batch_labels in self.dataset:
+            probs.append(np.asarray(self.classifier(images, training=False)))
+            labels.append(np.asarray(batch_labels))
+        _validation_logs(np.concatenate(probs), np.concatenate(labels), logs)
+
+
+def _validation_logs(probs: np.ndarray, labels: np.ndarray, logs: dict | None) -> None:
+    """val_loss (cross-entropy) and val_accuracy of softmax outputs, into Keras' logs."""
+    probs = probs.astype("float64")
+    picked = probs[np.arange(len(labels)), labels]
+    logs = logs if logs is not None else {}
+    logs["val_loss"] = float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())
+    logs["val_accuracy"] = float((probs.argmax(axis=1) == labels).mean())
 
 
 class EpochTimer(keras.callbacks.Callback):
