@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
         terminal.hide_python_noise()
         terminal.NativeStderrFilter().start()
+        # Prints and log lines in the order they happen, also in a CI log or a file.
+        sys.stdout.reconfigure(line_buffering=True)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
