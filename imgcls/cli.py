@@ -13,15 +13,20 @@ import os
 import sys
 
 # Stage modules that contribute subcommands, in the order of the model's life.
-_STAGES = ("training.cli", "registry.cli", "service.cli", "imgcls.demo")
+_STAGES = ("training.cli", "registry.cli", "service.cli", "service.batch_predict", "imgcls.demo")
+# Commands that load TensorFlow in this process: their native stderr is filtered
+# (imgcls/terminal.py) so that only lines a user can act on reach the terminal.
+_QUIET_COMMANDS = frozenset({"train", "pipeline", "predict", "demo"})
 
 
 def _quiet_environment() -> None:
-    """No telemetry, no TensorFlow banner: set before any heavy import."""
+    """No telemetry, no TensorFlow banner, no MLflow set-up notes: set before any heavy
+    import (MLflow configures its logger from MLFLOW_LOGGING_LEVEL when imported)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def _project_environment() -> None:
@@ -56,12 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_environment()
     _project_environment()
     args = build_parser().parse_args(argv)
+    if args.command in _QUIET_COMMANDS and not args.verbose:
+        from imgcls import terminal
+
+        terminal.hide_python_noise()
+        terminal.NativeStderrFilter().start()
+        # Prints and log lines in the order they happen, also in a CI log or a file.
+        sys.stdout.reconfigure(line_buffering=True)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("mlflow", "alembic", "urllib3", "absl", "h5py", "matplotlib", "PIL"):
+    for noisy in ("mlflow", "alembic", "urllib3", "absl", "h5py", "matplotlib", "PIL", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return int(args.func(args) or 0)
 

@@ -15,14 +15,10 @@ from pathlib import Path
 
 from imgcls.processes import HOST, ServerProcess, free_port, port_in_use
 
-# The demo's embedded run config: the course CNN suits 8x8 digits shown at 32x32.
-# No horizontal flips: a mirrored digit is another symbol.
-DEMO_CONFIG = {
-    "backbone": "simple_cnn",
-    "image_size": 32,
-    "epochs": 15,
-    "augment": {"flip": "none", "rotation": 0.03, "zoom": 0.05, "translation": 0.05, "contrast": 0.0},
-}
+# The demo's embedded run config: the course CNN suits 8x8 digits shown at 32x32. The
+# augmentation is the default's pick for it (orientation_bound: a mirrored digit is
+# another symbol, so no flips).
+DEMO_CONFIG = {"backbone": "simple_cnn", "image_size": 32, "epochs": 15}
 
 
 def register(subparsers) -> None:
@@ -59,25 +55,28 @@ def run_demo(args: argparse.Namespace) -> int:
     print_decision(outcome.decision, registry)
     sample = data / "7" / sorted(os.listdir(data / "7"))[0]
     port = free_port() if port_in_use(args.port) else args.port
-    print(f"2/3 starting the BentoML service on http://127.0.0.1:{port}")
-    with _service(port) as server:
+    log_path = tracking.home.resolve() / "logs" / "demo-server.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"2/3 starting the BentoML service on http://127.0.0.1:{port} (its log: {log_path})")
+    with _service(port, log_path) as server:
         print(f"3/3 POST {sample} to /predict")
         print(json.dumps(_predict(server.url, sample), indent=2))
         if args.keep_serving:
-            print(f"serving on {server.url} (web page at /) - Ctrl-C to stop")
+            print(f"serving on {server.url} (web page at /, log: {log_path}) - Ctrl-C to stop")
             with contextlib.suppress(KeyboardInterrupt):
                 server.proc.wait()
     print("done: `imgcls serve` serves the champion again, `imgcls ui` opens MLflow")
     return 0
 
 
-def _service(port: int) -> ServerProcess:
-    """The service on the champion, in its own process group, its output on this terminal;
-    entering the block waits until /readyz answers."""
+def _service(port: int, log_path: Path) -> ServerProcess:
+    """The service on the champion, in its own process group, its output in `log_path`
+    (not on this terminal); entering the block waits until /readyz answers."""
     from service.cli import serve_command
 
     env = os.environ | {"IMGCLS_SERVE_SOURCE": "bentoml", "IMGCLS_SERVE_PORT": str(port)}
-    return ServerProcess(serve_command(HOST, port), f"http://{HOST}:{port}/readyz", env=env, port=port)
+    url = f"http://{HOST}:{port}/readyz"
+    return ServerProcess(serve_command(HOST, port), url, log_path=log_path, env=env, port=port)
 
 
 def _predict(url: str, image: Path) -> dict:

@@ -29,9 +29,23 @@ DEFAULT_MAX_PIXELS = 40_000_000
 # before the pixel check), EPS/PS/PDF (Ghostscript), DDS, PSD, SGI, TGA, PCX and the rest
 # of Pillow's long tail: rarely photos, and each is more decoder code facing the network.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
-# The pixels a model is trained on: 2 = this module's Pillow resize (whole-factor reduce,
-# then antialiased bilinear, JPEG draft decoding); 1 = the Keras bilinear resize before it.
-PREPROCESSING_VERSION = 2
+# The pixels a model is trained on: 3 = version 2 plus the EXIF orientation applied (the
+# photo upright, as a person sees it); 2 = this module's Pillow resize (whole-factor
+# reduce, then antialiased bilinear, JPEG draft decoding), pixels as stored; 1 = the Keras
+# bilinear resize before it. Files without an EXIF orientation give the same pixels in 2 and 3.
+PREPROCESSING_VERSION = 3
+# EXIF Orientation (tag 0x0112) -> the transpose that makes the image upright, as
+# Pillow's ImageOps.exif_transpose does it; 5-8 swap width and height.
+_EXIF_ORIENTATION = 0x0112
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 # Whole-factor reduction stops within this many times the model size; Pillow's bilinear
 # (antialiased) resize does the rest. 3: Pillow's docs call it indistinguishable from a
 # full-size resize, while a 40 MP image never reaches the resize at full size.
@@ -67,26 +81,63 @@ class UnsupportedFormatError(ImageDecodeError):
 def decode_image(
     data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, target: tuple[int, int] | None = None
 ) -> np.ndarray:
-    """Decode image bytes to an (H, W, 3) uint8 RGB array.
+    """Decode image bytes to an (H, W, 3) uint8 RGB array, upright.
 
     Greyscale, palette, RGBA, CMYK and 16-bit images become 8-bit RGB; animated images
-    give their first frame. EXIF orientation is not applied, as in training, so both sides
-    see the pixels as stored. Raises ImageDecodeError for empty, unrecognised, truncated,
-    corrupt or oversized images (`max_pixels` is checked from the header, before any pixel
-    is decoded) and UnsupportedFormatError for formats outside ACCEPTED_FORMATS.
+    give their first frame. The EXIF orientation is applied (as Pillow's
+    `ImageOps.exif_transpose`), in training and serving alike, so both see the photo as a
+    person does. Raises ImageDecodeError for empty, unrecognised, truncated, corrupt or
+    oversized images (`max_pixels` is checked from the header, before any pixel is
+    decoded) and UnsupportedFormatError for formats outside ACCEPTED_FORMATS.
 
     `target` = (height, width) of the model: the image is decoded and shrunk (JPEG draft,
-    whole-factor reduction) to near that size, for `prepare_image`. Without it, full size.
+    whole-factor reduction) to near that size, for `prepare_image`; the turn is applied to
+    the shrunk image, so it costs a copy of that, not of the full-size one. Without it,
+    full size.
     """
     with _open(data, max_pixels) as img:
         with _decoder_errors():
             img.seek(0)
-            if target is not None:
-                img.draft("RGB", (target[1], target[0]))  # JPEG only: DCT scaling, >= target
+            turn = _UPRIGHT.get(_orientation(img))
+            stored = _stored_target(target, turn) if target else None
+            if stored is not None:
+                img.draft("RGB", (stored[1], stored[0]))  # JPEG only: DCT scaling, >= target
             img.load()
-        small = _shrink(_to_rgb_or_grey(_to_8_bits(img)), target) if target else _to_8_bits(img)
+        small = _shrink(_to_rgb_or_grey(_to_8_bits(img)), stored) if stored else _to_8_bits(img)
         with _decoder_errors():
-            return np.asarray(_to_rgb(small), dtype=np.uint8)
+            upright = small.transpose(turn) if turn is not None else small
+            return np.asarray(_to_rgb(upright), dtype=np.uint8)
+
+
+def _orientation(img: Image.Image, *, header_only: bool = False) -> int | None:
+    """The EXIF orientation (2-8) of an opened image; 1 when absent or unreadable.
+
+    A PNG may keep its EXIF after the pixels, where Pillow reads it by decoding them;
+    `header_only` never decodes and then answers None for a PNG whose header has none
+    (the orientation is unknown until the pixels are read).
+    """
+    try:
+        if header_only:
+            if img.format == "PNG" and "exif" not in img.info:
+                return None
+            exif = Image.Image.getexif(img)  # the base method: no PNG load
+        else:
+            exif = img.getexif()
+        value = exif.get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block only loses the turn
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
+def _stored_target(target: tuple[int, int], turn: Image.Transpose | None) -> tuple[int, int]:
+    """The model's (height, width) in the stored image's axes: swapped by a quarter turn."""
+    quarter = (
+        Image.Transpose.TRANSPOSE,
+        Image.Transpose.ROTATE_270,
+        Image.Transpose.TRANSVERSE,
+        Image.Transpose.ROTATE_90,
+    )
+    return (target[1], target[0]) if turn in quarter else target
 
 
 def decode_preview(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = 1024) -> np.ndarray:
@@ -94,6 +145,8 @@ def decode_preview(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_sid
     Grad-CAM overlays: a picture for eyes, bounded in memory like `decode_image`)."""
     with _open(data, max_pixels) as img:
         width, height = img.size
+        if _orientation(img, header_only=True) in (5, 6, 7, 8):  # the box is asked for upright
+            width, height = height, width
     scale = max(width, height) / max_side
     box = (max(1, round(height / scale)), max(1, round(width / scale))) if scale > 1 else None
     pixels = decode_image(data, max_pixels=max_pixels, target=box)
@@ -109,7 +162,8 @@ def prepare_image(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     in 8 bits, whatever the aspect ratio), then resized by Pillow's bilinear filter, which
     is antialiased when it shrinks. All in 8-bit integers: the result is exactly
     representable as a PNG, so training can store it. Applying it to `decode_image(...,
-    target=size)` or to the full-size pixels of a non-JPEG gives the same result.
+    target=size)` or to the full-size pixels of a non-JPEG without an EXIF turn gives the
+    same result.
     """
     height, width = size
     img = _shrink(Image.fromarray(np.asarray(pixels, dtype=np.uint8)), size)
@@ -122,14 +176,24 @@ def decode_cost(
     data: bytes, target: tuple[int, int] | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> int:
     """About the most bytes `decode_image(data, target=target)` holds at once, from the
-    header alone (no pixel decoded): 4 bytes a decoded pixel (Pillow's RGB), plus the data.
+    header alone (no pixel decoded): 4 bytes a decoded pixel (Pillow's RGB), plus the
+    upright copy of the (shrunk) image when an EXIF orientation turns it, plus the data.
     Raises ImageDecodeError as `decode_image` would for a refused or oversized header."""
     with _open(data, max_pixels) as img:
         width, height = img.size
-        if target is not None and img.format in ("JPEG", "MPO"):
-            scale = _draft_scale(img.size, target)
+        orientation = _orientation(img, header_only=True)  # None: a PNG may still turn
+        stored = _stored_target(target, _UPRIGHT.get(orientation)) if target else None
+        if stored is not None and img.format in ("JPEG", "MPO"):
+            scale = _draft_scale(img.size, stored)
             width, height = -(-width // scale), -(-height // scale)
-    return 4 * width * height + len(data)
+    decoded = 4 * width * height
+    if orientation == 1:
+        return decoded + len(data)
+    if stored is not None:  # the turn copies the image `_shrink` made (either axis order)
+        fx = max(1, width // (REDUCING_GAP * max(stored)))
+        fy = max(1, height // (REDUCING_GAP * max(stored)))
+        return decoded + 4 * -(-width // fx) * -(-height // fy) + len(data)
+    return 2 * decoded + len(data)
 
 
 def model_input(data: bytes, size: tuple[int, int], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

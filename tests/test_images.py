@@ -16,6 +16,7 @@ from imgcls.images import (
     ImageDecodeError,
     UnsupportedFormatError,
     accepted_extensions,
+    decode_cost,
     decode_image,
     decode_preview,
     load_image,
@@ -73,9 +74,48 @@ def test_animated_gif_gives_its_first_frame():
     assert pixels[..., 0].mean() > 150 > pixels[..., 2].mean()
 
 
-def test_exif_orientation_is_not_applied():
+def _exif_png(pixels: np.ndarray, orientation: int) -> bytes:
+    from PIL import Image as PILImage
+
+    exif = PILImage.Exif()
+    exif[0x0112] = orientation
+    return encode(pixels, "PNG", exif=exif.tobytes())
+
+
+def test_exif_orientation_is_applied_so_the_photo_is_upright():
     stored = colour_image("green", size=(30, 50))
-    assert decode_image(exif_rotated_jpeg(stored)).shape == (30, 50, 3)
+    assert decode_image(exif_rotated_jpeg(stored)).shape == (50, 30, 3)  # 6: a quarter turn
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_turns_as_pillow_exif_transpose(orientation):
+    """Every orientation, full size and shrunk for a model: the pixels Pillow's
+    ImageOps.exif_transpose gives, and the model input of the same photo stored upright
+    (sizes whose whole-factor reduction leaves no partial block: otherwise the partial
+    row lands on another edge once turned, and the two differ there by rounding)."""
+    import io
+
+    from PIL import Image as PILImage
+    from PIL import ImageOps
+
+    stored = np.random.default_rng(orientation).integers(0, 256, (216, 144, 3), dtype=np.uint8)
+    data = _exif_png(stored, orientation)
+    upright = np.asarray(ImageOps.exif_transpose(PILImage.open(io.BytesIO(data))).convert("RGB"))
+    assert np.array_equal(decode_image(data), upright)
+    for size in [(16, 16), (12, 20)]:
+        expected = model_input(encode(upright, "PNG"), size)
+        assert np.array_equal(model_input(data, size), expected), size
+
+
+def test_exif_turn_keeps_jpeg_draft_decoding_and_the_cost_bound():
+    big = colour_image("red", size=(1200, 800))
+    plain, turned = encode(big, "JPEG", quality=95), exif_rotated_jpeg(big)
+    assert (
+        decode_image(turned, target=(64, 64)).shape[:2] == decode_image(plain, target=(64, 64)).shape[1::-1]
+    )
+    assert decode_image(turned, target=(64, 64)).shape[0] < 1200 / 2  # still decoded at a reduced scale
+    assert decode_cost(plain, (64, 64)) < decode_cost(turned, (64, 64)) < 2 * decode_cost(plain, (64, 64))
+    assert decode_cost(turned) >= 2 * 4 * 1200 * 800  # full size: the decoded image and its turn
 
 
 def test_greyscale_becomes_three_equal_channels():

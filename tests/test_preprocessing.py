@@ -1,7 +1,11 @@
 """Preprocessing versions: a champion trained on the old Keras resize (version 1) keeps its
-answers, within the tolerance the README states, when served with today's resize."""
+answers, within the tolerance the README states, when served with today's resize; one
+trained on version 2 (EXIF orientation ignored) gets the same pixels for every file
+without an EXIF orientation."""
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import pytest
@@ -14,6 +18,10 @@ from tests.service_fixtures import CLASSES, SIZE, build_tiny_model, colour_image
 
 # The README's figure: largest change of any class probability between the two resizes.
 TOLERANCE = 0.02
+# sha256 of the model inputs (at SIZE and at 224x224) of `_test_files()`, computed with
+# version 2 of imgcls.images (before the EXIF orientation was applied): version 3 must
+# give these pixels exactly, so a version-2 champion sees EXIF-free files as it was trained.
+VERSION_2_DIGEST = "539a4fd213366fd81b2386e230ca81dd312c6cb9c0ffa8021d823b2b2afea208"
 
 
 def keras_resize_v1(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -53,11 +61,19 @@ def test_an_old_champion_answers_within_the_stated_tolerance():
     assert (p_old.argmax(1) == p_new.argmax(1)).all()  # the same top label for every file
 
 
+def test_files_without_exif_orientation_give_the_version_2_pixels():
+    digest = hashlib.sha256()
+    for data in _test_files().values():
+        digest.update(model_input(data, SIZE).tobytes())
+        digest.update(model_input(data, (224, 224)).tobytes())
+    assert digest.hexdigest() == VERSION_2_DIGEST
+
+
 def test_cards_without_the_field_are_version_1_and_new_cards_say_theirs():
     old = tiny_card().to_metadata()
     del old["preprocessing"]
     assert ModelCard.from_metadata(old).preprocessing == 1
     card = ModelCard.model_validate({**old, "preprocessing": PREPROCESSING_VERSION})
-    assert card.to_metadata()["preprocessing"] == PREPROCESSING_VERSION == 2
+    assert card.to_metadata()["preprocessing"] == PREPROCESSING_VERSION == 3
     with pytest.raises(ValueError):
         ModelCard.model_validate({**old, "preprocessing": 0})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -251,3 +252,40 @@ def test_two_trainings_started_together_on_a_new_store_both_finish(shapes_dir_sh
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+
+
+# Lines a user cannot act on (issue 12); each must stay off the terminal of `imgcls train`.
+NOISE = [
+    "Your input ran out of data",
+    "`shuffle=True` was passed",
+    "use_unbounded_threadpool",
+    "oneDNN custom operations",
+    "absl::InitializeLog()",
+    "Creating initial MLflow database tables",
+]
+
+
+def test_cli_train_prints_only_what_a_user_can_act_on(shapes_dir_shared, tmp_path):
+    """Its own lines, one line per epoch and the results; none of the known noise, and a
+    warning a user can act on (a file left out) still shows."""
+    data = shutil.copytree(shapes_dir_shared, tmp_path / "data")
+    (data / "circle" / "notes.txt").write_text("not an image")
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/quiet.db", "IMGCLS_HOME": str(tmp_path)}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user's shell has it
+    args = [*_quick_train_args(data, epochs=2), "--augment", "photo", "--class-weight", "balanced"]
+    out = subprocess.run(
+        [sys.executable, "-m", "imgcls.cli", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=os.getcwd(),
+    )
+    assert out.returncode == 0, out.stdout[-3000:]
+    text = out.stdout
+    assert not [line for line in text.splitlines() if any(noise in line for noise in NOISE)], text
+    assert "MLflow run " in text and "augmentation: photo (set by the user" in text
+    assert "Epoch 1/2" in text and "Epoch 2/2" in text and text.count("val_loss:") == 2
+    assert "run id:" in text and "macro-F1" in text and "recall stripes" in text
+    assert "left out circle/notes.txt: not an image file (.txt)" in text

@@ -42,6 +42,15 @@ TRAIN_OPTIONS: dict[str, tuple[str, dict]] = {
             "help": "seed for the split, the initialisation and augmentation (default 42)",
         },
     ),
+    "--augment": (
+        "augment.preset",
+        {
+            "choices": ["auto", "photo", "orientation_bound", "none"],
+            "metavar": "PRESET",
+            "help": "augmentation preset: auto (default: picked from the images and the backbone, "
+            "see the README), photo, orientation_bound (digits, documents: no flips) or none",
+        },
+    ),
     "--fine-tune-layers": (
         "fine_tune.unfreeze_layers",
         {

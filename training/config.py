@@ -27,14 +27,24 @@ class _Strict(BaseModel):
 
 
 class AugmentConfig(_Strict):
-    """Random augmentation layers inside the graph (active only while training)."""
+    """Random augmentation layers inside the graph (active only while training).
+
+    `preset` gives the layer settings (training/augment.py); `auto` picks one from the
+    scanned images and the backbone. A field set here (None = the preset's) overrides it.
+    """
 
     enabled: bool = True
-    flip: Literal["horizontal", "vertical", "horizontal_and_vertical", "none"] = "horizontal"
-    rotation: float = Field(0.05, ge=0, le=0.5, description="fraction of a full turn")
-    zoom: float = Field(0.1, ge=0, lt=1)
-    contrast: float = Field(0.1, ge=0, lt=1)
-    translation: float = Field(0.1, ge=0, lt=1)
+    preset: Literal["auto", "photo", "orientation_bound", "none"] = "auto"
+    flip: Literal["horizontal", "vertical", "horizontal_and_vertical", "none"] | None = None
+    rotation: float | None = Field(None, ge=0, le=0.5, description="fraction of a full turn")
+    zoom: float | None = Field(None, ge=0, lt=1)
+    contrast: float | None = Field(None, ge=0, lt=1)
+    translation: float | None = Field(None, ge=0, lt=1)
+
+    @property
+    def active(self) -> bool:
+        """Whether the model gets augmentation layers."""
+        return self.enabled and self.preset != "none"
 
 
 class HeadConfig(_Strict):
@@ -72,7 +82,11 @@ class TrainConfig(_Strict):
     batch_size: int = Field(32, ge=1, le=4096)
     learning_rate: float = Field(1e-3, gt=0, lt=1)
     seed: int = 42
-    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    # Validation steers early stopping and the learning-rate schedule: it gets at least
+    # this share of each class and at least `val_min_per_class` images of it (up to 30%
+    # of the class), so a few dozen images do not decide when training stops.
+    val_fraction: float = Field(0.2, gt=0, lt=0.5)
+    val_min_per_class: int = Field(30, ge=0, le=10_000)
     test_fraction: float = Field(0.15, gt=0, lt=0.5)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)

@@ -21,7 +21,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+
 from imgcls.images import ImageDecodeError, accepted_extensions, decode_image, model_input, refused_format
+from training.augment import ImageStats
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,8 @@ class DatasetScan:
     files: dict[str, list[tuple[str, int]]]  # split -> [(path relative to root, label)]
     bad_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     warnings: list[str] = field(default_factory=list)
+    image_stats: ImageStats | None = None  # None when rebuilt from a manifest
+    exif_oriented: int = 0  # images an EXIF orientation turns upright
 
     @property
     def class_counts(self) -> dict[str, int]:
@@ -79,21 +84,31 @@ class DatasetScan:
             "split_sizes": {s: len(self.files[s]) for s in SPLITS},
             "bad_files": [{"path": p, "reason": r} for p, r in self.bad_files],
             "warnings": self.warnings,
+            "image_stats": None if self.image_stats is None else vars(self.image_stats),
+            "exif_oriented": self.exif_oriented,
         }
+
+    def smallest_class(self, split: str) -> int:
+        """Images of the smallest class in one split."""
+        counts = Counter(label for _, label in self.files[split])
+        return min(counts[i] for i in range(len(self.class_names)))
 
 
 def scan_dataset(
     root: Path,
     *,
-    val_fraction: float = 0.15,
+    val_fraction: float = 0.2,
     test_fraction: float = 0.15,
     seed: int = 42,
     imbalance_ratio_warning: float = 10.0,
+    val_min_per_class: int = 30,
 ) -> DatasetScan:
     """Check a class-per-folder tree and fix its train/val/test split.
 
     Layouts: `root/<class>/*` (split by a seeded, stratified draw) or
     `root/{train,val,test}/<class>/*` (a missing val or test is carved from train).
+    A carved validation split takes, per class, `val_fraction` of it or
+    `val_min_per_class` images, whichever is more, but never over MAX_VAL_SHARE of it.
     """
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
@@ -101,11 +116,13 @@ def scan_dataset(
     split_dirs = _split_dirs(root)
     layout = "folders" if split_dirs else "single"
     class_names = _class_names(split_dirs.get("train", root))
-    per_split, bad, exif = _check_files(root, split_dirs or {"train": root}, class_names)
+    per_split, bad, looks = _check_files(root, split_dirs or {"train": root}, class_names)
     _require_usable(root, class_names, per_split)
-    files = _assign_splits(per_split, val_fraction, test_fraction, seed)
-    scan = DatasetScan(root, class_names, layout, files, bad)
-    scan.warnings = _warnings(scan, exif, imbalance_ratio_warning)
+    given_val = bool(per_split["val"])
+    files = _assign_splits(per_split, val_fraction, test_fraction, seed, val_min_per_class)
+    scan = DatasetScan(root, class_names, layout, files, bad, image_stats=_image_stats(looks))
+    scan.exif_oriented = sum(look[2] for look in looks)
+    scan.warnings = _warnings(scan, imbalance_ratio_warning, val_min_per_class if given_val else 0)
     return scan
 
 
@@ -130,7 +147,8 @@ def _class_names(folder: Path) -> list[str]:
 
 
 def _check_files(root: Path, split_dirs: dict[str, Path], class_names: list[str]):
-    """Decode every candidate file once; returns usable files, bad files, EXIF-rotated count."""
+    """Decode every candidate file once; returns usable files, bad files, and how each
+    usable image looks: (short side, greyscale, EXIF-oriented)."""
     candidates, bad = [], []
     extensions = accepted_extensions()  # the service's allow-list; anything else is left out
     for split, folder in split_dirs.items():
@@ -147,14 +165,14 @@ def _check_files(root: Path, split_dirs: dict[str, Path], class_names: list[str]
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
         verdicts = list(pool.map(lambda c: _check_image(root / c[1]), candidates))
     per_split: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
-    exif = 0
-    for (split, rel, label), (reason, rotated) in zip(candidates, verdicts, strict=True):
+    looks = []
+    for (split, rel, label), (reason, look) in zip(candidates, verdicts, strict=True):
         if reason:
             bad.append((rel, reason))
         else:
             per_split[split].append((rel, label))
-            exif += rotated
-    return per_split, bad, exif
+            looks.append(look)
+    return per_split, bad, looks
 
 
 def _not_an_image_file(path: Path) -> str:
@@ -164,14 +182,26 @@ def _not_an_image_file(path: Path) -> str:
     return refused or f"not an image file ({path.suffix or 'no extension'})"
 
 
-def _check_image(path: Path) -> tuple[str | None, bool]:
-    """(reason it is unusable or None, whether it carries an EXIF rotation)."""
+def _check_image(path: Path) -> tuple[str | None, tuple[int, bool, bool] | None]:
+    """(reason it is unusable or None, (short side, greyscale, EXIF-oriented))."""
     try:
         data = path.read_bytes()
-        decode_image(data)
+        pixels = decode_image(data)
     except (ImageDecodeError, OSError) as exc:
-        return str(exc), False
-    return None, _has_exif_rotation(data)
+        return str(exc), None
+    return None, (min(pixels.shape[:2]), _is_greyscale(pixels), _has_exif_rotation(data))
+
+
+def _is_greyscale(pixels: np.ndarray) -> bool:
+    """Whether the three channels are equal (sampled on a grid of at most ~256 x 256)."""
+    step = max(1, max(pixels.shape[:2]) // 256)
+    grid = pixels[::step, ::step]
+    return bool((grid[..., 0] == grid[..., 1]).all() and (grid[..., 1] == grid[..., 2]).all())
+
+
+def _image_stats(looks: list[tuple[int, bool, bool]]) -> ImageStats:
+    sides = sorted(look[0] for look in looks)
+    return ImageStats(len(looks), sum(look[1] for look in looks), sides[len(sides) // 2] if sides else 0)
 
 
 def _has_exif_rotation(data: bytes) -> bool:
@@ -199,10 +229,14 @@ def _require_usable(root: Path, class_names: list[str], per_split) -> None:
         )
 
 
-def _assign_splits(per_split, val_fraction, test_fraction, seed):
+# A carved validation split never takes more than this share of a class.
+MAX_VAL_SHARE = 0.3
+
+
+def _assign_splits(per_split, val_fraction, test_fraction, seed, val_min_per_class=0):
     """Carve missing val/test splits from train, stratified per class, seeded."""
     files = {s: list(per_split[s]) for s in SPLITS}
-    need = [(s, f) for s, f in (("test", test_fraction), ("val", val_fraction)) if not files[s]]
+    need = [s for s in ("test", "val") if not files[s]]
     if not need:
         return files
     rng = random.Random(seed)
@@ -212,15 +246,24 @@ def _assign_splits(per_split, val_fraction, test_fraction, seed):
     files["train"] = []
     for items in by_class.values():
         rng.shuffle(items)
-        for split, fraction in need:
-            take = max(1, round(len(items) * fraction)) if len(items) > len(need) else 0
+        n = len(items)
+        for split in need:
+            take = _carved(n, split, val_fraction, test_fraction, val_min_per_class) if n > len(need) else 0
             files[split] += items[:take]
             items = items[take:]
         files["train"] += items
     return {s: sorted(v) for s, v in files.items()}
 
 
-def _warnings(scan: DatasetScan, exif_rotated: int, ratio_limit: float) -> list[str]:
+def _carved(n: int, split: str, val_fraction: float, test_fraction: float, val_min: int) -> int:
+    """Images of a class of `n` carved for `split`: its fraction, and for validation at
+    least `val_min` of them up to MAX_VAL_SHARE of the class."""
+    if split == "test":
+        return max(1, round(n * test_fraction))
+    return max(1, round(n * val_fraction), min(val_min, int(n * MAX_VAL_SHARE)))
+
+
+def _warnings(scan: DatasetScan, ratio_limit: float, val_min_per_class: int) -> list[str]:
     out = []
     counts = scan.class_counts
     ratio = max(counts.values()) / max(1, min(counts.values()))
@@ -233,11 +276,22 @@ def _warnings(scan: DatasetScan, exif_rotated: int, ratio_limit: float) -> list[
         missing = [n for i, n in enumerate(scan.class_names) if all(lb != i for _, lb in scan.files[split])]
         if missing:
             out.append(f"{split} split has no images of: {', '.join(missing)}")
-    if exif_rotated:
-        out.append(f"{exif_rotated} image(s) carry an EXIF rotation; they are read as stored")
+    small_val = _small_classes(scan, "val", val_min_per_class)
+    if small_val:
+        out.append(
+            f"val/ has fewer than {val_min_per_class} images of {small_val}: early stopping and "
+            "the learning-rate schedule steer on them; add images there, or remove val/ to "
+            "have it carved from train/"
+        )
     if scan.bad_files:
         out.append(f"{len(scan.bad_files)} file(s) left out (see data_report.json)")
     return out
+
+
+def _small_classes(scan: DatasetScan, split: str, minimum: int) -> str:
+    counts = Counter(label for _, label in scan.files[split])
+    small = [f"{n} ({counts[i]})" for i, n in enumerate(scan.class_names) if 0 < counts[i] < minimum]
+    return ", ".join(small)
 
 
 def scan_from_manifest(manifest: dict) -> DatasetScan:

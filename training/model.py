@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from training.augment import layer_settings
 from training.config import AugmentConfig, ConfigError, HeadConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def build_model(config: TrainConfig, num_classes: int) -> keras.Model:
     """The full classifier for `config`: raw pixels in, class probabilities out."""
     inputs = keras.Input(shape=(*config.input_size, 3), name="image")
     x = inputs
-    if config.augment.enabled:
+    if config.augment.active:
         x = build_augmentation(config.augment, config.seed)(x)
     if config.backbone == "simple_cnn":
         outputs = _simple_cnn_layers(x, num_classes)
@@ -112,19 +113,21 @@ def caffe_preprocessing() -> keras.layers.Layer:
 
 
 def build_augmentation(config: AugmentConfig, seed: int) -> keras.Sequential:
-    """Random flip/rotation/zoom/contrast/translation; identity at inference time."""
+    """Random flip/rotation/zoom/contrast/translation of the config's preset (fields set
+    explicitly override it); identity at inference time."""
+    s = layer_settings(config)
     layers: list[keras.layers.Layer] = []
-    if config.flip != "none":
-        layers.append(keras.layers.RandomFlip(config.flip, seed=seed))
-    if config.rotation:
-        layers.append(keras.layers.RandomRotation(config.rotation, seed=seed))
-    if config.zoom:
-        layers.append(keras.layers.RandomZoom(config.zoom, seed=seed))
-    if config.translation:
-        layers.append(keras.layers.RandomTranslation(config.translation, config.translation, seed=seed))
-    if config.contrast:
+    if s["flip"] != "none":
+        layers.append(keras.layers.RandomFlip(s["flip"], seed=seed))
+    if s["rotation"]:
+        layers.append(keras.layers.RandomRotation(s["rotation"], seed=seed))
+    if s["zoom"]:
+        layers.append(keras.layers.RandomZoom(s["zoom"], seed=seed))
+    if s["translation"]:
+        layers.append(keras.layers.RandomTranslation(s["translation"], s["translation"], seed=seed))
+    if s["contrast"]:
         # value_range: the model sees raw 0-255 pixels here.
-        layers.append(keras.layers.RandomContrast(config.contrast, value_range=(0, 255), seed=seed))
+        layers.append(keras.layers.RandomContrast(s["contrast"], value_range=(0, 255), seed=seed))
     return keras.Sequential(layers, name="augmentation")
 
 

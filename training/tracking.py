@@ -154,7 +154,7 @@ def log_keras_model(model: keras.Model, card: ModelCard, example: np.ndarray) ->
 
     example = example.astype("float32")
     signature = infer_signature(example, np.asarray(model.predict_on_batch(example)))
-    with _example_folder_created():
+    with _example_folder_created(), _no_progress_bars():
         info = mlflow.keras.log_model(
             model,
             name="model",
@@ -165,6 +165,19 @@ def log_keras_model(model: keras.Model, card: ModelCard, example: np.ndarray) ->
         )
     mlflow.log_dict(card.to_metadata(), "model_card.json")
     return info.model_uri
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """No Keras progress bar while MLflow checks the input example with `model.predict`
+    (the user sees two "1/1" bars that belong to no step of theirs)."""
+    was_on = keras.config.is_interactive_logging_enabled()
+    keras.config.disable_interactive_logging()
+    try:
+        yield
+    finally:
+        if was_on:
+            keras.config.enable_interactive_logging()
 
 
 @contextlib.contextmanager

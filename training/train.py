@@ -21,8 +21,8 @@ import numpy as np
 from imgcls.images import PREPROCESSING_VERSION
 from imgcls.modelcard import ModelCard
 from imgcls.settings import TrackingSettings
+from training import augment, tracking
 from training import evaluate as ev
-from training import tracking
 from training.config import TrainConfig
 from training.data import DatasetScan, load_split, scan_dataset
 from training.model import (
@@ -74,17 +74,36 @@ def train(config: TrainConfig, settings: TrackingSettings | None = None) -> Trai
         test_fraction=config.test_fraction,
         seed=config.seed,
         imbalance_ratio_warning=config.imbalance_ratio_warning,
+        val_min_per_class=config.val_min_per_class,
     )
     for warning in scan.warnings:
         log.warning("%s", warning)
-    tags = {"backbone": config.backbone, "git.revision": tracking.git_revision() or "unknown"}
+    choice = augment.choose_preset(config, scan.image_stats, scan.smallest_class("train"))
+    config = augment.resolve(config, choice)
+    tags = {
+        "backbone": config.backbone,
+        "git.revision": tracking.git_revision() or "unknown",
+        "augment.preset": choice.preset,
+        "augment.reason": choice.reason,
+        "validation.rule": validation_rule(config),
+    }
     with tracking.tracked_run(settings, tags=tags) as run, _training_context(config) as strategy:
         log.info("MLflow run %s (experiment %s)", run.info.run_id, settings.experiment_name)
+        log.info("augmentation: %s (%s)", choice.preset, choice.reason)
+        log.info("validation: %d images, %s", len(scan.files["val"]), validation_rule(config))
         mlflow.log_params(config.flat_params())
         tracking.log_dataset(scan)
         with tempfile.TemporaryDirectory(prefix="imgcls-view-") as view:
             splits = load_splits(scan, config, Path(view))
             return _run(config, scan, splits, strategy, run.info.run_id)
+
+
+def validation_rule(config: TrainConfig) -> str:
+    """How the validation split is sized and what steers on it, in words (logged)."""
+    return (
+        f"max({config.val_fraction:.0%}, {config.val_min_per_class} images) per class, at most "
+        "30% of a class (data.MAX_VAL_SHARE); its val_loss drives early stopping and the learning-rate schedule"
+    )
 
 
 def _run(config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_id: str) -> TrainResult:
@@ -125,6 +144,8 @@ def load_splits(scan: DatasetScan, config: TrainConfig, view_dir: Path) -> Split
         # Cache unbatched, then reshuffle per epoch: decode once, not once per epoch.
         n = len(scan.files["train"])
         train = train.unbatch().cache().shuffle(n, seed=config.seed).batch(batch)
+        # unbatch() forgets the length; Keras would find it by running out of data.
+        train = train.apply(tf.data.experimental.assert_cardinality(-(-n // batch)))
         budget -= _split_bytes(scan, "train", size)
     splits = [train]
     for split in ("val", "test"):
@@ -210,8 +231,11 @@ def fit_model(model: keras.Model, splits: Splits, config: TrainConfig, scan: Dat
     extractor = feature_extractor(model)
     class_weight = _class_weights(scan, config)
     if extractor is None:
-        history = _fit_full(model, splits, config, class_weight, [timer], offset=0)
-    elif not config.augment.enabled and config.cache_features:
+        validation, validate = _validation(model, splits, config)
+        history = _fit_full(
+            model, splits, config, class_weight, [*validation, timer], offset=0, validate=validate
+        )
+    elif not config.augment.active and config.cache_features:
         history = _fit_head_on_cached_features(model, extractor, splits, config, class_weight, timer)
     else:
         val_callback = CachedValidation(model.get_layer("head"), extractor, splits.val)
@@ -231,6 +255,7 @@ def _fit_full(model, splits, config, class_weight, callbacks, offset, validate=T
         epochs=epochs or config.epochs,
         class_weight=class_weight,
         callbacks=[*callbacks, *_standard_callbacks(config, offset)],
+        shuffle=False,  # the dataset reshuffles itself each epoch (load_splits)
         verbose=_verbosity(),
     )
     return result.history
@@ -283,7 +308,19 @@ def _fine_tune(model, splits, config, class_weight, timer, offset):
     log.info("fine-tuning: %d backbone layers unfrozen at lr %g", opened, config.fine_tune.learning_rate)
     compile_model(model, config.fine_tune.learning_rate)
     mlflow.log_param("fine_tune.layers_unfrozen", opened)
-    return _fit_full(model, splits, config, class_weight, [timer], offset, epochs=config.fine_tune.epochs)
+    validation, validate = _validation(model, splits, config)
+    callbacks = [*validation, timer]
+    return _fit_full(
+        model, splits, config, class_weight, callbacks, offset, validate, config.fine_tune.epochs
+    )
+
+
+def _validation(model, splits, config) -> tuple[list[keras.callbacks.Callback], bool]:
+    """(callbacks, whether Keras validates): under a tf.distribute strategy the model is
+    validated directly, outside the strategy (DirectValidation)."""
+    if config.distribute == "none":
+        return [], True
+    return [DirectValidation(model, splits.val)], False
 
 
 def _standard_callbacks(config: TrainConfig, offset: int) -> list[keras.callbacks.Callback]:
@@ -322,11 +359,35 @@ class CachedValidation(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         batches = np.array_split(self.features, max(1, len(self.features) // 256))
-        probs = np.concatenate([np.asarray(self.head(b, training=False)) for b in batches]).astype("float64")
-        picked = probs[np.arange(len(self.labels)), self.labels]
-        logs = logs if logs is not None else {}
-        logs["val_loss"] = float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())
-        logs["val_accuracy"] = float((probs.argmax(axis=1) == self.labels).mean())
+        probs = np.concatenate([np.asarray(self.head(b, training=False)) for b in batches])
+        _validation_logs(probs, self.labels, logs)
+
+
+class DirectValidation(keras.callbacks.Callback):
+    """Validation by calling the model on each batch, outside any tf.distribute strategy:
+    a strategy splits a last batch smaller than its replica count into an empty one,
+    which TensorFlow's CPU convolution rejects ("input depth must be evenly divisible").
+    Adds val_loss/val_accuracy to the logs."""
+
+    def __init__(self, model: keras.Model, dataset):
+        super().__init__()
+        self.classifier, self.dataset = model, dataset
+
+    def on_epoch_end(self, epoch, logs=None):
+        probs, labels = [], []
+        for images, batch_labels in self.dataset:
+            probs.append(np.asarray(self.classifier(images, training=False)))
+            labels.append(np.asarray(batch_labels))
+        _validation_logs(np.concatenate(probs), np.concatenate(labels), logs)
+
+
+def _validation_logs(probs: np.ndarray, labels: np.ndarray, logs: dict | None) -> None:
+    """val_loss (cross-entropy) and val_accuracy of softmax outputs, into Keras' logs."""
+    probs = probs.astype("float64")
+    picked = probs[np.arange(len(labels)), labels]
+    logs = logs if logs is not None else {}
+    logs["val_loss"] = float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())
+    logs["val_accuracy"] = float((probs.argmax(axis=1) == labels).mean())
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -358,7 +419,7 @@ def _log_pictures(model, config, splits, evaluation, history, test_image) -> Non
     tracking.log_figure(ev.misclassified_figure(evaluation), "misclassified")
     tracking.log_figure(ev.kernels_figure(model), "first_layer_kernels")
     tracking.log_figure(ev.activations_figure(model, test_image), "activation_maps")
-    if config.augment.enabled:
+    if config.augment.active:
         sample = next(iter(splits.train))[0]
         augmentation = model.get_layer("augmentation")
         tracking.log_figure(ev.augmentation_figure(augmentation, np.asarray(sample)), "augmentation_preview")

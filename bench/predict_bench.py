@@ -1,0 +1,135 @@
+"""Batch prediction (`imgcls predict`) against the model's own `predict_on_batch`.
+
+    python -m bench.predict_bench [--quick] [--batch-size 32] [--out FILE]
+
+For each model (the demo's simple_cnn at 32x32 on 32x32 PNGs; ResNet50 with random
+weights on 640x480 JPEG photos, at 96x96 with --quick, else 224x224) it measures:
+- `predict_on_batch`: images/s of the model alone on inputs already in memory (the limit);
+- `imgcls predict`: images/s of `service.batch_predict.predict_files` end to end: read each
+  file, decode and resize it (imgcls.images.model_input, on threads beside the model),
+  batch, predict, write the CSV.
+Prints a Markdown table and writes JSON. Speed does not depend on weight values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if not __package__:  # `python bench/predict_bench.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import machine, quiet_environment  # noqa: E402
+
+CLASSES = [str(i) for i in range(10)]
+
+
+def make_files(folder: Path, count: int, size: tuple[int, int], fmt: str) -> list[Path]:
+    """`count` noisy images of `size` (height, width) as files; their paths."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        path = folder / f"{i:05d}.{fmt.lower().replace('jpeg', 'jpg')}"
+        Image.fromarray(pixels).save(path, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        paths.append(path)
+    return paths
+
+
+def build_predictor(backbone: str, image_size: int, work: Path):
+    """A Predictor on a freshly built model (random weights) with its card."""
+    from imgcls.modelcard import ModelCard
+    from service.predictor import Predictor
+    from training.config import load_config
+    from training.model import build_model
+
+    config = load_config(None, data=work, backbone=backbone, weights="none", image_size=image_size,
+                         **{"augment.enabled": False})  # fmt: skip
+    model = build_model(config, len(CLASSES))
+    card = ModelCard(class_names=CLASSES, image_size=config.input_size, backbone=backbone)
+    predictor = Predictor(model, card, "bench")
+    predictor.warm_up()
+    return predictor
+
+
+def model_rate(predictor, batch_size: int, images: int) -> float:
+    """Images/s of `predict_on_batch` alone on in-memory float32 batches."""
+    import numpy as np
+
+    h, w = predictor.card.image_size
+    batch = np.random.default_rng(1).uniform(0, 255, (batch_size, h, w, 3)).astype(np.float32)
+    predictor.model.predict_on_batch(batch)  # this batch size traced once, not timed
+    steps = max(1, images // batch_size)
+    start = time.perf_counter()
+    for _ in range(steps):
+        predictor.model.predict_on_batch(batch)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def command_rate(predictor, files: list[Path], batch_size: int, out: Path) -> float:
+    """Images/s of `imgcls predict`'s work (service.batch_predict.predict_files)."""
+    from service.batch_predict import predict_files
+
+    predict_files(predictor, files[:batch_size], out, batch_size=batch_size)  # warm the path
+    summary = predict_files(predictor, files, out, batch_size=batch_size)
+    assert summary.skipped == 0
+    return summary.images / summary.seconds
+
+
+def measure(name, backbone, image_size, file_size, fmt, count, batch_size, work: Path) -> dict:
+    predictor = build_predictor(backbone, image_size, work)
+    files = make_files(work / name, count, file_size, fmt)
+    limit = model_rate(predictor, batch_size, count)
+    command = command_rate(predictor, files, batch_size, work / f"{name}.csv")
+    return {
+        "model": name,
+        "input": f"{image_size}x{image_size}",
+        "files": f"{count} {fmt} {file_size[1]}x{file_size[0]}",
+        "predict_on_batch_images_per_s": round(limit, 1),
+        "imgcls_predict_images_per_s": round(command, 1),
+        "ratio": round(command / limit, 3),
+    }
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| model | input | files | `predict_on_batch` | `imgcls predict` | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['model']} | {r['input']} | {r['files']} | {r['predict_on_batch_images_per_s']:,} img/s "
+            f"| {r['imgcls_predict_images_per_s']:,} img/s | {r['ratio']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_environment()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer files, ResNet50 at 96x96")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per model call (32)")
+    parser.add_argument("--out", type=Path, default=Path("predict_bench.json"), help="JSON results")
+    args = parser.parse_args(argv)
+    size = 96 if args.quick else 224
+    cases = [
+        ("demo simple_cnn", "simple_cnn", 32, (32, 32), "PNG", 512 if args.quick else 2048),
+        ("ResNet50", "resnet50", size, (480, 640), "JPEG", 128 if args.quick else 512),
+    ]
+    with tempfile.TemporaryDirectory(prefix="imgcls-predict-bench-") as tmp:
+        results = [measure(*case, args.batch_size, Path(tmp)) for case in cases]
+    args.out.write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

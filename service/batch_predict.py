@@ -1,0 +1,221 @@
+"""`imgcls predict`: classify a folder (or a list) of image files offline, into a CSV.
+
+The same model and preprocessing as the service: the champion (or `--version N`) is
+loaded by `service.predictor.load_predictor`, each file goes through
+`Predictor.preprocess` (`imgcls.images.model_input` at the card's size) and each batch
+through `Predictor.probabilities`. Files are read and decoded on a thread pool while the
+model runs the previous batch. A file that cannot be used is not fatal: its row has an
+`error` column saying why, and the terminal counts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Files decoded at once beside the model (Pillow releases the GIL while decoding).
+DECODE_THREADS = min(8, os.cpu_count() or 2)
+
+
+@dataclass
+class Row:
+    """One line of the CSV: a file and its top-k labels, or why it has none."""
+
+    path: str
+    labels: list[tuple[str, float]]
+    error: str = ""
+
+
+@dataclass
+class Summary:
+    """What `predict_files` did, for the terminal."""
+
+    images: int
+    skipped: int
+    seconds: float
+    version: str
+
+
+def register(subparsers) -> None:
+    """Add `imgcls predict`."""
+    p = subparsers.add_parser(
+        "predict",
+        help="classify image files offline with the champion, into a CSV",
+        description="Classify every image in the given folders and files with the champion "
+        "(or --version N), through the service's preprocessing, batched. Writes one CSV row "
+        "per file: path, top-k labels and probabilities, version, and an error for files "
+        "that could not be used. Exit code 0, or 2 on bad input (no files, no such model).",
+    )
+    p.add_argument("--data", nargs="+", type=Path, required=True, metavar="FOLDER_OR_FILE",
+                   help="image files and/or folders (searched recursively)")  # fmt: skip
+    p.add_argument("--version", help="registry version to use (default: the champion)")
+    p.add_argument("--source", choices=["bentoml", "mlflow"],
+                   help="the BentoML model store (default) or the MLflow registry")  # fmt: skip
+    p.add_argument("--model-name", help="registered model name (default image-classifier)")
+    p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write (predictions.csv)")
+    p.add_argument("--top-k", type=int, default=3, help="labels per image (3)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call (32)")
+    p.set_defaults(func=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Run `imgcls predict`; 0 when the CSV is written, 2 on bad input, 1 on other errors."""
+    if args.top_k < 1 or args.batch_size < 1:
+        print("error: --top-k and --batch-size must be at least 1")
+        return 2
+    try:
+        files = list_files(args.data)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}")
+        return 2
+    if not files:
+        print(f"error: no files under {', '.join(map(str, args.data))}")
+        return 2
+    try:
+        predictor = _load(args)
+    except LookupError as exc:
+        print(f"error: {exc}")
+        return 2
+    summary = predict_files(predictor, files, args.out, top_k=args.top_k, batch_size=args.batch_size)
+    print_summary(summary, args.out)
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    """The model to predict with; LookupError when it does not exist (bad input)."""
+    from service.predictor import load_predictor
+    from service.settings import ServiceSettings
+
+    values = {"source": args.source, "version": args.version, "model_name": args.model_name}
+    settings = ServiceSettings(**{k: v for k, v in values.items() if v is not None})
+    which = f"version {settings.version}" if settings.version else "the champion"
+    try:
+        return load_predictor(settings)
+    except Exception as exc:
+        if _is_not_found(exc):
+            raise LookupError(
+                f"no model: {which} of {settings.model_name} ({settings.source}): {exc}"
+            ) from exc
+        raise
+
+
+def _is_not_found(exc: BaseException) -> bool:
+    """Whether a load failed because the model or version does not exist."""
+    text = f"{type(exc).__name__} {exc} {exc.__cause__ or ''}".lower()
+    return isinstance(exc, LookupError) or any(
+        word in text for word in ("notfound", "not found", "does_not_exist", "not exist", "no local copy")
+    )
+
+
+def list_files(inputs: list[Path]) -> list[Path]:
+    """Every file named, and every file under each folder (sorted, hidden ones skipped);
+    raises FileNotFoundError naming a path that does not exist."""
+    files: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            found = (p for p in item.rglob("*") if p.is_file())
+            files += sorted(
+                p for p in found if not any(part.startswith(".") for part in p.relative_to(item).parts)
+            )
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {item}")
+    return files
+
+
+def predict_files(
+    predictor, files: list[Path], out: Path, *, top_k: int = 3, batch_size: int = 32
+) -> Summary:
+    """Classify `files` in batches and write the CSV `out`; a progress bar on the terminal."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    start, done, skipped = time.perf_counter(), 0, 0
+    columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    console = Console()
+    bar = Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
+    with open(out, "w", newline="") as file, bar as progress:
+        writer = csv.writer(file)
+        writer.writerow(csv_header(top_k))
+        task = progress.add_task("predict", total=len(files))
+        for rows in predict_batches(predictor, files, top_k, batch_size):
+            for row in rows:
+                writer.writerow(csv_row(row, top_k, predictor.version))
+            done += len(rows)
+            skipped += sum(1 for row in rows if row.error)
+            progress.update(task, completed=done)
+    return Summary(done - skipped, skipped, time.perf_counter() - start, predictor.version)
+
+
+def predict_batches(predictor, files: list[Path], top_k: int, batch_size: int) -> Iterator[list[Row]]:
+    """Rows of each batch of files, in order; the next batch decodes while this one runs."""
+    from service.predictor import top_k as best
+
+    batches = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:
+        pending = [pool.submit(_model_input, predictor, f) for f in batches[0]] if batches else []
+        for index, batch in enumerate(batches):
+            current = pending
+            if index + 1 < len(batches):
+                pending = [pool.submit(_model_input, predictor, f) for f in batches[index + 1]]
+            yield _rows(predictor, batch, current, top_k, best)
+
+
+def _rows(predictor, batch: list[Path], futures: list[Future], top_k: int, best) -> list[Row]:
+    inputs = [future.result() for future in futures]
+    good = [x for x in inputs if isinstance(x, np.ndarray)]
+    probs = iter(predictor.probabilities(np.stack(good)) if good else [])
+    rows = []
+    for path, x in zip(batch, inputs, strict=True):
+        if isinstance(x, str):
+            rows.append(Row(str(path), [], x))
+        else:
+            labels = best(next(probs), predictor.card.class_names, top_k)
+            rows.append(Row(str(path), [(p["label"], p["probability"]) for p in labels]))
+    return rows
+
+
+def _model_input(predictor, path: Path) -> np.ndarray | str:
+    """The model's float32 input for one file, or the reason it has none."""
+    from imgcls.images import ImageDecodeError
+
+    try:
+        return predictor.preprocess(path.read_bytes())
+    except ImageDecodeError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"cannot read the file: {exc.strerror or exc}"
+
+
+def csv_header(top_k: int) -> list[str]:
+    """path, label_1, probability_1, ..., label_k, probability_k, version, error."""
+    ranks = [column for i in range(1, top_k + 1) for column in (f"label_{i}", f"probability_{i}")]
+    return ["path", *ranks, "version", "error"]
+
+
+def csv_row(row: Row, top_k: int, version: str) -> list[str]:
+    """One CSV line; a file with fewer labels than `top_k` (or an error) has empty cells."""
+    cells = [cell for label, p in row.labels for cell in (label, f"{p:.6f}")]
+    cells += [""] * (2 * top_k - len(cells))
+    return [row.path, *cells, version, row.error]
+
+
+def print_summary(summary: Summary, out: Path) -> None:
+    """The result on the terminal: counts, speed, where the CSV is."""
+    rate = summary.images / summary.seconds if summary.seconds else 0.0
+    print(f"classified {summary.images} image(s) with version {summary.version} in {summary.seconds:.1f} s "
+          f"({rate:.1f} images/s): {out}")  # fmt: skip
+    if summary.skipped:
+        print(f"skipped {summary.skipped} file(s) that could not be used: see the error column of {out}")
