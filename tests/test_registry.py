@@ -472,12 +472,21 @@ def test_a_failed_history_read_is_raised_and_erases_nothing(tmp_path, monkeypatc
 
 
 def test_remote_lease_is_renewed_while_held(tmp_path):
-    from registry.lock import _try_lease, tag_lease
+    """The heartbeat pushes the lease's expiry forward while it is held. No competitor races
+    it: the test waits for a renewal to show, then checks the lease at once (3 s of life)."""
+    from registry.lock import LEASE_TAG, tag_lease
 
-    client, _, settings = _bare_model(tmp_path, 1, lease_s=1.0)
+    client, _, settings = _bare_model(tmp_path, 1, lease_s=3.0)
+
+    def expires() -> float:
+        return json.loads(client.get_registered_model(settings.model_name).tags[LEASE_TAG])["expires"]
+
     with tag_lease(client, settings) as held:
-        time.sleep(2.5)  # well past the lease's lifetime: only the heartbeat keeps it ours
-        assert not _try_lease(client, settings, "another-writer")
+        first = expires()
+        deadline = time.monotonic() + 60
+        while expires() <= first and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert expires() > first, "the heartbeat never renewed the lease"
         held.check()
 
 
