@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 
 from registry.pipeline import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NOT_PROMOTED, EXIT_PROMOTED
 
@@ -267,20 +268,23 @@ def run_rollback(args: argparse.Namespace) -> int:
 
 
 def run_ui(args: argparse.Namespace) -> int:
-    """`imgcls ui`: run `mlflow server` in the foreground on the configured store."""
-    import subprocess
+    """`imgcls ui`: run `mlflow server` in the foreground on the configured store.
 
+    `mlflow server` starts uvicorn as a child and dies on SIGTERM without passing it on,
+    so the signals this command receives go to the server's whole process group, and
+    what is left of it UI_GRACE_S later is killed (imgcls/processes.py).
+    """
+    from imgcls.processes import run_in_foreground
+    from imgcls.redact import redact_uri
     from registry.server import server_command
-    from registry.ui import ui_env
+    from registry.ui import UI_GRACE_S, ui_env
 
     tracking, _ = _settings()
     uri = tracking.resolved_tracking_uri()
     if not uri.startswith("sqlite:///"):
-        print(f"the store is a tracking server: open {uri} in a browser")
+        print(f"the store is a tracking server: open {redact_uri(uri)} in a browser")
         return 0
     env = ui_env(tracking, args.host, args.port)
     print(f"MLflow UI: http://{args.host}:{args.port}  (store {uri}; Ctrl-C stops it)", flush=True)
-    try:
-        return subprocess.run(server_command(), env=env, check=False).returncode
-    except KeyboardInterrupt:
-        return 0
+    code = run_in_foreground(server_command(), env=env, grace_s=UI_GRACE_S, to_group=True)
+    return 0 if code in (128 + signal.SIGINT, 128 + signal.SIGTERM) else code

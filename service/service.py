@@ -17,6 +17,8 @@ from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import FileResponse, Response
 
 from imgcls.hooks import hook
+from imgcls.lifeline import die_with_parent
+from imgcls.redact import redact_logs
 from service import gradcam
 from service.limits import (
     BodyLimitMiddleware,
@@ -40,6 +42,13 @@ TopK = Annotated[int | None, Form(ge=1, le=1000, description="labels per image")
 STATIC = Path(__file__).parent / "static"
 # Tries of one request when the model is swapped under it: each try sees a newer version.
 ATTEMPTS = 3
+
+
+def _worker_started() -> None:
+    """First thing in each server worker: exit with the arbiter, whose death would otherwise
+    leave it serving (imgcls/lifeline.py), and keep credentials out of its logs."""
+    die_with_parent()
+    redact_logs(logging.getLogger("bentoml"))
 
 
 def _classify_api(settings: ServiceSettings) -> Any:
@@ -67,6 +76,7 @@ class ClassifierModel:
     """The champion, loaded and warmed up once per worker, and kept equal to the registry's."""
 
     def __init__(self) -> None:
+        _worker_started()
         configure_accelerator()
         self.follower = build_follower(SETTINGS, FollowerMetrics())
 
@@ -117,6 +127,7 @@ class ImageClassifier:
     model = bentoml.depends(ClassifierModel)
 
     def __init__(self) -> None:
+        _worker_started()
         self.settings = SETTINGS
         self._size: tuple[int, int] | None = None  # the input size last heard of
         self.uploads = Uploads(SETTINGS)  # every decode of this front: bounded memory
