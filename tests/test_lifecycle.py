@@ -135,7 +135,9 @@ def test_sigkill_of_bentoml_leaves_no_worker_serving(bento_home, tmp_path, targe
     each worker sits in a session of its own, yet all exit within seconds and free the port."""
     port = free_port()
     log = tmp_path / "bentoml.log"
-    arbiter = start(serve_command("127.0.0.1", port), log, env=_serve_env(bento_home, tmp_path / "h"), cwd=ROOT)
+    arbiter = start(
+        serve_command("127.0.0.1", port), log, env=_serve_env(bento_home, tmp_path / "h"), cwd=ROOT
+    )
     tree = []
     try:
         wait_ready(f"http://127.0.0.1:{port}/readyz", arbiter, log, timeout_s=150)

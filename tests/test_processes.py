@@ -106,7 +106,9 @@ def test_stop_kills_what_listens_on_the_port_outside_the_tree(tmp_path):
     port = free_port()
     server = f"[sys.executable, '-m', 'http.server', '{port}', '--bind', '127.0.0.1']"
     middle = f"import subprocess, sys; subprocess.Popen({server}, start_new_session=True)"
-    code = f"import subprocess, sys, time; subprocess.run([sys.executable, '-c', {middle!r}]); time.sleep(120)"
+    code = (
+        f"import subprocess, sys, time; subprocess.run([sys.executable, '-c', {middle!r}]); time.sleep(120)"
+    )
     proc = start([sys.executable, "-c", code], tmp_path / "parent.log")
     wait_ready(f"http://127.0.0.1:{port}/", proc, tmp_path / "parent.log", timeout_s=30)
     (daemon,) = listeners(port)
