@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export KERAS_HOME := $(CURDIR)/.imgcls/keras
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-train bench-serve bench-memory bench-rollout bench-gpu-pack browser postgres compose-config clean
+.PHONY: help install demo test test-fast lint format bench bench-train bench-serve bench-memory bench-rollout bench-soak bench-gpu-pack browser postgres compose-config clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ bench-memory: install ## HTTP fronts' memory under worst-case uploads, JPEG draf
 
 bench-rollout: install ## promote/roll back under load: swap times, p99, memory, see docs/benchmarks.md
 	$(BIN)/python -m bench.rollout_bench
+
+bench-soak: install ## ten minutes of mixed traffic at 20 requests/s: 5xx, memory growth, p99 per minute, see docs/benchmarks.md
+	$(BIN)/python -m bench.soak_bench
 
 compose-config: install ## validate docker-compose.yml (with .env, or the placeholders of .env.example)
 	@envf=$$([ -f .env ] && echo .env || echo .env.example); \
