@@ -11,6 +11,7 @@ import argparse
 import logging
 import signal
 
+from imgcls.redact import redact_text
 from registry.pipeline import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NOT_PROMOTED, EXIT_PROMOTED
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def _guarded(command):
             return EXIT_INTERRUPTED
         except Exception as exc:  # noqa: BLE001 - a scheduler needs an exit code
             log.debug("%s failed", command.__name__, exc_info=True)
-            print(f"error: {exc}")
+            print(f"error: {redact_text(str(exc))}")
             return EXIT_ERROR
 
     return run
@@ -115,7 +116,7 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
         tracking, settings = _settings()
         outcome = run_pipeline(config, tracking, settings)
     except (ConfigError, DatasetError) as exc:
-        print(f"error: {exc}")
+        print(f"error: {redact_text(str(exc))}")
         return EXIT_BAD_INPUT
     except InterruptedAfterPromotion as exc:
         print(
@@ -127,7 +128,7 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - a scheduler needs an exit code, the log has the trace
         log.exception("pipeline failed")
-        print(f"error: {exc}")
+        print(f"error: {redact_text(str(exc))}")
         return EXIT_ERROR
     print_result(outcome.result)
     print_decision(outcome.decision, settings)
@@ -205,7 +206,7 @@ def run_show(args: argparse.Namespace) -> int:
     try:
         report.print_version(client, settings, args.version)
     except RegistryError as exc:
-        print(f"error: {exc}")
+        print(f"error: {redact_text(str(exc))}")
         return EXIT_BAD_INPUT
     return 0
 
@@ -227,7 +228,7 @@ def run_promote(args: argparse.Namespace) -> int:
         else:
             decision = promote.promote_if_better(client, tracking, settings, args.version, scan)
     except (RegistryError, DatasetError) as exc:
-        print(f"error: {exc}")
+        print(f"error: {redact_text(str(exc))}")
         return EXIT_BAD_INPUT
     print_decision(decision, settings)
     return EXIT_PROMOTED if decision.passed else EXIT_NOT_PROMOTED
@@ -259,7 +260,7 @@ def run_rollback(args: argparse.Namespace) -> int:
     try:
         move = promote.rollback(client, tracking, settings, args.reason)
     except RegistryError as exc:
-        print(f"error: {exc}")
+        print(f"error: {redact_text(str(exc))}")
         return EXIT_BAD_INPUT
     print(
         f"{settings.alias}: version {move.from_version} -> version {move.to_version} (rollback: {move.reason})"
@@ -275,14 +276,13 @@ def run_ui(args: argparse.Namespace) -> int:
     what is left of it UI_GRACE_S later is killed (imgcls/processes.py).
     """
     from imgcls.processes import run_in_foreground
-    from imgcls.redact import redact_uri
     from registry.server import server_command
     from registry.ui import UI_GRACE_S, ui_env
 
     tracking, _ = _settings()
     uri = tracking.resolved_tracking_uri()
     if not uri.startswith("sqlite:///"):
-        print(f"the store is a tracking server: open {redact_uri(uri)} in a browser")
+        print(f"the store is a tracking server: open {redact_text(uri)} in a browser")
         return 0
     env = ui_env(tracking, args.host, args.port)
     print(f"MLflow UI: http://{args.host}:{args.port}  (store {uri}; Ctrl-C stops it)", flush=True)

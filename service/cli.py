@@ -111,7 +111,13 @@ def serve(args: argparse.Namespace) -> int:
         if settings.poll_interval_s and not settings.bento_tag
         else "not following the registry"
     )
-    print(f"serving on http://{settings.host}:{settings.port} (source: {settings.source}, {following})")
+    source = settings.source
+    if source == "mlflow":
+        from imgcls.redact import redact_uri
+        from imgcls.settings import TrackingSettings
+
+        source = f"mlflow at {redact_uri(TrackingSettings().resolved_tracking_uri())}"
+    print(f"serving on http://{settings.host}:{settings.port} (source: {source}, {following})")
     command = serve_command(settings.host, settings.port, settings.graceful_timeout_s)
     grace_s = settings.graceful_timeout_s + KILL_MARGIN_S
     return run_in_foreground(command, env={**os.environ, **env}, grace_s=grace_s)
