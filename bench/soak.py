@@ -107,7 +107,7 @@ def minute_rows(records: Sequence[Record], since: float, minutes: int, window_s:
             "requests": len(batch),
             "failed": sum(not r.ok for r in batch),
             "status_5xx": sum(r.status is not None and r.status >= 500 for r in batch),
-            "bad_4xx": sum(r.ok and kind_of(r.index) in BAD for r in batch),
+            "bad_4xx": sum(kind_of(r.index) in BAD and 400 <= (r.status or 0) < 500 for r in batch),
             **percentiles(good),
             "predict_p99_ms": percentiles(predict)["p99_ms"],
         })  # fmt: skip
