@@ -76,8 +76,7 @@ def run_soak(args: argparse.Namespace, work: Path, jpegs: list[bytes], stop: thr
         while load.is_alive():
             load.join(timeout=min(60.0, duration_s))
             loads.append((time.perf_counter(), os.getloadavg()[0]))
-            print(f"  {(time.perf_counter() - since) / 60:.1f} min: {len(records) or '...'} requests done",
-                  flush=True)  # fmt: skip
+            print(f"  {(time.perf_counter() - since) / 60:.1f} min", flush=True)
         until = time.perf_counter()
     minutes = soak.minute_rows(records, since, args.minutes)
     for row in minutes:  # the load average sampled nearest the end of each minute
