@@ -31,6 +31,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from imgcls.lifeline import set_parent_death_signal
+
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
@@ -202,14 +204,17 @@ def run_in_foreground(
     """Run a server as this process's child until it exits; returns its exit code.
 
     The child gets a session of its own, so a terminal's Ctrl-C reaches it once, through
-    here. SIGTERM, SIGINT and SIGHUP received here are forwarded to it (`to_group`: to its
+    here, and (on Linux) a SIGTERM from the kernel if this command dies, SIGKILL included. SIGTERM, SIGINT and SIGHUP received here are forwarded to it (`to_group`: to its
     whole process group, for a server such as `mlflow server` whose own children do not
     hear from it). `grace_s` after the first forwarded signal, or as soon as the child
     exits, whatever is left of its tree (collected on every poll, so workers re-parented
     after a crash of the child are still known) gets SIGKILL. An exit by a signal returns
     128 + its number, as a shell would.
     """
-    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
+    parent = os.getpid()
+    proc = subprocess.Popen(
+        list(cmd), env=env, start_new_session=True, preexec_fn=lambda: _term_with_parent(parent)
+    )
     received: list[float] = []
 
     def forward(signum, _frame) -> None:
@@ -234,6 +239,15 @@ def run_in_foreground(
             kill_all([_process(proc.pid)])
         kill_all(tree)
     return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+
+
+def _term_with_parent(parent: int) -> None:
+    """In the forked child, before exec: SIGTERM when this command dies, even by SIGKILL
+    (PR_SET_PDEATHSIG survives exec; the forking thread is this command's main thread,
+    which lives as long as it). Exits at once if the command is already gone."""
+    set_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _merge(known: list, found: list) -> list:

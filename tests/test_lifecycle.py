@@ -158,6 +158,25 @@ def test_sigkill_of_bentoml_leaves_no_worker_serving(bento_home, tmp_path, targe
             arbiter.kill()
 
 
+def test_sigkill_of_imgcls_serve_stops_its_server(bento_home, tmp_path):
+    """`kill -9` of the `imgcls serve` command alone (its server sits in a session of its
+    own): the kernel's parent-death SIGTERM stops the arbiter, which stops its workers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "imgcls.cli", "serve", "--port", str(port),
+           "--graceful-timeout", str(GRACEFUL_S)]  # fmt: skip
+    log = tmp_path / "serve.log"
+    cli = start(cmd, log, env=_serve_env(bento_home, tmp_path / "h"), cwd=ROOT)
+    tree = []
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/readyz", cli, log, timeout_s=150)
+        tree = _tree(cli.pid, want=4)
+        os.kill(cli.pid, signal.SIGKILL)
+        cli.wait(timeout=10)
+        _assert_all_gone(tree, port, within_s=GRACEFUL_S)
+    finally:
+        kill_all(tree_alive(tree))
+
+
 def test_sigterm_to_imgcls_ui_stops_mlflow_and_its_uvicorn(tmp_path):
     """`imgcls ui` starts `mlflow server`, which starts uvicorn; SIGTERM to the CLI alone
     leaves none of them and frees the port."""
