@@ -199,14 +199,15 @@ def run_in_foreground(
     env: Mapping[str, str] | None = None,
     grace_s: float = 30,
     to_group: bool = False,
-    poll_s: float = 0.25,
+    poll_s: float = 1.0,
 ) -> int:
     """Run a server as this process's child until it exits; returns its exit code.
 
     The child gets a session of its own, so a terminal's Ctrl-C reaches it once, through
-    here, and (on Linux) a SIGTERM from the kernel if this command dies, SIGKILL included. SIGTERM, SIGINT and SIGHUP received here are forwarded to it (`to_group`: to its
-    whole process group, for a server such as `mlflow server` whose own children do not
-    hear from it). `grace_s` after the first forwarded signal, or as soon as the child
+    here, and (on Linux) a SIGTERM from the kernel if this command dies, SIGKILL included.
+    SIGTERM, SIGINT and SIGHUP received here are forwarded to it (`to_group`: to its whole
+    process group, for a server such as `mlflow server` whose own children do not hear
+    from it). `grace_s` after the first forwarded signal, or as soon as the child
     exits, whatever is left of its tree (collected on every poll, so workers re-parented
     after a crash of the child are still known) gets SIGKILL. An exit by a signal returns
     128 + its number, as a shell would.
@@ -220,7 +221,10 @@ def run_in_foreground(
     def forward(signum, _frame) -> None:
         received.append(time.monotonic())
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signum) if to_group else proc.send_signal(signum)
+            if to_group:
+                os.killpg(proc.pid, signum)
+            else:
+                proc.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     tree: list = []

@@ -137,7 +137,7 @@ def test_run_in_foreground_forwards_sigterm_and_kills_a_stubborn_tree(tmp_path):
         while not log.read_text().strip() and time.monotonic() < deadline:
             time.sleep(0.1)
         grandchild = int(log.read_text().split()[0])
-        time.sleep(0.5)  # a poll of the runner has seen the grandchild
+        time.sleep(1.5)  # a poll of the runner (every second) has seen the grandchild
         started = time.monotonic()
         os.kill(proc.pid, signal.SIGTERM)  # the runner alone, as systemd's KillMode=process
         assert proc.wait(timeout=15) == 128 + signal.SIGKILL
