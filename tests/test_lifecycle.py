@@ -202,3 +202,27 @@ def _tree_or_empty(pid: int) -> list:
         return [psutil.Process(pid), *descendants(pid)]
     except psutil.Error:
         return []
+
+
+def test_sigterm_to_imgcls_demo_stops_its_service_and_every_worker(tmp_path):
+    """`imgcls demo --keep-serving` (six epochs, enough to pass the gate): SIGTERM to the demo alone, as to
+    Ctrl-C, stops the service it started, workers in their own sessions included."""
+    port = free_port()
+    env = {**os.environ, **QUIET_ENV, "IMGCLS_HOME": str(tmp_path / "home"),
+           "BENTOML_HOME": str(tmp_path / "home" / "bentoml")}  # fmt: skip
+    log = tmp_path / "demo.log"
+    cmd = [sys.executable, "-m", "imgcls.cli", "demo", "--epochs", "6", "--keep-serving", "--port", str(port)]
+    demo = start(cmd, log, env=env, cwd=ROOT)
+    tree = []
+    try:
+        deadline = time.monotonic() + 400
+        while "Ctrl-C to stop" not in log.read_text() and time.monotonic() < deadline:
+            assert demo.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        tree = _tree(demo.pid, want=3)  # bentoml serve, one front, one model
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+        os.kill(demo.pid, signal.SIGTERM)
+        _assert_all_gone(tree, port, within_s=30)
+        assert demo.wait(timeout=10) == 0, log.read_text()[-2000:]
+    finally:
+        kill_all(tree_alive(tree + _tree_or_empty(demo.pid)))
