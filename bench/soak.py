@@ -140,8 +140,18 @@ def memory_growth(
         end = _mean_rss(series, until - RSS_WINDOW_S, until)
         growth = (end - warm) / warm if warm and end is not None else None
         peak = max(rss for _, rss in series)
-        out[key] = {"after_warm_up_mb": _mb(warm), "end_mb": _mb(end), "peak_mb": _mb(peak), "growth": growth}
+        minutes = [_mb(_mean_rss(series, t - RSS_WINDOW_S, t)) for t in _minute_ends(since, until)]
+        out[key] = {"after_warm_up_mb": _mb(warm), "end_mb": _mb(end), "peak_mb": _mb(peak), "growth": growth,
+                    "per_minute_mb": minutes}  # fmt: skip
     return out
+
+
+def _minute_ends(since: float, until: float) -> list[float]:
+    ends, t = [], since + 60
+    while t <= until + 1:
+        ends.append(min(t, until))
+        t += 60
+    return ends
 
 
 def _mb(value: float | None) -> float | None:
@@ -195,6 +205,9 @@ def render(results: dict) -> str:
         growth = "n/a" if mem["growth"] is None else f"{mem['growth']:+.1%}"
         out.write(f"| {key} | {_ms(mem['after_warm_up_mb'])} | {_ms(mem['end_mb'])} | {_ms(mem['peak_mb'])} | "
                   f"{growth} |\n")  # fmt: skip
+    out.write("\nRSS per process at the end of each minute, MB (mean of its last 10 s):\n")
+    for key, mem in sorted(result["memory"].items()):
+        out.write(f"  {key}: {' '.join(_ms(mb) for mb in mem.get('per_minute_mb', []))}\n")
     out.write("\ntargets:\n")
     for ok, line in targets(result):
         out.write(f"  {'PASS' if ok else 'FAIL'} {line}\n")
