@@ -87,6 +87,9 @@ def serve(args: argparse.Namespace) -> int:
     SIGINT and SIGHUP are forwarded to BentoML's arbiter, which lets its workers finish
     in-flight requests, and whatever of the tree is left `graceful_timeout_s` plus
     KILL_MARGIN_S later, or after the arbiter died, is killed (imgcls/processes.py).
+    Exec would leave nobody to enforce that bound: circus waits up to a day for a
+    worker to stop (BentoML sets its graceful_timeout to 86400 s) and the model
+    worker's uvicorn gets no shutdown timeout from BentoML.
     """
     from pydantic import ValidationError
 
