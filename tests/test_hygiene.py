@@ -175,3 +175,27 @@ def test_training_writes_split_images_under_home_tmp_and_sweeps_a_dead_runs_fold
     assert seen and all(scratch_root(tracking.home) in p.parents for p in seen)
     assert list(scratch_root(tracking.home).iterdir()) == []
     assert not [p for p in system_tmp.rglob("*") if "imgcls-view" in p.name]
+
+
+@pytest.mark.slow
+def test_the_service_logs_mlflow_errors_without_the_password(tmp_path):
+    """`imgcls serve --source mlflow` against a login URI whose server is down: the model
+    workers log MLflow's errors, which quote the request URL, with the password hidden."""
+    from imgcls.processes import free_port, start, stop
+
+    port = free_port()
+    env = {**os.environ, **QUIET_ENV, "MLFLOW_TRACKING_URI": f"http://alice:{SECRET}@127.0.0.1:9",
+           "IMGCLS_HOME": str(tmp_path / "home"), "BENTOML_HOME": str(tmp_path / "bentoml"),
+           "IMGCLS_SERVE_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
+    log = tmp_path / "serve.log"
+    cli = start([sys.executable, "-m", "imgcls.cli", "serve", "--source", "mlflow", "--port", str(port)],
+                log, env=env, cwd=ROOT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while log.read_text().count("alice:***@127.0.0.1:9") < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        assert stop(cli, port=port) == []
+    text = log.read_text()
+    assert "alice:***@127.0.0.1:9/api/" in text, text[-3000:]  # a worker's MLflow error
+    assert SECRET not in text
