@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export KERAS_HOME := $(CURDIR)/.imgcls/keras
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-train bench-serve bench-memory bench-burst bench-rollout bench-explain bench-gpu-pack bench-gpu-cpu browser postgres compose-config clean
+.PHONY: help install demo test test-fast lint format bench bench-train bench-serve bench-memory bench-burst bench-rollout bench-soak bench-explain bench-gpu-pack bench-gpu-cpu browser postgres compose-config clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -77,6 +77,9 @@ bench-gpu-pack: install ## wheels the GPU benchmark carries (checked: resolves o
 bench-gpu-cpu: install ## the GPU benchmark's proof on this CPU: 3.11 wheelhouse, --quick (~5 min)
 	$(BIN)/python -m bench.gpu_pack --python-version 3.11 --provided-from-env --dest .gpu-wheels-311
 	PATH=$(CURDIR)/$(BIN):$$PATH GPU_WHEELS=.gpu-wheels-311 BLOCK_TENSORFLOW=1 bash bench/gpu_bench.sh --quick
+
+bench-soak: install ## ten minutes of mixed traffic at 20 requests/s: 5xx, memory growth, p99 per minute, see docs/benchmarks.md
+	$(BIN)/python -m bench.soak_bench
 
 compose-config: install ## validate docker-compose.yml (with .env, or the placeholders of .env.example)
 	@envf=$$([ -f .env ] && echo .env || echo .env.example); \

@@ -94,9 +94,41 @@ def drive(
     return sorted(records, key=lambda r: r.start)
 
 
-def _timed(send: Sender, i: int) -> Record:
-    """One call of `send`, timed; an exception becomes a failed record (status None)."""
-    start = time.perf_counter()
+def open_loop(
+    send: Sender,
+    rate_per_s: float,
+    *,
+    duration_s: float,
+    stop: threading.Event | None = None,
+    max_in_flight: int = 64,
+) -> list[Record]:
+    """Start `send(i)` at `t0 + i / rate_per_s` for `duration_s` seconds (an open loop:
+    arrivals never wait for answers, as real clients do not), from up to `max_in_flight`
+    threads; a record for each call, in start order.
+
+    A record's `start` is the request's *scheduled* time, so a request that had to wait
+    for a free thread counts that wait in its latency (no coordinated omission).
+    """
+    records: list[Record] = []
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_in_flight) as pool:
+        for i in itertools.count():
+            due = t0 + i / rate_per_s
+            if due - t0 >= duration_s or (stop and stop.is_set()):
+                break
+            delay = due - time.perf_counter()
+            if delay > 0 and stop is not None and stop.wait(delay):
+                break
+            if delay > 0 and stop is None:
+                time.sleep(delay)
+            pool.submit(lambda i=i, due=due: records.append(_timed(send, i, due)))
+    return sorted(records, key=lambda r: r.start)
+
+
+def _timed(send: Sender, i: int, start: float | None = None) -> Record:
+    """One call of `send`, timed from `start` (default: now); an exception becomes a
+    failed record (status None)."""
+    start = time.perf_counter() if start is None else start
     try:
         answer = send(i)
     except Exception as exc:  # noqa: BLE001 - recorded and reported, the load goes on

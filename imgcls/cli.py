@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from imgcls.redact import redact_logs
+
+    redact_logs()  # no password of a tracking URI in any log line (imgcls/redact.py)
     for noisy in ("mlflow", "alembic", "urllib3", "absl", "h5py", "matplotlib", "PIL", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return int(args.func(args) or 0)

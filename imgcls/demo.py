@@ -11,9 +11,12 @@ import argparse
 import contextlib
 import json
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 from imgcls.processes import HOST, ServerProcess, free_port, port_in_use
+from imgcls.redact import redact_uri
 
 # The demo's embedded run config: the course CNN suits 8x8 digits shown at 32x32. The
 # augmentation is the default's pick for it (orientation_bound: a mirrored digit is
@@ -39,7 +42,28 @@ def register(subparsers) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """The demo's steps; returns 0 when a prediction came back over HTTP."""
+    """The demo's steps; returns 0 when a prediction came back over HTTP.
+
+    SIGTERM is turned into KeyboardInterrupt, like Ctrl-C, so the service's `with` block
+    stops the server and every one of its workers whichever of the two arrives.
+    """
+    with _sigterm_as_interrupt():
+        return _demo(args)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _demo(args: argparse.Namespace) -> int:
     from imgcls.settings import TrackingSettings
     from registry.cli import print_decision
     from registry.pipeline import run_pipeline
@@ -50,7 +74,7 @@ def run_demo(args: argparse.Namespace) -> int:
     tracking, registry = TrackingSettings(), RegistrySettings()
     data = write_digits_dataset(tracking.home / "demo-data" / "digits")
     config = load_config(None, data=data, **(DEMO_CONFIG | ({"epochs": args.epochs} if args.epochs else {})))
-    print(f"1/3 training on {data} and registering in {tracking.resolved_tracking_uri()}")
+    print(f"1/3 training on {data} and registering in {redact_uri(tracking.resolved_tracking_uri())}")
     outcome = run_pipeline(config, tracking, registry)
     print_decision(outcome.decision, registry)
     sample = data / "7" / sorted(os.listdir(data / "7"))[0]

@@ -9,9 +9,14 @@ children it started: SIGTERM to the group, a wait, then SIGKILL to the group.
 
 or, for a process that is not waited on (a CLI run), `start`, then `stop`.
 
-BentoML starts each worker in a session of its own (issue 9), so the group can be gone
-while a worker still holds the port: `stop(..., port=)` checks the port afterwards and
-reports (logs and returns) whatever still listens on it.
+BentoML starts each worker in a session of its own (issue 9), so the group alone does not
+reach them: `stop` collects the whole tree (psutil, recursively) before the first signal,
+SIGKILLs whatever of it outlives the leader, and with `port=` also whatever still
+listens there; it returns (and logs) the listeners it could not end.
+
+`run_in_foreground` is the other side, for a command that starts a server and stays its
+parent (`imgcls serve`, `imgcls ui`): SIGTERM, SIGINT and SIGHUP are forwarded to the
+server, and a tree that is still there `grace_s` after the first one is killed.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from imgcls.lifeline import set_parent_death_signal
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +120,17 @@ def stop(
     kill_timeout_s: float = 10,
     first_signal: int = signal.SIGTERM,
 ) -> list[int]:
-    """Stop `proc` and its process group; returns the pids still listening on `port`.
+    """Stop `proc`, its process group and every descendant; returns the pids still
+    listening on `port` (an empty list: the port is free).
 
-    `first_signal` (SIGTERM; PostgreSQL wants SIGINT for its fast shutdown) to the group, up to `term_timeout_s` for the leader to exit, then SIGKILL to
-    the group; group members that outlive the leader get SIGKILL too. With `port`, waits
-    a little for it to close and logs a warning naming whatever still listens (BentoML
-    workers run in sessions of their own); an empty list means the port is free.
+    The descendants are collected before any signal (once the leader is gone, its
+    children are re-parented and can no longer be found from it). `first_signal`
+    (SIGTERM; PostgreSQL wants SIGINT for its fast shutdown) goes to the group, then up to
+    `term_timeout_s` for the leader to exit, then SIGKILL to the group and to every
+    collected descendant still alive (BentoML workers live in sessions of their own).
+    With `port`, whatever still listens there is killed too, and what survives is logged.
     """
+    tree = descendants(proc.pid)
     _signal_group(proc, first_signal)
     try:
         proc.wait(timeout=term_timeout_s)
@@ -127,7 +138,126 @@ def stop(
         _signal_group(proc, signal.SIGKILL)
         proc.wait(timeout=kill_timeout_s)
     _signal_group(proc, signal.SIGKILL)  # members that outlived the leader
-    return [] if port is None else _report_listeners(port)
+    kill_all(tree + descendants(proc.pid), wait_s=kill_timeout_s)
+    if port is None:
+        return []
+    kill_all([_process(pid) for pid in listeners(port) if pid != os.getpid()], wait_s=kill_timeout_s)
+    return _report_listeners(port)
+
+
+def descendants(pid: int) -> list:
+    """psutil.Process objects of every live descendant of `pid` (empty if it is gone)."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process(pid).children(recursive=True)
+    return []
+
+
+def tree_alive(processes: Sequence) -> list:
+    """Those of `processes` (psutil.Process) still running and not zombies."""
+    import psutil
+
+    alive = []
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+    return alive
+
+
+def kill_all(processes: Sequence, wait_s: float = 10) -> list:
+    """SIGKILL each live psutil.Process of `processes` (its identity checked by psutil, so
+    a recycled pid is spared) and wait up to `wait_s`; returns those still alive."""
+    import psutil
+
+    targets = tree_alive([p for p in processes if p is not None])
+    for process in targets:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    deadline = time.monotonic() + wait_s
+    while (alive := tree_alive(targets)) and time.monotonic() < deadline:
+        time.sleep(0.05)  # a zombie counts as gone: its parent may be slow to reap it
+    return alive
+
+
+def _process(pid: int):
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process(pid)
+    return None
+
+
+# Signals a foreground command passes on to its server: service managers (SIGTERM), a
+# terminal's Ctrl-C (SIGINT) and a closed terminal (SIGHUP).
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def run_in_foreground(
+    cmd: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    grace_s: float = 30,
+    to_group: bool = False,
+    poll_s: float = 1.0,
+) -> int:
+    """Run a server as this process's child until it exits; returns its exit code.
+
+    The child gets a session of its own, so a terminal's Ctrl-C reaches it once, through
+    here, and (on Linux) a SIGTERM from the kernel if this command dies, SIGKILL included.
+    SIGTERM, SIGINT and SIGHUP received here are forwarded to it (`to_group`: to its whole
+    process group, for a server such as `mlflow server` whose own children do not hear
+    from it). `grace_s` after the first forwarded signal, or as soon as the child
+    exits, whatever is left of its tree (collected on every poll, so workers re-parented
+    after a crash of the child are still known) gets SIGKILL. An exit by a signal returns
+    128 + its number, as a shell would.
+    """
+    parent = os.getpid()
+    proc = subprocess.Popen(
+        list(cmd), env=env, start_new_session=True, preexec_fn=lambda: _term_with_parent(parent)
+    )
+    received: list[float] = []
+
+    def forward(signum, _frame) -> None:
+        received.append(time.monotonic())
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if to_group:
+                os.killpg(proc.pid, signum)
+            else:
+                proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    tree: list = []
+    try:
+        while proc.poll() is None:
+            tree = _merge(tree, descendants(proc.pid))
+            if received and time.monotonic() - received[0] > grace_s:
+                log.warning("the server outlived its %.0f s graceful timeout: killing it", grace_s)
+                kill_all([_process(proc.pid), *tree])
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=poll_s)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:  # an exception here: do not leave the server behind
+            kill_all([_process(proc.pid)])
+        kill_all(tree)
+    return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+
+
+def _term_with_parent(parent: int) -> None:
+    """In the forked child, before exec: SIGTERM when this command dies, even by SIGKILL
+    (PR_SET_PDEATHSIG survives exec; the forking thread is this command's main thread,
+    which lives as long as it). Exits at once if the command is already gone."""
+    set_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _merge(known: list, found: list) -> list:
+    """`known` plus the processes of `found` not in it (psutil.Process compares by pid and
+    start time)."""
+    return known + [p for p in found if p not in known]
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 
+from imgcls.redact import redact_text
 from registry.pipeline import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NOT_PROMOTED, EXIT_PROMOTED
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ def _guarded(command):
             return EXIT_INTERRUPTED
         except Exception as exc:  # noqa: BLE001 - a scheduler needs an exit code
             log.debug("%s failed", command.__name__, exc_info=True)
-            print(f"error: {exc}")
+            print(f"error: {redact_text(str(exc))}")
             return EXIT_ERROR
 
     return run
@@ -114,7 +116,7 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
         tracking, settings = _settings()
         outcome = run_pipeline(config, tracking, settings)
     except (ConfigError, DatasetError) as exc:
-        print(f"error: {exc}")
+        print(f"error: {redact_text(str(exc))}")
         return EXIT_BAD_INPUT
     except InterruptedAfterPromotion as exc:
         print(
@@ -126,7 +128,7 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - a scheduler needs an exit code, the log has the trace
         log.exception("pipeline failed")
-        print(f"error: {exc}")
+        print(f"error: {redact_text(str(exc))}")
         return EXIT_ERROR
     print_result(outcome.result)
     print_decision(outcome.decision, settings)
@@ -204,7 +206,7 @@ def run_show(args: argparse.Namespace) -> int:
     try:
         report.print_version(client, settings, args.version)
     except RegistryError as exc:
-        print(f"error: {exc}")
+        print(f"error: {redact_text(str(exc))}")
         return EXIT_BAD_INPUT
     return 0
 
@@ -226,7 +228,7 @@ def run_promote(args: argparse.Namespace) -> int:
         else:
             decision = promote.promote_if_better(client, tracking, settings, args.version, scan)
     except (RegistryError, DatasetError) as exc:
-        print(f"error: {exc}")
+        print(f"error: {redact_text(str(exc))}")
         return EXIT_BAD_INPUT
     print_decision(decision, settings)
     return EXIT_PROMOTED if decision.passed else EXIT_NOT_PROMOTED
@@ -258,7 +260,7 @@ def run_rollback(args: argparse.Namespace) -> int:
     try:
         move = promote.rollback(client, tracking, settings, args.reason)
     except RegistryError as exc:
-        print(f"error: {exc}")
+        print(f"error: {redact_text(str(exc))}")
         return EXIT_BAD_INPUT
     print(
         f"{settings.alias}: version {move.from_version} -> version {move.to_version} (rollback: {move.reason})"
@@ -267,20 +269,22 @@ def run_rollback(args: argparse.Namespace) -> int:
 
 
 def run_ui(args: argparse.Namespace) -> int:
-    """`imgcls ui`: run `mlflow server` in the foreground on the configured store."""
-    import subprocess
+    """`imgcls ui`: run `mlflow server` in the foreground on the configured store.
 
+    `mlflow server` starts uvicorn as a child and dies on SIGTERM without passing it on,
+    so the signals this command receives go to the server's whole process group, and
+    what is left of it UI_GRACE_S later is killed (imgcls/processes.py).
+    """
+    from imgcls.processes import run_in_foreground
     from registry.server import server_command
-    from registry.ui import ui_env
+    from registry.ui import UI_GRACE_S, ui_env
 
     tracking, _ = _settings()
     uri = tracking.resolved_tracking_uri()
     if not uri.startswith("sqlite:///"):
-        print(f"the store is a tracking server: open {uri} in a browser")
+        print(f"the store is a tracking server: open {redact_text(uri)} in a browser")
         return 0
     env = ui_env(tracking, args.host, args.port)
     print(f"MLflow UI: http://{args.host}:{args.port}  (store {uri}; Ctrl-C stops it)", flush=True)
-    try:
-        return subprocess.run(server_command(), env=env, check=False).returncode
-    except KeyboardInterrupt:
-        return 0
+    code = run_in_foreground(server_command(), env=env, grace_s=UI_GRACE_S, to_group=True)
+    return 0 if code in (128 + signal.SIGINT, 128 + signal.SIGTERM) else code

@@ -9,6 +9,8 @@ from registry.server import server_env
 
 # One worker is plenty for one person's browser and spares a small machine's cores.
 UI_WORKERS = 1
+# After SIGTERM, what uvicorn gets to answer the page's open requests before it is killed.
+UI_GRACE_S = 10
 
 
 def ui_env(tracking: TrackingSettings, host: str, port: int) -> dict[str, str]:

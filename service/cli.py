@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 from .settings import ENV_PREFIX
 
 SERVICE = "service.service:ImageClassifier"
+# After the graceful timeout, what the arbiter gets to stop its workers before the
+# command kills the whole tree (the model worker's own uvicorn waits without a bound).
+KILL_MARGIN_S = 5
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -70,6 +72,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu", action="store_const", const=True, help="declare one GPU for the model")
     p.add_argument("--model-workers", type=int, help="model processes, each following on its own (1)")
     p.add_argument(
+        "--graceful-timeout",
+        dest="graceful_timeout_s",
+        type=int,
+        help="seconds in-flight requests get to finish after SIGTERM or Ctrl-C (30)",
+    )
+    p.add_argument(
         "--front-workers",
         type=int,
         help="HTTP front processes that decode and resize uploads (1; more where the model is fast)",
@@ -99,8 +107,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Run `bentoml serve` in the foreground with the options as environment variables."""
+    """Run `bentoml serve` in the foreground with the options as environment variables.
+
+    The server stays this command's child rather than replacing it (exec): SIGTERM,
+    SIGINT and SIGHUP are forwarded to BentoML's arbiter, which lets its workers finish
+    in-flight requests, and whatever of the tree is left `graceful_timeout_s` plus
+    KILL_MARGIN_S later, or after the arbiter died, is killed (imgcls/processes.py).
+    Exec would leave nobody to enforce that bound: circus waits up to a day for a
+    worker to stop (BentoML sets its graceful_timeout to 86400 s) and the model
+    worker's uvicorn gets no shutdown timeout from BentoML.
+    """
     from pydantic import ValidationError
+
+    from imgcls.processes import run_in_foreground
 
     from .settings import ServiceSettings
 
@@ -126,11 +145,17 @@ def serve(args: argparse.Namespace) -> int:
         if settings.poll_interval_s and not settings.bento_tag
         else "not following the registry"
     )
+    source = settings.source
+    if source == "mlflow":
+        from imgcls.redact import redact_uri
+        from imgcls.settings import TrackingSettings
+
+        source = f"mlflow at {redact_uri(TrackingSettings().resolved_tracking_uri())}"
     access = f"{len(keys)} API keys" if keys else "no API key"
-    print(
-        f"serving on http://{settings.host}:{settings.port} (source: {settings.source}, {following}, {access})"
-    )
-    return subprocess.call(serve_command(settings.host, settings.port), env={**os.environ, **env})
+    print(f"serving on http://{settings.host}:{settings.port} (source: {source}, {following}, {access})")
+    command = serve_command(settings.host, settings.port, settings.graceful_timeout_s)
+    grace_s = settings.graceful_timeout_s + KILL_MARGIN_S
+    return run_in_foreground(command, env={**os.environ, **env}, grace_s=grace_s)
 
 
 def _api_keys(settings) -> tuple[str, ...] | None:
@@ -153,13 +178,20 @@ def settings_env(args: argparse.Namespace) -> dict[str, str]:
         "max_batch_size", "max_wait_ms", "max_latency_ms", "max_upload_bytes", "max_pixels",
         "max_batch_images", "gpu", "front_workers", "model_workers", "poll_interval_s",
         "version", "cache_dir", "max_concurrent_requests", "max_concurrent_explains",
-        "api_keys_file", "protect_probes",
+        "api_keys_file", "protect_probes", "graceful_timeout_s",
     ]  # fmt: skip
     values = {name: getattr(args, name, None) for name in names}
     return {f"{ENV_PREFIX}{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
             for k, v in values.items() if v is not None}  # fmt: skip
 
 
-def serve_command(host: str, port: int) -> list[str]:
-    """The `bentoml serve` command line for the service."""
-    return [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]
+def serve_command(host: str, port: int, graceful_timeout_s: int | None = 30) -> list[str]:
+    """The `bentoml serve` command line for the service.
+
+    `graceful_timeout_s` becomes uvicorn's `timeout_graceful_shutdown` in the HTTP fronts
+    (BentoML passes it to them only): after SIGTERM they finish in-flight requests for at
+    most that long.
+    """
+    command = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]
+    graceful = ["--timeout-graceful-shutdown", str(graceful_timeout_s)] if graceful_timeout_s else []
+    return command + graceful

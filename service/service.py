@@ -18,6 +18,8 @@ from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import FileResponse, Response
 
 from imgcls.hooks import hook
+from imgcls.lifeline import die_with_parent
+from imgcls.redact import redact_logs
 from service import gradcam
 from service.access import ApiKeyMiddleware
 from service.batching import Batcher, Overloaded, Policy
@@ -55,6 +57,13 @@ STATIC = Path(__file__).parent / "static"
 ATTEMPTS = 3
 
 
+def _worker_started() -> None:
+    """First thing in each server worker: exit with the arbiter, whose death would otherwise
+    leave it serving (imgcls/lifeline.py), and keep credentials out of its logs."""
+    die_with_parent()
+    redact_logs(logging.getLogger("bentoml"))
+
+
 def _batching_policy(settings: ServiceSettings) -> Policy:
     """Bounded-wait batching (service/batching.py); batches of one with --no-batching."""
     size = settings.max_batch_size if settings.batching else 1
@@ -76,6 +85,7 @@ class ClassifierModel:
     """The champion, loaded and warmed up once per worker, and kept equal to the registry's."""
 
     def __init__(self) -> None:
+        _worker_started()
         configure_accelerator()
         self.follower = build_follower(SETTINGS, FollowerMetrics())
         self.heatmaps = HeatmapLane(heatmap_waiting_limit(SETTINGS))
@@ -149,6 +159,7 @@ class ImageClassifier:
     def __init__(self) -> None:
         if not isinstance(self.model, ClassifierModel.inner):  # the model has a process of its own
             keep_off_accelerators()  # the front needs no accelerator: the GPU is the model's
+        _worker_started()
         self.settings = SETTINGS
         self._size: tuple[int, int] | None = None  # the input size last heard of
         self.uploads = Uploads(SETTINGS)  # every decode of this front: bounded memory

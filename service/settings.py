@@ -122,6 +122,12 @@ class ServiceSettings(BaseSettings):
     port: int = Field(3000, ge=1, le=65535, description="HTTP port of `imgcls serve`.")
     host: str = Field("127.0.0.1", description="Interface `imgcls serve` binds to.")
     timeout_s: int = Field(60, ge=1, description="Per-request timeout.")
+    # On SIGTERM the fronts stop accepting and let in-flight requests finish for this
+    # long; 30 s covers a full batch queue on CPU (max_latency_ms is 10 s) with room.
+    # `imgcls serve` kills what is left of the server KILL_MARGIN_S after it.
+    graceful_timeout_s: int = Field(
+        30, ge=1, description="Seconds in-flight requests get to finish after SIGTERM."
+    )
 
     def api_key_list(self) -> tuple[str, ...]:
         """The configured API keys (inline and from the file); empty: no key needed."""

@@ -6,11 +6,22 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from imgcls.processes import ServerProcess, free_port, port_in_use, start, stop, wait_ready
+from imgcls.processes import (
+    ServerProcess,
+    descendants,
+    free_port,
+    listeners,
+    port_in_use,
+    run_in_foreground,
+    start,
+    stop,
+    wait_ready,
+)
 
 
 def http_server(port: int) -> list[str]:
@@ -71,9 +82,9 @@ def test_a_group_ignoring_sigterm_is_killed(tmp_path):
     assert _gone_within(child_pid, 5)
 
 
-def test_stop_reports_a_listener_outside_the_group(tmp_path):
-    """A server started in a session of its own (as BentoML's workers are) survives the
-    group's stop; `stop(port=)` names it."""
+def test_stop_kills_a_listener_in_a_session_of_its_own(tmp_path):
+    """A server started in a session of its own (as BentoML's workers are) is out of
+    reach of the group's signal; stop() found it in the tree beforehand and kills it."""
     port = free_port()
     code = (
         "import subprocess, sys, time; "
@@ -81,17 +92,91 @@ def test_stop_reports_a_listener_outside_the_group(tmp_path):
         "start_new_session=True); time.sleep(120)"
     )
     proc = start([sys.executable, "-c", code], tmp_path / "parent.log")
-    orphan = None
+    wait_ready(f"http://127.0.0.1:{port}/", proc, tmp_path / "parent.log", timeout_s=30)
+    (child,) = descendants(proc.pid)
+    assert os.getsid(child.pid) != os.getsid(proc.pid)
+    assert stop(proc, port=port) == []
+    assert _gone_within(child.pid, 5)
+    assert not port_in_use(port)
+
+
+def test_stop_kills_what_listens_on_the_port_outside_the_tree(tmp_path):
+    """A daemonised server (its parent exited, so it is nobody's descendant any more) that
+    holds the port is found by the port and killed."""
+    port = free_port()
+    server = f"[sys.executable, '-m', 'http.server', '{port}', '--bind', '127.0.0.1']"
+    middle = f"import subprocess, sys; subprocess.Popen({server}, start_new_session=True)"
+    code = (
+        f"import subprocess, sys, time; subprocess.run([sys.executable, '-c', {middle!r}]); time.sleep(120)"
+    )
+    proc = start([sys.executable, "-c", code], tmp_path / "parent.log")
+    wait_ready(f"http://127.0.0.1:{port}/", proc, tmp_path / "parent.log", timeout_s=30)
+    (daemon,) = listeners(port)
+    assert daemon not in [p.pid for p in descendants(proc.pid)]
+    assert stop(proc, port=port) == []
+    assert _gone_within(daemon, 5) and not port_in_use(port)
+
+
+def test_run_in_foreground_forwards_sigterm_and_kills_a_stubborn_tree(tmp_path):
+    """The child ignores SIGTERM and has a grandchild in another session: a SIGTERM to
+    the foreground command ends both, `grace_s` later, and the exit code says SIGKILL."""
+    child = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+    server = (
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"c = subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True); "
+        "print(c.pid, flush=True); time.sleep(120)"
+    )
+    runner = (
+        "import sys; from imgcls.processes import run_in_foreground; "
+        f"sys.exit(run_in_foreground([sys.executable, '-c', {server!r}], grace_s=1))"
+    )
+    log = tmp_path / "runner.log"
+    proc = start([sys.executable, "-c", runner], log, cwd=Path(__file__).resolve().parents[1])
     try:
-        wait_ready(f"http://127.0.0.1:{port}/", proc, tmp_path / "parent.log", timeout_s=30)
-        leftovers = stop(proc, port=port)
-        assert len(leftovers) == 1 and leftovers[0] != proc.pid
-        orphan = leftovers[0]
-        assert port_in_use(port)
+        deadline = time.monotonic() + 30
+        while not log.read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        grandchild = int(log.read_text().split()[0])
+        time.sleep(1.5)  # a poll of the runner (every second) has seen the grandchild
+        started = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)  # the runner alone, as systemd's KillMode=process
+        assert proc.wait(timeout=15) == 128 + signal.SIGKILL
+        assert time.monotonic() - started < 10
+        assert _gone_within(grandchild, 5)
     finally:
         stop(proc)
-        if orphan:
-            os.kill(orphan, signal.SIGKILL)
+
+
+def test_run_in_foreground_returns_the_servers_exit_code():
+    code = "import sys; sys.exit(4)"
+    assert run_in_foreground([sys.executable, "-c", code]) == 4
+
+
+def test_a_worker_dies_with_its_parent(tmp_path):
+    """die_with_parent(): after a SIGKILL of its parent, the worker (in a session of its
+    own, so no group signal reaches it) exits within a few seconds, even one that ignores
+    the SIGTERM it gets first (the watchdog's SIGKILL follows)."""
+    worker = (
+        "import signal, time; from imgcls.lifeline import die_with_parent; "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); die_with_parent(grace_s=1); "
+        "print('ready', flush=True); time.sleep(120)"
+    )
+    parent = (
+        "import subprocess, sys, time; "
+        f"c = subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True); "
+        "print(c.pid, flush=True); time.sleep(120)"
+    )
+    log = tmp_path / "parent.log"
+    proc = start([sys.executable, "-c", parent], log, cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 30
+        while "ready" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        worker_pid = int(log.read_text().split()[0])
+        os.kill(proc.pid, signal.SIGKILL)
+        assert _gone_within(worker_pid, 5)
+    finally:
+        stop(proc)
 
 
 def _gone_within(pid: int, seconds: float) -> bool:

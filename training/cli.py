@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from imgcls.redact import redact_text
+
 # Options shared by `imgcls train` and `imgcls pipeline`: name -> (config field, argparse kwargs).
 TRAIN_OPTIONS: dict[str, tuple[str, dict]] = {
     "--backbone": (
@@ -130,11 +132,13 @@ def run_train(args: argparse.Namespace) -> int:
 
         result = train(config)
     except (ConfigError, DatasetError) as exc:
-        print(f"error: {exc}")
+        print(f"error: {redact_text(str(exc))}")
         return 2
     except Exception as exc:
         logging.getLogger(__name__).debug("training failed", exc_info=True)
-        print(f"error: training failed: {type(exc).__name__}: {exc} (run with -v for the traceback)")
+        print(
+            f"error: training failed: {type(exc).__name__}: {redact_text(str(exc))} (run with -v for the traceback)"
+        )
         return 1
     print_result(result)
     return 0

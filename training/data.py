@@ -10,6 +10,7 @@ and training sees exactly the pixels the service will compute for the same file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -304,6 +305,16 @@ def scan_from_manifest(manifest: dict) -> DatasetScan:
             f"{len(missing)} file(s) of the logged split are missing under {root}, e.g. {missing[0]}"
         )
     return DatasetScan(root, list(manifest["class_names"]), manifest["layout"], files)
+
+
+def split_view(home: Path) -> contextlib.AbstractContextManager[Path]:
+    """The folder one run writes its split images to, removed after the run: under
+    `home/tmp` rather than TMPDIR, once the stale folders that killed runs left there are
+    swept (imgcls/scratch.py)."""
+    from imgcls.scratch import scratch_dir, sweep_stale
+
+    sweep_stale(home)
+    return scratch_dir(home, "imgcls-view-")
 
 
 def write_view(scan: DatasetScan, split: str, dest: Path, image_size: tuple[int, int]) -> Path:

@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 
 from imgcls.modelcard import ModelCard
+from imgcls.redact import redact_uri
 from imgcls.settings import TrackingSettings
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ def open_store(settings: TrackingSettings) -> str:
     import fcntl
 
     uri = settings.resolved_tracking_uri()
+    log.info("tracking at %s", redact_uri(uri))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if uri.startswith("sqlite:///"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from imgcls.settings import TrackingSettings
 from training import augment, tracking
 from training import evaluate as ev
 from training.config import TrainConfig
-from training.data import DatasetScan, load_split, scan_dataset
+from training.data import DatasetScan, load_split, scan_dataset, split_view
 from training.model import (
     ParamCounts,
     build_model,
@@ -93,8 +92,8 @@ def train(config: TrainConfig, settings: TrackingSettings | None = None) -> Trai
         log.info("validation: %d images, %s", len(scan.files["val"]), validation_rule(config))
         mlflow.log_params(config.flat_params())
         tracking.log_dataset(scan)
-        with tempfile.TemporaryDirectory(prefix="imgcls-view-") as view:
-            splits = load_splits(scan, config, Path(view))
+        with split_view(settings.home) as view:
+            splits = load_splits(scan, config, view)
             return _run(config, scan, splits, strategy, run.info.run_id)
 
 

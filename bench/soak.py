@@ -1,0 +1,220 @@
+"""The soak benchmark's traffic mix and its analysis: pure functions over records and
+memory samples (tested in tests/test_soak_report.py), and the mixed sender.
+
+Request `i` is of kind `kind_of(i)`: a fixed, interleaved cycle of MIX, so the analysis
+knows each record's kind from its index alone.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+from bench.loadgen import Answer, Record, Sender, percentiles
+
+# Per 40 requests: 28 /predict, 4 /predict_batch (4 images), 2 /explain, and 6 bad
+# inputs, one or two of each kind. "too_big" is rare on purpose: each is a 20 MiB upload.
+MIX = (
+    ("predict", 28),
+    ("predict_batch", 4),
+    ("explain", 2),
+    ("not_image", 2),
+    ("truncated", 2),
+    ("wrong_field", 1),
+    ("too_big", 1),
+)
+GOOD = ("predict", "predict_batch", "explain")
+BAD = tuple(kind for kind, _ in MIX if kind not in GOOD)
+BATCH_IMAGES = 4
+# Memory before this is warm-up (first batches of each shape, allocator pools filling).
+WARM_UP_S = 60.0
+# Resident memory may grow this much from the end of warm-up to the end, per process.
+GROWTH_LIMIT = 0.10
+# A minute's p99 may be this many times the median minute's p99.
+P99_SPREAD_LIMIT = 2.0
+# Seconds of samples averaged at each end of the memory comparison: one sample is noisy.
+RSS_WINDOW_S = 10.0
+
+
+def _cycle() -> list[str]:
+    """MIX spread out: each kind at even steps through a cycle of sum(weights) requests."""
+    total = sum(weight for _, weight in MIX)
+    slots = sorted((((n + 0.5) / weight, kind) for kind, weight in MIX for n in range(weight)))
+    assert len(slots) == total
+    return [kind for _, kind in slots]
+
+
+CYCLE = _cycle()
+
+
+def kind_of(i: int) -> str:
+    """The kind of request number `i`."""
+    return CYCLE[i % len(CYCLE)]
+
+
+def bad_bodies(jpeg: bytes, max_upload_bytes: int) -> dict[str, tuple[str, tuple[str, bytes, str]]]:
+    """For each bad kind, the multipart (field, (filename, data, type)) it sends."""
+    return {
+        "not_image": ("image", ("notes.png", b"this is not an image\n" * 20, "image/png")),
+        "truncated": ("image", ("cut.jpg", jpeg[: len(jpeg) // 2], "image/jpeg")),
+        "wrong_field": ("file", ("x.jpg", jpeg, "image/jpeg")),
+        "too_big": ("image", ("huge.png", b"\0" * (max_upload_bytes + 1), "image/png")),
+    }
+
+
+def mixed_sender(client, url: str, jpegs: Sequence[bytes], max_upload_bytes: int) -> Sender:
+    """A sender of the MIX: good requests must answer 200, bad ones a 4xx; anything else
+    (a 5xx above all) is a failed answer."""
+    bad = bad_bodies(jpegs[0], max_upload_bytes)
+
+    def send(i: int) -> Answer:
+        kind, jpeg = kind_of(i), jpegs[i % len(jpegs)]
+        if kind == "predict":
+            answer = client.post(f"{url}/predict", files={"image": (f"{i}.jpg", jpeg, "image/jpeg")})
+        elif kind == "predict_batch":
+            files = [("images", (f"{i}-{n}.jpg", jpegs[(i + n) % len(jpegs)], "image/jpeg"))
+                     for n in range(BATCH_IMAGES)]  # fmt: skip
+            answer = client.post(f"{url}/predict_batch", files=files)
+        elif kind == "explain":
+            answer = client.post(f"{url}/explain", files={"image": (f"{i}.jpg", jpeg, "image/jpeg")})
+        else:
+            field, file = bad[kind]
+            answer = client.post(f"{url}/predict", files={field: file})
+        return judge(kind, answer.status_code, answer.text[:150] if answer.status_code != 200 else "")
+
+    return send
+
+
+def judge(kind: str, status: int, text: str = "") -> Answer:
+    """What a status means for a request of `kind` (failed: `error` set)."""
+    expected_ok = kind in GOOD
+    if expected_ok and status == 200 or not expected_ok and 400 <= status < 500:
+        return Answer(status)
+    return Answer(status, error=f"{kind}: HTTP {status}: {text}")
+
+
+def minute_rows(records: Sequence[Record], since: float, minutes: int, window_s: float = 60.0) -> list[dict]:
+    """One row per minute (by scheduled start): requests, failures, 5xx, 4xx of bad
+    inputs, client-side p50/p99 of the good kinds, and the p99 of /predict alone."""
+    rows = []
+    for m in range(minutes):
+        start, end = since + m * window_s, since + (m + 1) * window_s
+        batch = [r for r in records if start <= r.start < end]
+        good = [r.latency_ms for r in batch if r.ok and kind_of(r.index) in GOOD]
+        predict = [r.latency_ms for r in batch if r.ok and kind_of(r.index) == "predict"]
+        rows.append({
+            "minute": m + 1,
+            "requests": len(batch),
+            "failed": sum(not r.ok for r in batch),
+            "status_5xx": sum(r.status is not None and r.status >= 500 for r in batch),
+            "bad_4xx": sum(kind_of(r.index) in BAD and 400 <= (r.status or 0) < 500 for r in batch),
+            **percentiles(good),
+            "predict_p99_ms": percentiles(predict)["p99_ms"],
+        })  # fmt: skip
+    return rows
+
+
+def rss_by_process(samples: Sequence[tuple[float, dict]]) -> dict[str, list[tuple[float, int]]]:
+    """(time, RSS bytes) series of each process key of TreeSampler samples."""
+    series: dict[str, list[tuple[float, int]]] = {}
+    for at, usage in samples:
+        for key, use in usage.items():
+            series.setdefault(key, []).append((at, use.rss_bytes))
+    return series
+
+
+def _mean_rss(series: Sequence[tuple[float, int]], start: float, end: float) -> float | None:
+    values = [rss for at, rss in series if start <= at <= end]
+    return sum(values) / len(values) if values else None
+
+
+def memory_growth(
+    samples: Sequence[tuple[float, dict]], since: float, until: float, warm_up_s: float = WARM_UP_S
+) -> dict[str, dict]:
+    """Per process: mean RSS over the RSS_WINDOW_S before the end of warm-up and before
+    `until`, and the growth between them (a fraction; None where a window is empty)."""
+    out = {}
+    mark = since + warm_up_s
+    for key, series in rss_by_process(samples).items():
+        warm = _mean_rss(series, mark - RSS_WINDOW_S, mark)
+        end = _mean_rss(series, until - RSS_WINDOW_S, until)
+        growth = (end - warm) / warm if warm and end is not None else None
+        peak = max(rss for _, rss in series)
+        minutes = [_mb(_mean_rss(series, t - RSS_WINDOW_S, t)) for t in _minute_ends(since, until)]
+        out[key] = {"after_warm_up_mb": _mb(warm), "end_mb": _mb(end), "peak_mb": _mb(peak), "growth": growth,
+                    "per_minute_mb": minutes}  # fmt: skip
+    return out
+
+
+def _minute_ends(since: float, until: float) -> list[float]:
+    ends, t = [], since + 60
+    while t <= until + 1:
+        ends.append(min(t, until))
+        t += 60
+    return ends
+
+
+def _mb(value: float | None) -> float | None:
+    return None if value is None else value / 1e6
+
+
+def targets(result: dict) -> list[tuple[bool, str]]:
+    """(passed, line) for 0 responses 5xx, no failed request, flat memory, stable p99."""
+    rows = result["minutes"]
+    fives, failed = sum(r["status_5xx"] for r in rows), sum(r["failed"] for r in rows)
+    checks = [
+        (fives == 0, f"responses 5xx: {fives} (target 0)"),
+        (failed == 0, f"requests failed (5xx, wrong status, no answer): {failed} (target 0)"),
+    ]
+    for key, mem in sorted(result["memory"].items()):
+        growth = mem["growth"]
+        ok = growth is not None and growth < GROWTH_LIMIT
+        shown = "n/a" if growth is None else f"{growth:+.1%}"
+        checks.append((ok, f"RSS of {key}: {_ms(mem['after_warm_up_mb'])} -> {_ms(mem['end_mb'])} MB, {shown} "
+                           f"(target < {GROWTH_LIMIT:.0%})"))  # fmt: skip
+    p99s = sorted(r["p99_ms"] for r in rows[1:] if r["p99_ms"] is not None) or [
+        r["p99_ms"] for r in rows if r["p99_ms"] is not None
+    ]
+    if p99s:
+        median, worst = p99s[len(p99s) // 2], p99s[-1]
+        checks.append((worst <= P99_SPREAD_LIMIT * median,
+                       f"p99 per minute (after the first): worst {worst:.0f} ms vs median {median:.0f} ms "
+                       f"(target <= {P99_SPREAD_LIMIT:g}x)"))  # fmt: skip
+    return checks
+
+
+def render(results: dict) -> str:
+    """The Markdown report: settings, the per-minute table, memory per process, targets."""
+    result, out = results["result"], io.StringIO()
+    machine = results["machine"]
+    out.write(f"soak: {results['settings']}\n")
+    out.write(f"machine: {machine['cpu']}, {machine['cores']} cores; load average "
+              f"{machine['load_average_at_start']:.2f} at start, {results['load_average_at_end']:.2f} at end\n\n")  # fmt: skip
+    out.write(
+        "| minute | requests | failed | 5xx | bad inputs 4xx | p50 ms | p99 ms | /predict p99 ms | load |\n"
+    )
+    out.write("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    for row in result["minutes"]:
+        out.write(f"| {row['minute']} | {row['requests']} | {row['failed']} | {row['status_5xx']} | "
+                  f"{row['bad_4xx']} | {_ms(row['p50_ms'])} | {_ms(row['p99_ms'])} | "
+                  f"{_ms(row['predict_p99_ms'])} | {row.get('load', float('nan')):.2f} |\n")  # fmt: skip
+    out.write(
+        "\n| process | RSS after warm-up MB | RSS at end MB | peak MB | growth |\n|---|---:|---:|---:|---:|\n"
+    )
+    for key, mem in sorted(result["memory"].items()):
+        growth = "n/a" if mem["growth"] is None else f"{mem['growth']:+.1%}"
+        out.write(f"| {key} | {_ms(mem['after_warm_up_mb'])} | {_ms(mem['end_mb'])} | {_ms(mem['peak_mb'])} | "
+                  f"{growth} |\n")  # fmt: skip
+    out.write("\nRSS per process at the end of each minute, MB (mean of its last 10 s):\n")
+    for key, mem in sorted(result["memory"].items()):
+        out.write(f"  {key}: {' '.join(_ms(mb) for mb in mem.get('per_minute_mb', []))}\n")
+    out.write("\ntargets:\n")
+    for ok, line in targets(result):
+        out.write(f"  {'PASS' if ok else 'FAIL'} {line}\n")
+    if result.get("first_errors"):
+        out.write(f"first failures: {result['first_errors']}\n")
+    return out.getvalue()
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"

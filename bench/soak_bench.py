@@ -1,0 +1,153 @@
+"""Soak benchmark: ten minutes of mixed traffic at a steady rate against the real service.
+
+    python -m bench.soak_bench [--minutes 10] [--rate 20] [--front-workers 2] [--quick] [--out FILE]
+
+The demo model (the course CNN at 32x32, untrained, registered in a temporary store) is
+served by `imgcls serve`'s command with two HTTP fronts. An open loop starts `--rate`
+requests per second whatever the answers do (bench.loadgen.open_loop): /predict,
+/predict_batch (4 images), /explain and bad inputs (not an image, a truncated JPEG, a
+wrong form field, an upload over the byte limit) in the fixed mix of bench/soak.py.
+Good requests must answer 200 and bad ones a 4xx. The server's process tree is sampled
+every second, per process (bench.sampling.TreeSampler).
+
+Reported: a row per minute (requests, failures, 5xx, 4xx of bad inputs, p50/p99 of the
+good requests and p99 of /predict, load average), each process's resident memory at the
+end of minute 1 and at the end, and the targets: 0 responses 5xx, growth under 10% per
+process, every minute's p99 within 2x of the median minute's.
+
+This script only parses arguments and calls the shared modules: bench.cases (the model),
+bench.photos (JPEGs), bench.servers (the service), bench.loadgen (the open loop),
+bench.sampling (memory), bench.soak (mix, analysis, report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+if not __package__:  # `python bench/soak_bench.py` from a checkout: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import loadgen, soak  # noqa: E402
+from bench.cases import register_case  # noqa: E402
+from bench.machine import machine, quiet_environment  # noqa: E402
+from bench.photos import PHOTO_SIZE, photo_jpegs  # noqa: E402
+from bench.sampling import TreeSampler, bentoml_role  # noqa: E402
+from bench.serve_bench import stop_on_signals  # noqa: E402
+from bench.servers import service_server  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DISTINCT_IMAGES = 32
+# 20 requests/s keeps the demo model and two fronts at about a third of two cores,
+# leaving room for the clients and for other jobs: a soak, not a stress test.
+DEFAULT_RATE = 20.0
+
+
+def per_process(proc, server_pid: int) -> str:
+    """A TreeSampler key per process: its role and pid ("front 1234")."""
+    return f"{bentoml_role(proc, server_pid)} {proc.pid}"
+
+
+def run_soak(args: argparse.Namespace, work: Path, jpegs: list[bytes], stop: threading.Event) -> dict:
+    """Register the demo model, serve it, drive the open loop, analyse."""
+    from service.settings import ServiceSettings
+
+    case = register_case("demo", work)
+    max_upload = ServiceSettings.model_fields["max_upload_bytes"].default
+    duration_s = args.minutes * 60
+    loads: list[tuple[float, float]] = []
+    with (
+        service_server(case, True, args, args.log_dir / "soak-service.log") as srv,
+        TreeSampler(srv.pid, interval_s=1.0, classify=per_process) as sampler,
+        loadgen.http_client(args.max_in_flight, args.request_timeout) as http,
+    ):
+        send = soak.mixed_sender(http, srv.url, jpegs, max_upload)
+        records: list[loadgen.Record] = []
+        since = time.perf_counter()
+        load = threading.Thread(target=lambda: records.extend(loadgen.open_loop(
+            send, args.rate, duration_s=duration_s, stop=stop, max_in_flight=args.max_in_flight)))  # fmt: skip
+        load.start()
+        while load.is_alive():
+            load.join(timeout=min(60.0, duration_s))
+            loads.append((time.perf_counter(), os.getloadavg()[0]))
+            print(f"  {(time.perf_counter() - since) / 60:.1f} min", flush=True)
+        until = time.perf_counter()
+    minutes = soak.minute_rows(records, since, args.minutes)
+    for row in minutes:  # the load average sampled nearest the end of each minute
+        end = since + row["minute"] * 60
+        row["load"] = min(loads, key=lambda t: abs(t[0] - end))[1] if loads else float("nan")
+    return {
+        "model": case.name,
+        "requests": len(records),
+        "minutes": minutes,
+        "memory": soak.memory_growth(sampler.samples, since, until, min(soak.WARM_UP_S, duration_s / 4)),
+        "first_errors": [r.error for r in records if not r.ok][:5],
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--minutes", type=int, default=10, help="length of the soak in minutes (10)")
+    parser.add_argument("--rate", type=float, default=DEFAULT_RATE, help="requests started per second (20)")
+    parser.add_argument("--max-in-flight", type=int, default=64, help="client threads, at most (64)")
+    parser.add_argument(
+        "--request-timeout", type=float, default=30, help="client timeout per request, s (30)"
+    )
+    parser.add_argument("--front-workers", type=int, default=2, help="service's HTTP fronts (2)")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="service's largest batch (32)")
+    parser.add_argument(
+        "--max-latency-ms", type=int, default=10_000, help="service's batching deadline (10000)"
+    )
+    parser.add_argument("--quick", action="store_true", help="one minute (a smoke run)")
+    parser.add_argument(
+        "--shared", type=Path, default=ROOT.parent / "shared", help="folder with data/ (photos)"
+    )
+    parser.add_argument("--logs", type=Path, help="keep the server log in this folder (default: dropped)")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / ".imgcls/bench/soak_bench.json", help="JSON results"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.minutes = 1
+    if args.minutes < 1 or args.rate <= 0:
+        parser.error("--minutes must be 1 or more and --rate above 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the arguments, soak the service in a temporary MLflow and BentoML home, report."""
+    quiet_environment()
+    args = parse_args(argv)
+    stop = stop_on_signals()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="imgcls-soak-bench-") as tmp:
+        work = Path(tmp)
+        os.environ["BENTOML_HOME"] = str(work / "bentoml")
+        os.environ.setdefault("KERAS_HOME", str(work / "keras"))
+        args.log_dir = args.logs or work
+        args.log_dir.mkdir(parents=True, exist_ok=True)
+        jpegs, source = photo_jpegs(args.shared, DISTINCT_IMAGES)
+        results: dict = {"machine": machine(), "images": f"{len(jpegs)} JPEGs at {PHOTO_SIZE}: {source}"}
+        results["settings"] = {
+            k: getattr(args, k) for k in ("minutes", "rate", "front_workers", "max_in_flight")
+        }
+        results["mix_per_40"] = dict(soak.MIX)
+        results["result"] = run_soak(args, work, jpegs, stop)
+        results |= {"seconds": time.perf_counter() - started, "load_average_at_end": os.getloadavg()[0]}
+    results["targets"] = [{"passed": ok, "check": line} for ok, line in soak.targets(results["result"])]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, default=str))
+    print(soak.render(results))
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
