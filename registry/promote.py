@@ -9,7 +9,6 @@ gate's evaluations run here, outside the lock, once per champion they are compar
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -40,11 +39,13 @@ EVAL_BATCH_SIZE = 32
 
 def evaluate_version(settings: RegistrySettings, version: str, scan: DatasetScan) -> Evaluation:
     """Run a registered version over the test split of `scan`, at the version's own input size."""
-    from training.data import load_split
+    from imgcls.settings import TrackingSettings
+    from training.data import load_split, split_view
     from training.evaluate import evaluate_model
 
     model, card = load_version_model(settings, version)
-    with tempfile.TemporaryDirectory(prefix="imgcls-gate-") as view:
+    # Under IMGCLS_HOME/tmp like training's split images, swept if a killed gate left them.
+    with split_view(TrackingSettings().home) as view:
         dataset = load_split(scan, "test", Path(view), tuple(card.image_size), EVAL_BATCH_SIZE)
         return evaluate_model(model, dataset, card.class_names)
 
