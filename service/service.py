@@ -32,7 +32,7 @@ from service.limits import (
 )
 from service.metrics import BatchMetrics, FollowerMetrics, observe_prediction
 from service.predictor import configure_accelerator, keep_off_accelerators, top_k
-from service.replies import classify_replies, one_version, stale_reply
+from service.replies import InputSizes, classify_replies, fitting, one_version, stale_reply
 from service.settings import ServiceSettings
 from service.shedding import (
     BACKSTOP_S,
@@ -102,9 +102,10 @@ class ClassifierModel:
         self.batcher.close()
 
     @bentoml.api
-    async def classify(self, images: list[np.ndarray]) -> list[dict]:
-        """Probabilities of each (H, W, 3) uint8 model input, with the version, class names
-        and input size of the one model that computed them (see service/replies.py).
+    async def classify(self, images: list[list[np.ndarray]]) -> list[dict]:
+        """Probabilities of each image (its (H, W, 3) uint8 candidates at the sizes the front
+        knows of), with the version, class names and input size of the one model that
+        computed them (see service/replies.py).
 
         Calls that arrive while a batch runs are batched together (service/batching.py):
         no learned wait, so a lone request after a burst goes at once."""
@@ -113,24 +114,29 @@ class ClassifierModel:
         except Overloaded as exc:
             raise ServiceUnavailable(f"the model is overloaded: {exc}") from exc
 
-    def _classify_now(self, images: list[np.ndarray]) -> list[dict]:
+    def _classify_now(self, images: list[list[np.ndarray]]) -> list[dict]:
         hook("model_call")  # a test seam: IMGCLS_HOOK_MODEL_CALL (imgcls/hooks.py)
         return classify_replies(self.follower.served.predictor, images)
 
     @bentoml.api
-    async def heatmap(self, image: np.ndarray) -> dict:
+    async def heatmap(self, image: list[np.ndarray]) -> dict:
         """Grad-CAM (h, w) of one (H, W, 3) model input for its predicted class.
 
         Async only to wait for its turn: heatmaps run one at a time on a thread of their
         own (service/shedding.py), so a burst of /explain never holds the classify batches."""
         return await self.heatmaps.run(self._heatmap, image)
 
-    def _heatmap(self, image: np.ndarray) -> dict:
+    def _heatmap(self, candidates: list[np.ndarray]) -> dict:
         hook("heatmap")  # a test seam: IMGCLS_HOOK_HEATMAP (imgcls/hooks.py)
         predictor = self.follower.served.predictor
-        if tuple(image.shape[:2]) != tuple(predictor.card.image_size):
+        image = fitting(predictor, candidates)
+        if image is None:
             return stale_reply(predictor)
-        return {**stale_reply(predictor), "stale": False, "heatmap": predictor.heatmap(image)}
+        return {
+            **stale_reply(predictor),
+            "stale": False,
+            "heatmap": predictor.heatmap(image.astype(np.float32)),
+        }
 
     @bentoml.api
     async def describe(self) -> dict:
@@ -161,16 +167,16 @@ class ImageClassifier:
             keep_off_accelerators()  # the front needs no accelerator: the GPU is the model's
         _worker_started()
         self.settings = SETTINGS
-        self._size: tuple[int, int] | None = None  # the input size last heard of
+        self._sizes = InputSizes()  # the input sizes the model workers answered with lately
         self.uploads = Uploads(SETTINGS)  # every decode of this front: bounded memory
         return_freed_memory_to_the_system()
 
     def __is_ready__(self) -> bool:
         """Ready once the model process has loaded and warmed up the champion."""
-        if self._size is not None:
+        if self._sizes.current():
             return True
         try:
-            self._size = tuple(self.model.to_sync.describe()["image_size"])
+            self._sizes.heard(self.model.to_sync.describe()["image_size"])
         except Exception:  # the model process is still starting
             return False
         return True
@@ -196,8 +202,8 @@ class ImageClassifier:
         """Grad-CAM overlay (PNG) of one uploaded image for its predicted class."""
         preview = self.uploads.preview(image, "image")
         for _ in range(ATTEMPTS):
-            reply = self.model.to_sync.heatmap(self._model_input(image, "image").astype(np.float32))
-            self._size = tuple(reply["image_size"])
+            reply = self.model.to_sync.heatmap(self._model_input(image, "image"))
+            self._sizes.heard(reply["image_size"])
             if not reply["stale"]:
                 headers = {"X-Model-Version": str(reply["version"])}
                 return Response(
@@ -226,16 +232,18 @@ class ImageClassifier:
                 for i in range(0, len(batch), step)
                 for r in self.model.to_sync.classify(batch[i : i + step])
             ]
+            for reply in replies:
+                self._sizes.heard(reply["image_size"])
             if one_version(replies):
                 return replies
-            self._size = tuple(replies[-1]["image_size"])
         raise Rejected(503, "the served model changed repeatedly during this request; try again")
 
-    def _model_input(self, upload: UploadFile, what: str) -> np.ndarray:
-        """The model's uint8 (H, W, 3) input for the input size last heard of."""
-        if self._size is None:
-            self._size = tuple(self.model.to_sync.describe()["image_size"])
-        return self.uploads.model_input(upload, what, self._size)
+    def _model_input(self, upload: UploadFile, what: str) -> list[np.ndarray]:
+        """The model's uint8 (H, W, 3) input at each input size the workers answered with
+        lately: one in steady state, two while the model workers disagree after a swap."""
+        if not self._sizes.current():
+            self._sizes.heard(self.model.to_sync.describe()["image_size"])
+        return [self.uploads.model_input(upload, what, size) for size in self._sizes.current()]
 
     def _answer(self, replies: list[dict], k: int | None) -> list[dict]:
         """Response bodies for model replies; counts them in /metrics."""

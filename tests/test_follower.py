@@ -92,8 +92,11 @@ def test_check_model_compares_the_model_with_its_card(versions):
 
 
 def test_replies_name_their_version_and_images_of_another_size_are_stale(versions):
-    images = [np.zeros((32, 32, 3), np.uint8), np.zeros((40, 40, 3), np.uint8)]
-    replies = classify_replies(versions["2"], images)
+    images = [
+        [np.zeros((40, 40, 3), np.uint8), np.zeros((32, 32, 3), np.uint8)],
+        [np.zeros((40, 40, 3), np.uint8)],
+    ]
+    replies = classify_replies(versions["2"], images)  # candidates per image: one fits, none fits
     assert replies[0]["version"] == "2" and replies[0]["class_names"] == ["rot", "gruen", "blau"]
     assert replies[0]["probabilities"].shape == (3,) and replies[0]["batch"] == 1
     assert replies[1]["stale"] and replies[1]["image_size"] == [32, 32]
@@ -122,3 +125,20 @@ def test_bentoml_source_follows_the_entry_the_registry_labels_champion(tmp_path)
     assert follow.check() is True and follow.served.predictor.version == "8"
     pinned = build_follower(ServiceSettings(source="bentoml", model_name="shapes", version="8"))
     assert pinned.served.predictor.version == "8" and pinned.poll_interval_s == 0
+
+
+def test_a_front_prepares_the_sizes_answered_lately_newest_first():
+    from service.replies import InputSizes
+
+    now = [0.0]
+    sizes = InputSizes(keep_s=60, clock=lambda: now[0])
+    sizes.heard([32, 32])
+    assert sizes.current() == [(32, 32)]
+    now[0] = 1.0
+    sizes.heard([40, 40])  # one worker swapped: both sizes while the workers disagree
+    assert sizes.current() == [(40, 40), (32, 32)]
+    now[0] = 30.0
+    sizes.heard([40, 40])
+    assert sizes.current() == [(40, 40), (32, 32)]
+    now[0] = 62.0  # no answer named 32x32 for over a minute
+    assert sizes.current() == [(40, 40)]

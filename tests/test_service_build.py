@@ -51,7 +51,9 @@ def test_serve_options_become_settings_variables():
         "IMGCLS_SERVE_BATCHING": "false",
         "IMGCLS_SERVE_TOP_K": "5",
     }
-    assert serve_command("127.0.0.1", 3456)[-4:] == ["--host", "127.0.0.1", "--port", "3456"]
+    command = serve_command("127.0.0.1", 3456)
+    assert command[-6:] == ["--host", "127.0.0.1", "--port", "3456", "--timeout-graceful-shutdown", "30"]
+    assert serve_command("127.0.0.1", 3456, None)[-2:] == ["--port", "3456"]
 
 
 def test_every_serve_option_has_help():
