@@ -13,7 +13,7 @@ import os
 import sys
 
 # Stage modules that contribute subcommands, in the order of the model's life.
-_STAGES = ("training.cli", "registry.cli", "service.cli", "service.batch_predict", "imgcls.demo")
+_STAGES = ("training.cli", "registry.cli", "service.cli", "service.predict_cli", "imgcls.demo")
 # Commands that load TensorFlow in this process: their native stderr is filtered
 # (imgcls/terminal.py) so that only lines a user can act on reach the terminal.
 _QUIET_COMMANDS = frozenset({"train", "pipeline", "predict", "demo"})
