@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python bench/burst_bench.py`
@@ -26,7 +25,7 @@ if __package__ in (None, ""):  # `python bench/burst_bench.py`
 from bench import loadgen  # noqa: E402
 from bench.cases import CASES, register_case  # noqa: E402
 from bench.inprocess import raw_predict  # noqa: E402
-from bench.machine import machine, quiet_environment  # noqa: E402
+from bench.machine import bench_home, machine, quiet_environment  # noqa: E402
 from bench.photos import photo_jpegs  # noqa: E402
 from bench.serve_bench import FRONT_WORKERS, stop_on_signals  # noqa: E402
 from bench.servers import service_server  # noqa: E402
@@ -108,12 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_environment()
     args = parse_args(argv)
     stop = stop_on_signals()
-    with tempfile.TemporaryDirectory(prefix="imgcls-burst-bench-") as tmp:
-        work = Path(tmp)
-        os.environ["BENTOML_HOME"] = str(work / "bentoml")
-        os.environ.setdefault("KERAS_HOME", str(work / "keras"))
-        args.log_dir = args.logs or work
-        args.log_dir.mkdir(parents=True, exist_ok=True)
+    with bench_home("imgcls-burst-bench-", args.logs) as (work, args.log_dir):
         jpegs, _source = photo_jpegs(args.shared, 32)
         results = {
             "machine": machine(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import tempfile
 from pathlib import Path
 
 from imgcls.processes import QUIET_ENV
@@ -42,3 +43,16 @@ def machine() -> dict:
         "bentoml": bentoml.__version__,
         "load_average_at_start": os.getloadavg()[0],
     }
+
+
+@contextlib.contextmanager
+def bench_home(prefix: str, logs: Path | None):
+    """A temporary folder for one benchmark's MLflow store, BentoML home and Keras cache
+    (removed afterwards), and the folder its server logs go to (`logs`, else that one)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = Path(tmp)
+        os.environ["BENTOML_HOME"] = str(work / "bentoml")
+        os.environ.setdefault("KERAS_HOME", str(work / "keras"))
+        log_dir = logs or work
+        log_dir.mkdir(parents=True, exist_ok=True)
+        yield work, log_dir

@@ -32,7 +32,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ if not __package__:  # `python bench/rollout_bench.py` from a checkout: make `be
 from bench import loadgen, rollout  # noqa: E402
 from bench.cases import ALIAS, CASES, register_case  # noqa: E402
 from bench.inprocess import follower_load_s  # noqa: E402
-from bench.machine import machine, quiet_environment  # noqa: E402
+from bench.machine import bench_home, machine, quiet_environment  # noqa: E402
 from bench.photos import PHOTO_SIZE, photo_jpegs  # noqa: E402
 from bench.sampling import TreeSampler  # noqa: E402
 from bench.serve_bench import stop_on_signals  # noqa: E402
@@ -195,12 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     stop = stop_on_signals()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="imgcls-rollout-bench-") as tmp:
-        work = Path(tmp)
-        os.environ["BENTOML_HOME"] = str(work / "bentoml")
-        os.environ.setdefault("KERAS_HOME", str(work / "keras"))
-        args.log_dir = args.logs or work
-        args.log_dir.mkdir(parents=True, exist_ok=True)
+    with bench_home("imgcls-rollout-bench-", args.logs) as (work, args.log_dir):
         jpegs, source = photo_jpegs(args.shared, DISTINCT_IMAGES)
         results: dict = {"machine": machine(), "images": f"{len(jpegs)} JPEGs at {PHOTO_SIZE}: {source}"}
         results["load_time_how"] = (

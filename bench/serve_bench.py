@@ -43,7 +43,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -54,7 +53,7 @@ if not __package__:  # `python bench/serve_bench.py` from a checkout: make `benc
 from bench import loadgen, report, sampling  # noqa: E402
 from bench.cases import CASES, Case, register_case  # noqa: E402
 from bench.inprocess import preprocess_ms, raw_predict  # noqa: E402
-from bench.machine import machine, quiet_environment  # noqa: E402
+from bench.machine import bench_home, machine, quiet_environment  # noqa: E402
 from bench.photos import PHOTO_SIZE, photo_jpegs  # noqa: E402
 from bench.servers import (  # noqa: E402
     mlflow_probabilities,
@@ -212,12 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     stop = stop_on_signals()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="imgcls-serve-bench-") as tmp:
-        work = Path(tmp)
-        os.environ["BENTOML_HOME"] = str(work / "bentoml")
-        os.environ.setdefault("KERAS_HOME", str(work / "keras"))
-        args.log_dir = args.logs or work
-        args.log_dir.mkdir(parents=True, exist_ok=True)
+    with bench_home("imgcls-serve-bench-", args.logs) as (work, args.log_dir):
         jpegs, source = photo_jpegs(args.shared, DISTINCT_IMAGES)
         results: dict = {"machine": machine(), "images": f"{len(jpegs)} JPEGs at {PHOTO_SIZE}: {source}"}
         results["settings"] = {"concurrency": args.concurrency_levels, "level_timeout_s": args.level_timeout}

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ if not __package__:  # `python bench/soak_bench.py` from a checkout: make `bench
 
 from bench import loadgen, soak  # noqa: E402
 from bench.cases import register_case  # noqa: E402
-from bench.machine import machine, quiet_environment  # noqa: E402
+from bench.machine import bench_home, machine, quiet_environment  # noqa: E402
 from bench.photos import PHOTO_SIZE, photo_jpegs  # noqa: E402
 from bench.sampling import TreeSampler, bentoml_role  # noqa: E402
 from bench.serve_bench import stop_on_signals  # noqa: E402
@@ -128,12 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     stop = stop_on_signals()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="imgcls-soak-bench-") as tmp:
-        work = Path(tmp)
-        os.environ["BENTOML_HOME"] = str(work / "bentoml")
-        os.environ.setdefault("KERAS_HOME", str(work / "keras"))
-        args.log_dir = args.logs or work
-        args.log_dir.mkdir(parents=True, exist_ok=True)
+    with bench_home("imgcls-soak-bench-", args.logs) as (work, args.log_dir):
         jpegs, source = photo_jpegs(args.shared, DISTINCT_IMAGES)
         results: dict = {"machine": machine(), "images": f"{len(jpegs)} JPEGs at {PHOTO_SIZE}: {source}"}
         results["settings"] = {
