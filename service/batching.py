@@ -82,6 +82,7 @@ class Batcher:
         self._queue: deque[_Job] = deque()
         self._queued_images = 0
         self._busy = False
+        self._last_batch_end = float("-inf")
         self._changed: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="imgcls-batch")
@@ -149,11 +150,17 @@ class Batcher:
             return
         finally:
             self._busy = False
+            self._last_batch_end = self._clock()
         start = 0
         for job in jobs:
             if not job.future.done():
                 job.future.set_result(results[start : start + len(job.items)])
             start += len(job.items)
+
+    def active_within(self, seconds: float) -> bool:
+        """Whether a batch is running or queued, or ended less than `seconds` ago: the
+        heatmap lane (service/shedding.py) gives way to predictions while this holds."""
+        return self._busy or bool(self._queue) or self._clock() - self._last_batch_end <= seconds
 
     def close(self) -> None:
         if self._task is not None:

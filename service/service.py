@@ -36,6 +36,7 @@ from service.replies import InputSizes, classify_replies, fitting, one_version, 
 from service.settings import ServiceSettings
 from service.shedding import (
     BACKSTOP_S,
+    PREDICTING_WITHIN_S,
     DeadlineMiddleware,
     HeatmapLane,
     RouteLimitMiddleware,
@@ -88,8 +89,11 @@ class ClassifierModel:
         _worker_started()
         configure_accelerator()
         self.follower = build_follower(SETTINGS, FollowerMetrics())
-        self.heatmaps = HeatmapLane(heatmap_waiting_limit(SETTINGS))
         self.batcher = Batcher(self._classify_now, _batching_policy(SETTINGS), BatchMetrics().observe)
+        self.heatmaps = HeatmapLane(
+            heatmap_waiting_limit(SETTINGS),
+            predicting=lambda: self.batcher.active_within(PREDICTING_WITHIN_S),
+        )
 
     @bentoml.on_startup
     def follow_the_registry(self) -> None:

@@ -11,7 +11,10 @@ without Retry-After, and the limit divided among the workers.
 
 Model (`HeatmapLane`): heatmaps run one at a time on a thread of their own, and wait for
 it without holding a thread, so the classify batches keep BentoML's worker thread whatever
-number of /explain requests are queued. BentoML's `max_concurrency` on the model service
+number of /explain requests are queued. Both share the same cores, though: while
+predictions are running, the lane pauses after each heatmap so that heatmaps take at most
+`HEATMAP_SHARE` of the model's time (`heatmap_pause`); with no predictions it runs them
+back to back. BentoML's `max_concurrency` on the model service
 is only a backstop sized to what the fronts may send (`model_max_concurrency`).
 """
 
@@ -19,7 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from service.limits import error_response
@@ -36,6 +40,11 @@ ROUTE_CLASSES = {
 }
 # Seconds a shed client is told to wait: a batch or a heatmap takes well under that.
 RETRY_AFTER_S = 1
+# The most of the model process's time heatmaps take while predictions run (see heatmap_pause).
+HEATMAP_SHARE = 0.2
+# Predictions count as running while a batch ran this recently (the gaps between the batches
+# of closed-loop clients are shorter).
+PREDICTING_WITHIN_S = 0.25
 # The model's describe calls (readiness, /metadata) beside the fronts' classify and heatmap calls.
 MODEL_HEADROOM = 8
 # BentoML's own per-request timeout answers outside the service's middlewares (no request
@@ -114,14 +123,33 @@ def model_max_concurrency(settings: ServiceSettings) -> int:
     return settings.model_workers * (settings.front_workers * per_front + MODEL_HEADROOM)
 
 
+def heatmap_pause(took_s: float, predicting: bool, share: float = HEATMAP_SHARE) -> float:
+    """Seconds the heatmap lane stays closed after a heatmap that took `took_s`: none when
+    no prediction is running, else enough that heatmaps use at most `share` of the time."""
+    if not predicting or share >= 1:
+        return 0.0
+    return took_s * (1 - share) / share
+
+
 class HeatmapLane:
     """Heatmaps one at a time on a thread of their own; at most `max_waiting` wait for it
-    (without holding a thread); beyond, ServiceUnavailable (the front answers 503)."""
+    (without holding a thread); beyond, ServiceUnavailable (the front answers 503).
 
-    def __init__(self, max_waiting: int) -> None:
+    `predicting()` says whether predictions are running: then each heatmap is followed by
+    the pause `heatmap_pause` gives, so /explain cannot take the cores /predict needs."""
+
+    def __init__(
+        self,
+        max_waiting: int,
+        predicting: Callable[[], bool] = lambda: False,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.max_waiting = max_waiting
+        self._predicting, self._clock, self._sleep = predicting, clock, sleep
         self._pending = 0  # running and waiting; one event loop per process: no lock
         self._limiter: Any = None  # made in the server's event loop, on first use
+        self._open_at = float("-inf")  # when the next heatmap may start
 
     async def run(self, func: Callable[..., T], *args: Any) -> T:
         """`func(*args)` on the heatmap thread, after the heatmaps before it."""
@@ -134,7 +162,16 @@ class HeatmapLane:
             self._limiter = anyio.CapacityLimiter(1)
         self._pending += 1
         try:
-            return await anyio.to_thread.run_sync(functools.partial(func, *args), limiter=self._limiter)
+            async with self._limiter:
+                closed_for = self._open_at - self._clock()
+                if closed_for > 0 and self._predicting():
+                    await self._sleep(closed_for)
+                started = self._clock()
+                try:
+                    return await anyio.to_thread.run_sync(functools.partial(func, *args))
+                finally:
+                    took = self._clock() - started
+                    self._open_at = self._clock() + heatmap_pause(took, self._predicting())
         finally:
             self._pending -= 1
 

@@ -15,7 +15,7 @@ import pytest
 from bentoml.exceptions import ServiceUnavailable
 
 from service.settings import ServiceSettings
-from service.shedding import HeatmapLane, model_max_concurrency
+from service.shedding import HeatmapLane, heatmap_pause, model_max_concurrency
 from tests.service_fixtures import colour_image, encode, save_tiny_model, tiny_model_server
 
 MAX_EXPLAINS = 2
@@ -139,3 +139,36 @@ def _wait_in_progress(url: str, endpoint: str, n: int, timeout_s: float = 60) ->
             return
         time.sleep(0.05)
     raise TimeoutError(f"{n} {endpoint} calls never reached the model process")
+
+
+def test_heatmaps_give_way_to_predictions_but_run_back_to_back_alone():
+    assert heatmap_pause(0.05, predicting=False) == 0.0
+    # While predictions run, a heatmap of 50 ms closes the lane for 200 ms: a 20% share.
+    assert heatmap_pause(0.05, predicting=True, share=0.2) == pytest.approx(0.2)
+    assert heatmap_pause(0.05, predicting=True, share=1.0) == 0.0
+
+
+def test_the_heatmap_lane_pauses_only_while_predictions_run():
+    now = [0.0]
+    predicting = [True]
+
+    def work() -> None:
+        now[0] += 0.1  # each heatmap "takes" 100 ms on the fake clock
+
+    async def sleep_on_the_clock(seconds: float) -> None:
+        now[0] += seconds
+
+    lane = HeatmapLane(
+        max_waiting=4, predicting=lambda: predicting[0], clock=lambda: now[0], sleep=sleep_on_the_clock
+    )
+
+    async def two() -> None:
+        await lane.run(work)
+        await lane.run(work)
+
+    asyncio.run(two())
+    assert now[0] == pytest.approx(0.1 + 0.4 + 0.1)  # the pause after the first: 0.1 x 0.8/0.2
+    predicting[0] = False
+    start = now[0]
+    asyncio.run(two())
+    assert now[0] - start == pytest.approx(0.2)  # alone, back to back
