@@ -160,7 +160,8 @@ def test_the_gate_report_shows_ece_and_nll_for_candidate_and_champion(capsys):
                       verdict.candidate_metrics, verdict.champion_metrics)  # fmt: skip
     print_decision(outcome, settings)
     rows = {line.split("│")[1].strip(): line for line in capsys.readouterr().out.splitlines() if "│" in line}
-    assert list(rows)[1:5] == ["accuracy", "macro_f1", "ece (lower is better)", "nll (lower is better)"]
+    names = [name for name in rows if name != "metric"]
+    assert names[:4] == ["accuracy", "macro_f1", "ece (lower is better)", "nll (lower is better)"]
     assert f"{verdict.candidate_metrics['ece']:.4f}" in rows["ece (lower is better)"]
     assert f"{verdict.champion_metrics['nll']:.4f}" in rows["nll (lower is better)"]
 
@@ -185,3 +186,44 @@ def test_the_version_card_shows_t_ece_and_nll():
     facts = VersionFacts("3", metrics={"accuracy": 0.9, "ece": 0.05, "nll": 0.3}, temperature="1.7")
     text = version_description("clf", "champion", facts, None, [])
     assert "| test ECE / NLL (calibration) | 0.0500 / 0.3000 at temperature 1.7 |" in text
+
+
+def _constant_split(model, copies: int = 8):
+    """Batches of one image repeated, labelled with the model's own answer: no error."""
+    image = np.random.default_rng(4).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
+    label = int(np.asarray(model.predict_on_batch(image)).argmax())
+    images = np.repeat(image, copies, axis=0)
+    return [(images[:4], np.full(4, label)), (images[4:], np.full(copies - 4, label))]
+
+
+def test_a_validation_split_without_errors_falls_back_to_out_of_fold_predictions(tmp_path):
+    from training.calibrate import calibrate, current_temperature
+
+    model = build_model(quick_config(tmp_path), num_classes=5)
+    split = _constant_split(model)
+    held_out = _synthetic(2.0, n=3000)
+    calibrated = calibrate(model, split, split, [f"c{i}" for i in range(5)], out_of_fold=lambda: held_out)
+    assert calibrated.report.temperature == pytest.approx(2.0, rel=0.1)
+    assert current_temperature(calibrated.model) == pytest.approx(calibrated.report.temperature)
+    assert "holds no error" in calibrated.report.reason and "out-of-fold" in calibrated.report.reason
+    # No frozen backbone to cache features of (simple_cnn): T stays 1, and the run says why.
+    kept = calibrate(model, split, split, [f"c{i}" for i in range(5)], out_of_fold=lambda: None)
+    assert kept.report.temperature == 1.0 and "hold no error" in kept.report.reason
+    assert kept.model is model
+
+
+def test_out_of_fold_logits_cover_train_and_validation_in_order(tmp_path):
+    from training.calibrate import out_of_fold_logits
+    from training.train import Splits
+
+    config = quick_config(tmp_path, backbone="vgg16", weights="none", epochs=2, **{"head.dense_units": [8]})
+    model = build_model(config, num_classes=3)
+    rng = np.random.default_rng(5)
+    train = [(rng.uniform(0, 255, (6, 32, 32, 3)).astype("float32"), np.arange(6) % 3) for _ in range(3)]
+    val = [(rng.uniform(0, 255, (6, 32, 32, 3)).astype("float32"), (np.arange(6) + 1) % 3)]
+    logits, labels = out_of_fold_logits(model, Splits(train, val, val), config, 3)
+    assert logits.shape == (24, 3) and np.isfinite(logits).all()
+    np.testing.assert_array_equal(labels, np.concatenate([y for _, y in train + val]))
+    assert (
+        out_of_fold_logits(build_model(quick_config(tmp_path), 3), Splits(train, val, val), config, 3) is None
+    )

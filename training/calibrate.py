@@ -5,7 +5,10 @@ Dividing the logits by one temperature T > 1 softens every answer alike (T < 1 s
 them); the ranking, hence accuracy and macro-F1, does not move. T is fitted after
 training by minimising the negative log-likelihood (NLL) of held-out predictions that
 contain errors: the validation split. On a split without a single error the NLL keeps
-falling as T goes to 0, so there T stays 1 and the run says why.
+falling as T goes to 0: then T is fitted on out-of-fold predictions of train + validation
+(heads trained on the other folds of the cached backbone features), and where those hold
+no error either, or the model has no frozen backbone (simple_cnn), T stays 1. The run
+says which (tag `calibration.reason`).
 
 The saved model emits the calibrated probabilities itself: its head ends in stock layers,
 Dense `logits` -> Rescaling `temperature` (scale 1/T) -> Activation `probs` (softmax)
@@ -34,6 +37,9 @@ PROBABILITY_FLOOR = 1e-7
 # T is searched on log T within these bounds: beyond them a model is broken, not miscalibrated.
 T_BOUNDS = (0.05, 20.0)
 TEMPERATURE_LAYER, PROBS_LAYER = "temperature", "probs"
+# Heads trained for the out-of-fold predictions when validation holds no error: each
+# image is then predicted by a head that saw 80% of the others, on cached features.
+OUT_OF_FOLD_FOLDS = 5
 
 
 # ----- the figures (pure numpy) -------------------------------------------------------
@@ -98,10 +104,11 @@ def logits_nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> fl
 
 @dataclass(frozen=True)
 class Fit:
-    """The temperature and why it is that one."""
+    """The temperature and why it is that one; `errors`: how many held-out answers were wrong."""
 
     temperature: float
     reason: str
+    errors: int = 0
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds=T_BOUNDS, tol: float = 1e-4) -> Fit:
@@ -126,6 +133,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds=T_BOUNDS, tol
     return Fit(
         best,
         f"fitted on {len(labels)} validation images with {errors} errors: NLL {before:.4f} -> {after:.4f}",
+        errors,
     )
 
 
@@ -272,17 +280,21 @@ class Calibrated:
     test_probs_before: np.ndarray
 
 
-def calibrate(model, val, test, class_names: list[str]) -> Calibrated:
+def calibrate(model, val, test, class_names: list[str], out_of_fold=None) -> Calibrated:
     """Fit T on the validation split's logits, and evaluate on the test split once.
 
     One pass over each split, through a copy of the model that outputs logits: the test
-    probabilities before and after are both computed from the same logits.
+    probabilities before and after are both computed from the same logits. When the
+    validation split holds no error, `out_of_fold()` (if given) returns held-out
+    (logits, labels) to fit on instead, or None (see `out_of_fold_logits`).
     """
     from training.evaluate import evaluate_model
 
     raw = logits_model(model)
     val_logits, val_labels = predict_logits(raw, val)
     fit = fit_temperature(val_logits, val_labels)
+    if fit.errors == 0 and len(val_labels) and out_of_fold is not None:
+        fit = _fit_out_of_fold(out_of_fold, fit)
     log.info("calibration: T = %.3f (%s)", fit.temperature, fit.reason)
     test_logits = evaluate_model(raw, test, class_names)  # y_prob holds logits here
     before, after = softmax(test_logits.y_prob), softmax(test_logits.y_prob, fit.temperature)
@@ -297,6 +309,64 @@ def calibrate(model, val, test, class_names: list[str]) -> Calibrated:
     )
     calibrated = model if fit.temperature == 1.0 else with_temperature(model, fit.temperature)
     return Calibrated(calibrated, report, evaluation, before.astype("float32"))
+
+
+def _fit_out_of_fold(out_of_fold, no_error: Fit) -> Fit:
+    held_out = out_of_fold()
+    if held_out is None:
+        return no_error
+    logits, labels = held_out
+    fit = fit_temperature(logits, labels)
+    if fit.errors == 0:
+        return Fit(1.0, f"{no_error.reason}; the out-of-fold predictions hold no error either")
+    where = f"{OUT_OF_FOLD_FOLDS} heads on the cached backbone features of train + validation"
+    reason = (
+        f"the validation split holds no error; {fit.reason.replace('validation', 'out-of-fold')} ({where})"
+    )
+    return Fit(fit.temperature, reason, fit.errors)
+
+
+def out_of_fold_logits(model, splits, config, num_classes: int):
+    """Held-out (logits, labels) of train + validation, from heads trained on the other folds
+    of their cached backbone features; None for a model without a frozen backbone.
+
+    Each of the OUT_OF_FOLD_FOLDS heads is built and trained as the run's own head (same
+    config, learning rate, batch size, epochs; early stopping on its training loss), so
+    the held-out answers are as confident as the model's own on images it never saw.
+    """
+    import keras
+
+    from training.model import build_head, feature_extractor
+
+    extractor = feature_extractor(model)
+    if extractor is None:
+        return None
+    features, labels = zip(
+        *(_features_of(extractor, split) for split in (splits.train, splits.val)), strict=True
+    )
+    x, y = np.concatenate(features), np.concatenate(labels)
+    folds = np.random.default_rng(config.seed).permutation(len(y)) % OUT_OF_FOLD_FOLDS
+    logits = np.zeros((len(y), num_classes))
+    for k in range(OUT_OF_FOLD_FOLDS):
+        head = build_head(config.head, x.shape[1:], num_classes)
+        head.compile(
+            optimizer=keras.optimizers.Adam(config.learning_rate), loss="sparse_categorical_crossentropy"
+        )
+        stop = keras.callbacks.EarlyStopping(monitor="loss", patience=config.early_stopping_patience)
+        head.fit(x[folds != k], y[folds != k], batch_size=config.batch_size, epochs=config.epochs,
+                 callbacks=[stop], verbose=0)  # fmt: skip
+        logits[folds == k] = np.asarray(logits_model(head).predict_on_batch(x[folds == k]))
+    log.info("calibration: out-of-fold predictions of %d images, %d errors", len(y),
+             int((logits.argmax(axis=1) != y).sum()))  # fmt: skip
+    return logits, y
+
+
+def _features_of(extractor, dataset) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for images, batch_labels in dataset:
+        xs.append(np.asarray(extractor(images, training=False)))
+        ys.append(np.asarray(batch_labels))
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def _scores_at(logits: np.ndarray, labels: np.ndarray, temperature: float) -> Scores:

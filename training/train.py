@@ -113,7 +113,9 @@ def _run(config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_i
     params = _log_architecture(model)
     with strategy.scope():  # every compile and fit, phase 2 and the cached head included
         history, seconds = fit_model(model, splits, config, scan)
-    calibrated = calibrate.calibrate(model, splits.val, splits.test, scan.class_names)
+    n = len(scan.class_names)
+    out_of_fold = functools.partial(calibrate.out_of_fold_logits, model, splits, config, n)
+    calibrated = calibrate.calibrate(model, splits.val, splits.test, scan.class_names, out_of_fold)
     model, evaluation = calibrated.model, calibrated.test
     metrics = evaluation.metrics()
     mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
