@@ -328,7 +328,8 @@ def _fit_out_of_fold(out_of_fold, no_error: Fit) -> Fit:
 
 def out_of_fold_logits(model, splits, config, num_classes: int):
     """Held-out (logits, labels) of train + validation, from heads trained on the other folds
-    of their cached backbone features; None for a model without a frozen backbone.
+    of their cached backbone features; None for a model without a frozen backbone (or
+    fewer than two images a fold).
 
     Each of the OUT_OF_FOLD_FOLDS heads is built and trained as the run's own head (same
     config, learning rate, batch size, epochs; early stopping on its training loss), so
@@ -345,6 +346,8 @@ def out_of_fold_logits(model, splits, config, num_classes: int):
         *(_features_of(extractor, split) for split in (splits.train, splits.val)), strict=True
     )
     x, y = np.concatenate(features), np.concatenate(labels)
+    if len(y) < 2 * OUT_OF_FOLD_FOLDS:
+        return None  # too few images to hold any out
     folds = np.random.default_rng(config.seed).permutation(len(y)) % OUT_OF_FOLD_FOLDS
     logits = np.zeros((len(y), num_classes))
     for k in range(OUT_OF_FOLD_FOLDS):
