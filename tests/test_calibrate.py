@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import keras
 import mlflow
@@ -133,12 +134,13 @@ def test_a_run_fits_t_logs_the_figures_and_the_diagram_and_saves_calibrated_prob
     assert current_temperature(result.model) == pytest.approx(t, rel=1e-6)
     # The logged file loads in safe mode and emits softmax(logits / T).
     mlflow.set_tracking_uri(tracking.resolved_tracking_uri())
-    folder = mlflow.artifacts.download_artifacts(result.model_uri, dst_path=str(tmp_path))
-    (keras_file,) = list(__import__("pathlib").Path(folder).rglob("*.keras"))
+    folder = mlflow.artifacts.download_artifacts(result.model_uri, dst_path=str(tmp_path / "download"))
+    (keras_file,) = list(Path(folder).rglob("*.keras"))
     loaded = keras.saving.load_model(keras_file, safe_mode=True)
     pixels = np.random.default_rng(3).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
-    logits = np.asarray(logits_model(loaded).predict_on_batch(pixels), dtype="float64")
-    np.testing.assert_allclose(loaded.predict_on_batch(pixels), softmax(logits / t), atol=1e-5)
+    raw = logits_model(with_temperature(loaded, 1.0))  # the head's logits, before 1/T
+    logits = np.asarray(raw.predict_on_batch(pixels), dtype="float64")
+    np.testing.assert_allclose(loaded.predict_on_batch(pixels), softmax(logits, t), atol=1e-5)
 
 
 def _evaluation(probs, labels) -> Evaluation:
