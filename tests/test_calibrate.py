@@ -110,9 +110,10 @@ def test_logits_of_a_model_saved_before_the_temperature_layer(tmp_path):
 
 
 def test_a_run_fits_t_logs_the_figures_and_the_diagram_and_saves_calibrated_probabilities(
-    shapes_dir_shared, tracking, tmp_path
+    shapes_dir_shared, tracking, tmp_path, capsys
 ):
     from training.calibrate import current_temperature
+    from training.cli import print_result
     from training.train import train
 
     result = train(quick_config(shapes_dir_shared, epochs=2, **NO_AUGMENT), tracking)
@@ -132,6 +133,9 @@ def test_a_run_fits_t_logs_the_figures_and_the_diagram_and_saves_calibrated_prob
     assert "plots/reliability_diagram.png" in [a.path for a in client.list_artifacts(result.run_id, "plots")]
     assert result.card.temperature == pytest.approx(t)
     assert current_temperature(result.model) == pytest.approx(t, rel=1e-6)
+    print_result(result)
+    shown = f"ECE / NLL (calibrated, T = {t:.3f}) │ {metrics['test_ece']:.4f} / {metrics['test_nll']:.4f}"
+    assert shown in capsys.readouterr().out
     # The logged file loads in safe mode and emits softmax(logits / T).
     mlflow.set_tracking_uri(tracking.resolved_tracking_uri())
     folder = mlflow.artifacts.download_artifacts(result.model_uri, dst_path=str(tmp_path / "download"))
