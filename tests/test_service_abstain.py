@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 
 import httpx
 import numpy as np
@@ -13,6 +14,7 @@ from imgcls.cli import build_parser
 from service.abstain import abstention
 from service.cli import settings_env
 from service.store import save_to_bento_store
+from tests.browser import Chromium
 from tests.service_fixtures import colour_image, encode, save_tiny_model, tiny_card, tiny_model_server
 
 # A grey image excites none of the tiny model's colour filters: 1/3 for each class.
@@ -25,21 +27,29 @@ def _abstentions(url: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("imgcls_abstentions_total"))
 
 
+@pytest.fixture(scope="module")
+def abstaining_server(tmp_path_factory) -> str:
+    """A real server of the tiny model with `--min-confidence 0.5`; its base URL."""
+    folder = tmp_path_factory.mktemp("abstain")
+    with tiny_model_server(folder / "home", save_tiny_model(folder), min_confidence=0.5) as srv:
+        yield srv.url
+
+
 @pytest.mark.slow
-def test_answers_below_the_threshold_abstain_list_the_top_k_and_are_counted(tmp_path):
-    with tiny_model_server(tmp_path / "home", save_tiny_model(tmp_path), min_confidence=0.5) as srv:
-        url = srv.url
-        unsure = httpx.post(f"{url}/predict", files={"image": ("grey.png", GREY)}, timeout=30).json()
-        assert unsure["abstained"] is True and unsure["label"] is None
-        assert len(unsure["predictions"]) == 3
-        assert unsure["predictions"][0]["probability"] == pytest.approx(1 / 3, abs=1e-3)
-        sure = httpx.post(f"{url}/predict", files={"image": ("red.png", RED)}, timeout=30).json()
-        assert sure["abstained"] is False and sure["label"] == "red" == sure["predictions"][0]["label"]
-        files = [("images", ("a.png", RED)), ("images", ("b.png", GREY))]
-        batch = httpx.post(f"{url}/predict_batch", files=files, timeout=30).json()
-        assert [(r["abstained"], r["label"]) for r in batch["results"]] == [(False, "red"), (True, None)]
-        assert all(len(r["predictions"]) == 3 for r in batch["results"])
-        assert _abstentions(url) == 2
+def test_answers_below_the_threshold_abstain_list_the_top_k_and_are_counted(abstaining_server):
+    url = abstaining_server
+    counted = _abstentions(url)
+    unsure = httpx.post(f"{url}/predict", files={"image": ("grey.png", GREY)}, timeout=30).json()
+    assert unsure["abstained"] is True and unsure["label"] is None
+    assert len(unsure["predictions"]) == 3
+    assert unsure["predictions"][0]["probability"] == pytest.approx(1 / 3, abs=1e-3)
+    sure = httpx.post(f"{url}/predict", files={"image": ("red.png", RED)}, timeout=30).json()
+    assert sure["abstained"] is False and sure["label"] == "red" == sure["predictions"][0]["label"]
+    files = [("images", ("a.png", RED)), ("images", ("b.png", GREY))]
+    batch = httpx.post(f"{url}/predict_batch", files=files, timeout=30).json()
+    assert [(r["abstained"], r["label"]) for r in batch["results"]] == [(False, "red"), (True, None)]
+    assert all(len(r["predictions"]) == 3 for r in batch["results"])
+    assert _abstentions(url) - counted == 2  # one of /predict, one of /predict_batch
 
 
 def test_abstention_is_off_by_default_and_the_option_becomes_the_variable():
@@ -73,3 +83,23 @@ def test_imgcls_predict_marks_the_files_it_abstains_on(tmp_path, capsys):
         ("red.png", "false", "red"),
     ]
     assert "abstained on 1 image(s)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium")
+def test_the_page_says_when_the_model_is_not_sure(abstaining_server, tmp_path):
+    image = tmp_path / "grey.png"
+    image.write_bytes(GREY)
+    with Chromium(tmp_path / "profile") as page:
+        page.call("Page.enable")
+        page.call("Page.navigate", url=f"{abstaining_server}/")
+        page.wait_for("document.readyState === 'complete' && !!document.getElementById('file')")
+        doc = page.call("DOM.getDocument")
+        node = page.call("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")
+        page.call("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(image)])
+        page.wait_for("document.getElementById('top-label').dataset.state === 'done'")
+        assert page.evaluate("document.getElementById('top-label').textContent").startswith(
+            "not sure (best guess: "
+        )
+        assert page.evaluate("document.querySelectorAll('#bars .bar').length") == 3
