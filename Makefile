@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export KERAS_HOME := $(CURDIR)/.imgcls/keras
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-train bench-serve bench-memory bench-burst bench-rollout bench-soak bench-explain bench-gpu-pack bench-gpu-cpu browser postgres compose-config clean
+.PHONY: help install demo test test-fast lint format bench bench-train bench-calibration bench-serve bench-memory bench-burst bench-rollout bench-soak bench-explain bench-gpu-pack bench-gpu-cpu browser postgres compose-config clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ format: install ## apply ruff fixes and formatting
 
 bench-train: install ## training quality and speed benchmarks (needs ../shared), see docs/benchmarks.md
 	$(BIN)/python -m bench.train_bench
+
+bench-calibration: install ## ECE and NLL before/after temperature scaling on CIFAR-10 (needs ../shared), see docs/benchmarks.md
+	$(BIN)/python -m bench.calibration_bench
 
 bench-serve: install ## serving throughput/latency benchmark, see docs/benchmarks.md
 	$(BIN)/python -m bench.serve_bench

@@ -23,6 +23,9 @@ class ModelCard(BaseModel):
     # Keras bilinear resize, for cards written before the field; training writes the
     # current one. The service serves both with today's resize (README: "Preprocessing").
     preprocessing: int = Field(1, ge=1)
+    # The temperature T its probabilities were scaled by (training/calibrate.py): already
+    # inside the saved model, recorded here for people. 1: not calibrated (older cards).
+    temperature: float = Field(1.0, gt=0)
 
     def to_metadata(self) -> dict:
         """A JSON-safe dict for MLflow/BentoML metadata."""

@@ -147,7 +147,7 @@ def print_decision(decision, settings) -> None:
     for name in _metric_order(decision.candidate_metrics | decision.champion_metrics):
         new, old = decision.candidate_metrics.get(name), decision.champion_metrics.get(name)
         change = f"{new - old:+.4f}" if new is not None and old is not None else ""
-        table.add_row(name, _fmt(new), _fmt(old), change)
+        table.add_row(_metric_label(name), _fmt(new), _fmt(old), change)
     console = Console()
     console.print(table)
     verdict = "[green]PROMOTED[/green]" if decision.passed else "[yellow]NOT PROMOTED[/yellow]"
@@ -173,8 +173,16 @@ def _champion_now() -> str:
 
 
 def _metric_order(names) -> list[str]:
-    first = [n for n in ("accuracy", "macro_f1") if n in names]
+    from registry.gate import LOWER_IS_BETTER
+
+    first = [n for n in ("accuracy", "macro_f1", *LOWER_IS_BETTER) if n in names]
     return first + sorted(n for n in names if n not in first)
+
+
+def _metric_label(name: str) -> str:
+    from registry.gate import LOWER_IS_BETTER
+
+    return f"{name} (lower is better)" if name in LOWER_IS_BETTER else name
 
 
 def _fmt(value) -> str:

@@ -2,8 +2,8 @@
 
 The model's description says what it classifies, which version is champion and how it
 scored, and shows a table of the last alias moves (who, when, why, the gate's figures).
-A version's description is its card: backbone, input size, classes, test accuracy and
-macro-F1, the weakest classes, why it was or was not promoted, and a link to its run.
+A version's description is its card: backbone, input size, classes, test accuracy,
+macro-F1, ECE and NLL at its temperature, the weakest classes, why it was or was not promoted, and a link to its run.
 
 MLflow stores both in `String(5000)` columns (PostgreSQL enforces it), so every text is
 cut to `MAX_CHARS`: older table rows go first, then long class lists are shortened.
@@ -51,6 +51,7 @@ class VersionFacts:
     run_id: str | None = None
     experiment_id: str | None = None
     dataset: str | None = None
+    temperature: str = "1"  # T of its probabilities (training/calibrate.py); 1 on older versions
 
 
 def read_facts(client: MlflowClient, settings: RegistrySettings, version: str) -> VersionFacts:
@@ -67,6 +68,7 @@ def read_facts(client: MlflowClient, settings: RegistrySettings, version: str) -
         run_id=v.run_id,
         experiment_id=run.info.experiment_id if run else None,
         dataset=v.tags.get("dataset.fingerprint"),
+        temperature=v.tags.get("temperature", "1"),
     )
 
 
@@ -123,6 +125,8 @@ def version_description(
         f"| classes | {len(facts.class_names)}: {class_list(facts.class_names)} |",
         f"| test accuracy | {_num(facts.metrics.get('accuracy'))} |",
         f"| test macro-F1 | {_num(facts.metrics.get('macro_f1'))} |",
+        f"| test ECE / NLL (calibration) | {_num(facts.metrics.get('ece'))} / {_num(facts.metrics.get('nll'))} "
+        f"at temperature {_md(facts.temperature)} |",
         f"| weakest classes (recall) | {weakest_classes(facts) or '-'} |",
         f"| dataset fingerprint | {_md(facts.dataset or '-')} |",
         f"| run | {_run_link(facts)} |",

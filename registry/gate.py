@@ -5,15 +5,20 @@ from __future__ import annotations
 from registry.settings import RegistrySettings
 from training.evaluate import Evaluation
 
+# Calibration figures (training/calibrate.py): shown beside accuracy and macro-F1 for
+# candidate and champion, never gated on (temperature scaling leaves the ranking alone).
+LOWER_IS_BETTER = ("ece", "nll")
+
 
 def gate_metrics(evaluation: Evaluation) -> dict[str, float]:
-    """The numbers the gate looks at: accuracy, macro-F1 and each class's recall."""
+    """The numbers the gate looks at (accuracy, macro-F1, each class's recall) and shows
+    beside them (ECE and NLL)."""
     return gate_subset(evaluation.metrics())
 
 
 def gate_subset(metrics: dict[str, float]) -> dict[str, float]:
-    """Of a version's metrics, the ones the gate looks at (and a history record keeps)."""
-    keep = ("accuracy", "macro_f1")
+    """Of a version's metrics, the ones the gate looks at or shows (and a history record keeps)."""
+    keep = ("accuracy", "macro_f1", *LOWER_IS_BETTER)
     return {k: v for k, v in metrics.items() if k in keep or k.startswith("recall_")}
 
 
@@ -32,6 +37,9 @@ def decide(
 ) -> tuple[bool, str]:
     """(passed, why) for a candidate against the champion, both evaluated on the same images."""
     metric = settings.gate_metric
+    if metric in LOWER_IS_BETTER:
+        raise ValueError(f"gate metric {metric!r} is a calibration figure (lower is better): gate on accuracy "
+                         "or macro_f1")  # fmt: skip
     cand = candidate.metrics()
     if metric not in cand:
         raise ValueError(f"gate metric {metric!r} is not one of {sorted(cand)}")

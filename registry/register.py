@@ -26,7 +26,8 @@ STATUS_TAG = "imgcls.status"
 # Metrics copied onto a version's tags, so `models list` needs no run look-ups. The
 # per-class figures stay in the run's `test_*` metrics (see `version_metrics`): one tag
 # per class and figure would bury the MLflow UI's tag column.
-KEY_METRICS = ("accuracy", "macro_f1")
+# ECE and NLL (calibration, lower is better) are shown beside accuracy and macro-F1.
+KEY_METRICS = ("accuracy", "macro_f1", "ece", "nll")
 # The run metrics that hold the held-out figures: `test_accuracy`, `test_recall_<class>`, ...
 RUN_METRIC_PREFIX = "test_"
 
@@ -53,6 +54,7 @@ def version_tags(run_id: str, card: ModelCard, metrics: dict[str, float], git_re
         "class_names": json.dumps(card.class_names),
         "image_size": f"{card.image_size[0]}x{card.image_size[1]}",
         "class_count": str(len(card.class_names)),
+        "temperature": f"{card.temperature:.4g}",  # its probabilities' calibration (training/calibrate.py)
         "git.revision": git_revision or "unknown",
         STATUS_TAG: "candidate",
     }

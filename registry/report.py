@@ -27,7 +27,9 @@ def print_versions(client: MlflowClient, settings: RegistrySettings) -> None:
         return
     champion = champion_version(client, settings)
     table = Table(title=f"{settings.model_name} ({settings.alias}: version {champion or 'none'})")
-    for column in ("version", settings.alias, "status", "created", "backbone", "accuracy", "macro_f1", "run"):
+    columns = ("version", settings.alias, "status", "created", "backbone", "accuracy", "macro_f1", "ece", "nll",
+               "run")  # fmt: skip
+    for column in columns:
         table.add_column(column, overflow="fold")
     for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
         table.add_row(
@@ -38,6 +40,8 @@ def print_versions(client: MlflowClient, settings: RegistrySettings) -> None:
             v.tags.get("backbone", "-"),
             _metric(v.tags.get("metric.accuracy")),
             _metric(v.tags.get("metric.macro_f1")),
+            _metric(v.tags.get("metric.ece")),
+            _metric(v.tags.get("metric.nll")),
             (v.run_id or "-")[:8],
         )
     console.print(table)

@@ -35,6 +35,7 @@ class Row:
     path: str
     labels: list[tuple[str, float]]
     error: str = ""
+    abstained: bool | None = None  # with a --min-confidence threshold (service/abstain.py)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Summary:
     skipped: int
     seconds: float
     version: str
+    abstained: int = 0
 
 
 def list_files(inputs: list[Path]) -> list[Path]:
@@ -65,27 +67,48 @@ def list_files(inputs: list[Path]) -> list[Path]:
 
 
 def predict_files(
-    predictor, files: list[Path], out: Path, *, top_k: int = 3, batch_size: int = 32
+    predictor,
+    files: list[Path],
+    out: Path,
+    *,
+    top_k: int = 3,
+    batch_size: int = 32,
+    min_confidence: float | None = None,
 ) -> Summary:
-    """Classify `files` in batches and write the CSV `out`; a progress bar on the terminal."""
+    """Classify `files` in batches and write the CSV `out`; a progress bar on the terminal.
+
+    With `min_confidence`, rows whose top probability is below it say so in an `abstained`
+    column (service/abstain.py); the labels are written either way."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    start, done, skipped = time.perf_counter(), 0, 0
+    start, done, skipped, abstained = time.perf_counter(), 0, 0, 0
     columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     console = Console()
     bar = Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
     with open(out, "w", newline="") as file, bar as progress:
         writer = csv.writer(file)
-        writer.writerow(csv_header(top_k))
+        writer.writerow(csv_header(top_k, abstain=bool(min_confidence)))
         task = progress.add_task("predict", total=len(files))
         for rows in predict_batches(predictor, files, top_k, batch_size):
             for row in rows:
-                writer.writerow(csv_row(row, top_k, predictor.version))
+                row.abstained = _abstained(row, min_confidence)
+                writer.writerow(csv_row(row, top_k, predictor.version, abstain=bool(min_confidence)))
             done += len(rows)
             skipped += sum(1 for row in rows if row.error)
+            abstained += sum(1 for row in rows if row.abstained)
             progress.update(task, completed=done)
-    return Summary(done - skipped, skipped, time.perf_counter() - start, predictor.version)
+    return Summary(done - skipped, skipped, time.perf_counter() - start, predictor.version, abstained)
+
+
+def _abstained(row: Row, min_confidence: float | None) -> bool | None:
+    from service.abstain import abstention
+
+    if not min_confidence or not row.labels:
+        return None
+    return abstention([{"label": row.labels[0][0], "probability": row.labels[0][1]}], min_confidence)[
+        "abstained"
+    ]
 
 
 def predict_batches(predictor, files: list[Path], top_k: int, batch_size: int) -> Iterator[list[Row]]:
@@ -128,14 +151,17 @@ def _model_input(predictor, path: Path) -> np.ndarray | str:
         return f"cannot read the file: {exc.strerror or exc}"
 
 
-def csv_header(top_k: int) -> list[str]:
-    """path, label_1, probability_1, ..., label_k, probability_k, version, error."""
+def csv_header(top_k: int, abstain: bool = False) -> list[str]:
+    """path, label_1, probability_1, ..., label_k, probability_k, [abstained,] version, error."""
     ranks = [column for i in range(1, top_k + 1) for column in (f"label_{i}", f"probability_{i}")]
-    return ["path", *ranks, "version", "error"]
+    return ["path", *ranks, *(["abstained"] if abstain else []), "version", "error"]
 
 
-def csv_row(row: Row, top_k: int, version: str) -> list[str]:
-    """One CSV line; a file with fewer labels than `top_k` (or an error) has empty cells."""
+def csv_row(row: Row, top_k: int, version: str, abstain: bool = False) -> list[str]:
+    """One CSV line; a file with fewer labels than `top_k` (or an error) has empty cells.
+    With `abstain`, an `abstained` cell: true, false, or empty for a file in error."""
     cells = [cell for label, p in row.labels for cell in (label, f"{p:.6f}")]
     cells += [""] * (2 * top_k - len(cells))
+    if abstain:
+        cells.append("" if row.abstained is None else str(row.abstained).lower())
     return [row.path, *cells, version, row.error]

@@ -49,6 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", help="local copies of loaded versions (default .imgcls/serve-cache)")
     p.add_argument("--top-k", type=int, help="default number of labels per prediction (3)")
     p.add_argument(
+        "--min-confidence",
+        type=float,
+        metavar="P",
+        help='abstain when the top probability is below P: the answer says "abstained": true '
+        'and "label": null, still lists the top-k, and /metrics counts it (default: off)',
+    )
+    p.add_argument(
         "--no-batching",
         dest="batching",
         action="store_const",
@@ -178,7 +185,7 @@ def settings_env(args: argparse.Namespace) -> dict[str, str]:
         "max_batch_size", "max_wait_ms", "max_latency_ms", "max_upload_bytes", "max_pixels",
         "max_batch_images", "gpu", "front_workers", "model_workers", "poll_interval_s",
         "version", "cache_dir", "max_concurrent_requests", "max_concurrent_explains",
-        "api_keys_file", "protect_probes", "graceful_timeout_s",
+        "api_keys_file", "protect_probes", "graceful_timeout_s", "min_confidence",
     ]  # fmt: skip
     values = {name: getattr(args, name, None) for name in names}
     return {f"{ENV_PREFIX}{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)

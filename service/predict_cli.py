@@ -28,6 +28,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write (predictions.csv)")
     p.add_argument("--top-k", type=int, default=3, help="labels per image (3)")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (32)")
+    p.add_argument("--min-confidence", type=float, metavar="P",
+                   help="add an abstained column: true where the top probability is below P (default: off)")  # fmt: skip
     p.set_defaults(func=run_predict)
 
 
@@ -35,6 +37,9 @@ def run_predict(args: argparse.Namespace) -> int:
     """Run `imgcls predict`; 0 when the CSV is written, 2 on bad input, 1 on other errors."""
     if args.top_k < 1 or args.batch_size < 1:
         print("error: --top-k and --batch-size must be at least 1")
+        return 2
+    if args.min_confidence is not None and not 0 < args.min_confidence <= 1:
+        print("error: --min-confidence must be in (0, 1]")
         return 2
     try:
         files = list_files(args.data)
@@ -49,7 +54,10 @@ def run_predict(args: argparse.Namespace) -> int:
     except LookupError as exc:
         print(f"error: {exc}")
         return 2
-    summary = predict_files(predictor, files, args.out, top_k=args.top_k, batch_size=args.batch_size)
+    summary = predict_files(
+        predictor, files, args.out, top_k=args.top_k, batch_size=args.batch_size,
+        min_confidence=args.min_confidence,
+    )  # fmt: skip
     print_summary(summary, args.out)
     return 0
 
@@ -85,5 +93,7 @@ def print_summary(summary: Summary, out: Path) -> None:
     rate = summary.images / summary.seconds if summary.seconds else 0.0
     print(f"classified {summary.images} image(s) with version {summary.version} in {summary.seconds:.1f} s "
           f"({rate:.1f} images/s): {out}")  # fmt: skip
+    if summary.abstained:
+        print(f"abstained on {summary.abstained} image(s) below the --min-confidence threshold")
     if summary.skipped:
         print(f"skipped {summary.skipped} file(s) that could not be used: see the error column of {out}")

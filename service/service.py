@@ -21,6 +21,7 @@ from imgcls.hooks import hook
 from imgcls.lifeline import die_with_parent
 from imgcls.redact import redact_logs
 from service import gradcam
+from service.abstain import abstention, count_abstentions
 from service.access import ApiKeyMiddleware
 from service.batching import Batcher, Overloaded, Policy
 from service.errors import ErrorShapeMiddleware
@@ -199,7 +200,7 @@ class ImageClassifier:
             raise Rejected(400, f"too many images: {len(images)}, at most {limit}")
         replies = self._classify([(f"image {i}", u) for i, u in enumerate(images)])
         results = self._answer(replies, top_k)
-        return {**_origin(replies[0]), "results": [{"predictions": r["predictions"]} for r in results]}
+        return {**_origin(replies[0]), "results": [_without_origin(r) for r in results]}
 
     @PAGE.post("/explain", response_class=Response)
     def explain(self, image: ImageField) -> Response:
@@ -256,12 +257,19 @@ class ImageClassifier:
         for reply in replies:
             preds = top_k(reply["probabilities"], reply["class_names"], k)
             observe_prediction(preds[0])
-            answers.append({**_origin(reply), "predictions": preds})
+            verdict = abstention(preds, self.settings.min_confidence)  # {} unless --min-confidence
+            answers.append({**_origin(reply), **verdict, "predictions": preds})
+        count_abstentions(answers)
         return answers
 
 
 def _origin(reply: dict) -> dict:
     return {"model": reply["model"], "version": reply["version"]}
+
+
+def _without_origin(answer: dict) -> dict:
+    """One result of /predict_batch: its predictions (and abstention), not the shared origin."""
+    return {k: v for k, v in answer.items() if k not in ("model", "version")}
 
 
 install_error_handlers(PAGE)

@@ -63,6 +63,11 @@ class ServiceSettings(BaseSettings):
         "while MLflow is unreachable; default: <IMGCLS_HOME>/serve-cache.",
     )
     top_k: int = Field(3, ge=1, description="Default number of labels per prediction.")
+    # Off by default: a threshold is a product decision (what a wrong answer costs the
+    # client), not something a default can know (service/abstain.py).
+    min_confidence: float | None = Field(
+        None, gt=0, le=1, description="Abstain (label null) when the top probability is below this."
+    )
     batching: bool = Field(True, description="Batch the requests that queue while the model is busy.")
     # 32 matches the benchmark's top concurrency; bigger batches only add latency on CPU.
     max_batch_size: int = Field(32, ge=2, description="Largest batch.")

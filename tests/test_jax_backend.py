@@ -18,6 +18,7 @@ from imgcls.images import load_image
 from imgcls.modelcard import ModelCard
 from service.predictor import Predictor
 from tests.conftest import draw_shape, quick_config
+from training.calibrate import with_temperature
 from training.model import build_model
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
@@ -50,6 +51,7 @@ def test_vgg16_model_saved_on_tensorflow_predicts_and_explains_on_jax(tmp_path):
     model = build_model(
         quick_config(tmp_path, backbone="vgg16", weights="none", **{"head.dense_units": [8]}), 3
     )
+    model = with_temperature(model, 1.7)  # calibrated, as training saves it (training/calibrate.py)
     model.save(tmp_path / "model.keras")
     card = ModelCard(class_names=["a", "b", "c"], image_size=(32, 32), backbone="vgg16")
     (tmp_path / "card.json").write_text(card.model_dump_json())

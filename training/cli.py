@@ -157,6 +157,8 @@ def print_result(result) -> None:
     table.add_column("value", justify="right")
     table.add_row("accuracy", f"{result.metrics['accuracy']:.4f}")
     table.add_row("macro-F1", f"{result.metrics['macro_f1']:.4f}")
+    calibration = f"ECE / NLL (calibrated, T = {result.card.temperature:.3f})"  # training/calibrate.py
+    table.add_row(calibration, f"{result.metrics['ece']:.4f} / {result.metrics['nll']:.4f}")
     for name, recall in result.evaluation.per_class_recall().items():
         table.add_row(f"recall {name}", f"{recall:.4f}")
     table.add_row(

@@ -13,6 +13,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+from training.calibrate import expected_calibration_error, negative_log_likelihood
+
 
 @dataclass
 class Evaluation:
@@ -30,7 +32,8 @@ class Evaluation:
         return self.y_prob.argmax(axis=1)
 
     def metrics(self) -> dict[str, float]:
-        """accuracy, macro_f1, and precision/recall/f1 per class (`recall_<class>`, ...)."""
+        """accuracy, macro_f1, ece and nll (calibration: lower is better), and
+        precision/recall/f1 per class (`recall_<class>`, ...)."""
         labels = list(range(len(self.class_names)))
         precision, recall, f1, _ = precision_recall_fscore_support(
             self.y_true, self.y_pred, labels=labels, zero_division=0
@@ -40,6 +43,8 @@ class Evaluation:
             "macro_f1": float(
                 f1_score(self.y_true, self.y_pred, labels=labels, average="macro", zero_division=0)
             ),
+            "ece": expected_calibration_error(self.y_prob, self.y_true),
+            "nll": negative_log_likelihood(self.y_prob, self.y_true),
         }
         for i, name in enumerate(self.class_names):
             key = metric_safe(name)

@@ -144,9 +144,23 @@ def build_head(config: HeadConfig, feature_shape, num_classes: int) -> keras.Seq
         layers.append(keras.layers.Dense(units, activation="relu", name=f"dense_{i}"))
         if config.dropout:
             layers.append(keras.layers.Dropout(config.dropout, name=f"dropout_{i}"))
-    # float32 output: softmax under mixed precision stays numerically sound.
-    layers.append(keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs"))
+    layers.extend(classifier_end(num_classes))
     return keras.Sequential(layers, name="head")
+
+
+def classifier_end(num_classes: int) -> list[keras.layers.Layer]:
+    """Logits, temperature, softmax: Dense `logits` -> Rescaling `temperature` -> `probs`.
+
+    The temperature divides the logits (scale 1/T; 1 until training/calibrate.py fits it),
+    so the saved model emits calibrated probabilities with stock layers only. Models saved
+    before it end in a Dense `probs` with the softmax built in; they load as they are.
+    float32: softmax under mixed precision stays numerically sound.
+    """
+    return [
+        keras.layers.Dense(num_classes, dtype="float32", name="logits"),
+        keras.layers.Rescaling(1.0, dtype="float32", name="temperature"),
+        keras.layers.Activation("softmax", dtype="float32", name="probs"),
+    ]
 
 
 def _simple_cnn_layers(x, num_classes: int):
@@ -158,7 +172,9 @@ def _simple_cnn_layers(x, num_classes: int):
     x = keras.layers.MaxPooling2D(name="pool2")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Dense(50, activation="relu", name="dense")(x)
-    return keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs")(x)
+    for layer in classifier_end(num_classes):
+        x = layer(x)
+    return x
 
 
 def feature_extractor(model: keras.Model) -> keras.Model | None:

@@ -1,8 +1,9 @@
 """`train(config) -> TrainResult`: a folder of images becomes a tracked MLflow run.
 
 Steps: scan the folder -> load the splits -> build the model -> fit the head (on cached
-backbone features when nothing is random) -> optional fine-tuning -> evaluate on the
-held-out split -> log pictures and the model with its card.
+backbone features when nothing is random) -> optional fine-tuning -> temperature scaling
+on the validation split (training/calibrate.py) -> evaluate on the held-out split -> log
+pictures and the model with its card.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from imgcls.images import PREPROCESSING_VERSION
 from imgcls.modelcard import ModelCard
 from imgcls.settings import TrackingSettings
-from training import augment, tracking
+from training import augment, calibrate, tracking
 from training import evaluate as ev
 from training.config import TrainConfig
 from training.data import DatasetScan, load_split, scan_dataset, split_view
@@ -112,9 +113,13 @@ def _run(config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_i
     params = _log_architecture(model)
     with strategy.scope():  # every compile and fit, phase 2 and the cached head included
         history, seconds = fit_model(model, splits, config, scan)
-    evaluation = ev.evaluate_model(model, splits.test, scan.class_names)
+    n = len(scan.class_names)
+    out_of_fold = functools.partial(calibrate.out_of_fold_logits, model, splits, config, n)
+    calibrated = calibrate.calibrate(model, splits.val, splits.test, scan.class_names, out_of_fold)
+    model, evaluation = calibrated.model, calibrated.test
     metrics = evaluation.metrics()
     mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
+    calibrate.log_calibration(calibrated)
     first_test_image = np.asarray(next(iter(splits.test))[0][:1])
     _log_pictures(model, config, splits, evaluation, history, first_test_image[0])
     card = ModelCard(
@@ -124,6 +129,7 @@ def _run(config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_i
         metrics={k: metrics[k] for k in ("accuracy", "macro_f1")},
         dataset_fingerprint=scan.fingerprint,
         preprocessing=PREPROCESSING_VERSION,  # the resize its training images went through
+        temperature=calibrated.report.temperature,
     )
     model_uri = tracking.log_keras_model(model, card, first_test_image)
     return TrainResult(run_id, model_uri, card, metrics, evaluation, history, scan, model, params, seconds)
