@@ -20,13 +20,15 @@ _QUIET_COMMANDS = frozenset({"train", "pipeline", "predict", "demo"})
 
 
 def _quiet_environment() -> None:
-    """No telemetry, no TensorFlow banner, no MLflow set-up notes: set before any heavy
+    """No telemetry, no TensorFlow banner, no MLflow set-up notes or progress bars: set before any heavy
     import (MLflow configures its logger from MLFLOW_LOGGING_LEVEL when imported)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # The gate and the BentoML import download a model: a progress bar per call is noise.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _project_environment() -> None:

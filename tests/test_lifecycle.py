@@ -220,6 +220,8 @@ def test_sigterm_to_imgcls_demo_stops_its_service_and_every_worker(tmp_path):
             assert demo.poll() is None, log.read_text()[-3000:]
             time.sleep(0.5)
         tree = _tree(demo.pid, want=3)  # bentoml serve, one front, one model
+        transcript = log.read_text()  # the demo's own terminal: none of the noise a user cannot act on
+        assert not [x for x in ("Downloading artifacts", "oneDNN", "absl::") if x in transcript], transcript
         assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
         os.kill(demo.pid, signal.SIGTERM)
         _assert_all_gone(tree, port, within_s=30)

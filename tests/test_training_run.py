@@ -262,6 +262,7 @@ NOISE = [
     "oneDNN custom operations",
     "absl::InitializeLog()",
     "Creating initial MLflow database tables",
+    "Downloading artifacts",
 ]
 
 
