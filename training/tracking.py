@@ -16,6 +16,7 @@ from imgcls.redact import redact_uri
 from imgcls.settings import TrackingSettings
 
 log = logging.getLogger(__name__)
+_announced: set[str] = set()  # stores already named on the terminal by this process
 
 
 def open_store(settings: TrackingSettings) -> str:
@@ -27,7 +28,9 @@ def open_store(settings: TrackingSettings) -> str:
     import fcntl
 
     uri = settings.resolved_tracking_uri()
-    log.info("tracking at %s", redact_uri(uri))
+    if uri not in _announced:  # a pipeline opens the store once per stage: say it once
+        _announced.add(uri)
+        log.info("tracking at %s", redact_uri(uri))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if uri.startswith("sqlite:///"):
