@@ -82,6 +82,20 @@ def mlflow_server(case: Case, args: argparse.Namespace, work: Path) -> ServerPro
     return _server(cmd, env, "/ping", port, args.log_dir / f"{case.key}-mlflow.log")
 
 
+# Peer name -> its server module (bench/peers/).
+PEERS = {"litserve": "bench.peers.litserve_app", "ray": "bench.peers.ray_app"}
+
+
+def peer_server(kind: str, case: Case, log: Path) -> ServerProcess:
+    """A peer (LitServe or Ray Serve) serving the case's `.keras` file with dynamic
+    batching (bench/peers/); ready when its /health answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", PEERS[kind], "--model", str(case.keras_file), "--size", str(case.size)]
+    cmd += ["--classes", ",".join(CLASSES), "--host", HOST, "--port", str(port)]
+    env = {**os.environ, **QUIET_ENV, "RAY_USAGE_STATS_ENABLED": "0"}  # no usage report from Ray
+    return _server(cmd, env, "/health", port, log)
+
+
 def service_probe(client, url: str, log: Path) -> Callable[[], dict]:
     """A snapshot of the service: its log size and batching counters (/metrics)."""
 
