@@ -7,7 +7,8 @@ alike, and a level that follows a burst shows what the burst left behind.
 
 Each row is bench.loadgen.measured_level's, plus `server`, `round` (1, 2, ...) and `step`
 (the level's place in the sequence, 1, 2, ...: the second c=1 is step 3). A target with
-`only` runs just those levels (the model in process runs the c=1 ones).
+`only` runs just those levels; a `reference` (the model in process, at c=1) runs just
+before each such level of every target.
 """
 
 from __future__ import annotations
@@ -42,22 +43,35 @@ def run_rounds(
     levels: Sequence[int],
     cap_s: float,
     stop: threading.Event | None = None,
+    reference: Target | None = None,
 ) -> list[dict]:
-    """`rounds` times: every target, in order, through every level of `levels`."""
+    """`rounds` times: every target, in order, through every level of `levels`.
+
+    `reference` (the model itself in process) runs just before each level of `only` of
+    every target, its row marked `before` = that target: a figure taken moments before
+    the one it is compared with, after the same bursts."""
     rows = []
     for number in range(1, rounds + 1):
         for target in targets:
             for step, concurrency in enumerate(levels, 1):
-                if target.only is not None and concurrency not in target.only:
-                    continue
-                row = loadgen.measured_level(
-                    target.send, target.requests(concurrency), concurrency, cap_s,
-                    target.probe, target.cpu, target.server_side, stop,
-                )  # fmt: skip
-                rows.append(row | {"server": target.name, "round": number, "step": step})
-                print(f"    round {number} {target.name} c={concurrency}: {row['images_per_s']:.1f} images/s, "
-                      f"p50 {_ms(row['p50_ms'])} ms, {row['errors']} errors", flush=True)  # fmt: skip
+                mark = {"round": number, "step": step}
+                if reference is not None and concurrency in (reference.only or ()):
+                    rows.append(
+                        _measure(reference, concurrency, cap_s, stop) | mark | {"before": target.name}
+                    )
+                if target.only is None or concurrency in target.only:
+                    rows.append(_measure(target, concurrency, cap_s, stop) | mark)
     return rows
+
+
+def _measure(target: Target, concurrency: int, cap_s: float, stop: threading.Event | None) -> dict:
+    row = loadgen.measured_level(
+        target.send, target.requests(concurrency), concurrency, cap_s,
+        target.probe, target.cpu, target.server_side, stop,
+    )  # fmt: skip
+    print(f"    {target.name} c={concurrency}: {row['images_per_s']:.1f} images/s, "
+          f"p50 {_ms(row['p50_ms'])} ms, {row['errors']} errors", flush=True)  # fmt: skip
+    return row | {"server": target.name}
 
 
 def _ms(value: float | None) -> str:

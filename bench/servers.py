@@ -42,6 +42,7 @@ def service_server(case: Case, batching: bool, args: argparse.Namespace, log: Pa
         max_batch_size=args.max_batch_size,
         max_latency_ms=args.max_latency_ms,
         front_workers=args.front_workers,
+        max_concurrent_requests=getattr(args, "max_concurrent_requests", None),
         host=HOST,
         port=port,
     )

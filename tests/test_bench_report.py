@@ -49,9 +49,10 @@ def result() -> dict:
         for s in FIGURES
         for step, c in enumerate(rounds.ROUND_LEVELS, 1)
     ]
-    # The model's own batch-1 p50 in process at each c=1 step: 40 ms.
-    rows += [{"server": "model", "round": n, "step": step, "concurrency": 1, "requests": 24, "errors": 0,
-              "images_per_s": 25.0, "p50_ms": 40.0, "p99_ms": 41.0} for n in (1, 2, 3) for step in (1, 3, 5)]  # fmt: skip
+    # The model's own batch-1 p50 in process just before each c=1 level of the service: 40 ms.
+    rows += [{"server": "model", "before": "imgcls", "round": n, "step": step, "concurrency": 1, "requests": 24,
+              "errors": 0, "images_per_s": 25.0, "p50_ms": 40.0, "p99_ms": 41.0}
+             for n in (1, 2, 3) for step in (1, 3, 5)]  # fmt: skip
     return {
         "a": a,
         "rounds": rows,
@@ -85,7 +86,7 @@ def test_breakdown_shows_the_service_stages_and_cpu_per_process(result):
 
 def test_targets_with_the_stage_that_stops_a_failed_one(result):
     checks = report.targets("resnet50", result)
-    assert [ok for ok, _ in checks] == [True, True, True, True, True, True]
+    assert [ok for ok, _ in checks] == [True] * 7
     result["rounds"][0]["p50_ms"] = 47.5  # round 1, step 1: 7.5 ms over the model's own 40.0
     ok, line = report.targets("resnet50", result)[0]
     assert not ok and "r1s1 +7.5, r1s3 +2.0" in line
@@ -141,12 +142,15 @@ def test_run_rounds_alternates_servers_within_each_round():
         return lambda i: calls.append(name) or loadgen.Answer(200)
 
     targets = [rounds.Target(n, sender(n), lambda c: 2 * c) for n in ("a", "b")]
-    rows = rounds.run_rounds(targets, rounds=2, levels=(1, 3), cap_s=10)
-    assert [(r["round"], r["server"], r["step"], r["concurrency"]) for r in rows] == [
-        (1, "a", 1, 1), (1, "a", 2, 3), (1, "b", 1, 1), (1, "b", 2, 3),
-        (2, "a", 1, 1), (2, "a", 2, 3), (2, "b", 1, 1), (2, "b", 2, 3),
+    reference = rounds.Target("ref", sender("ref"), lambda c: 2, only=frozenset({1}))
+    rows = rounds.run_rounds(targets, rounds=2, levels=(1, 3), cap_s=10, reference=reference)
+    assert [(r["round"], r["server"], r["step"], r["concurrency"], r.get("before")) for r in rows] == [
+        (1, "ref", 1, 1, "a"), (1, "a", 1, 1, None), (1, "a", 2, 3, None),
+        (1, "ref", 1, 1, "b"), (1, "b", 1, 1, None), (1, "b", 2, 3, None),
+        (2, "ref", 1, 1, "a"), (2, "a", 1, 1, None), (2, "a", 2, 3, None),
+        (2, "ref", 1, 1, "b"), (2, "b", 1, 1, None), (2, "b", 2, 3, None),
     ]  # fmt: skip
-    assert len(calls) == 2 * 2 * (2 + 6) and all(r["requests"] == 2 * r["concurrency"] for r in rows)
+    assert len(calls) == 2 * 2 * (2 + 6 + 2) and all(r["requests"] == 2 * r["concurrency"] for r in rows)
 
 
 def test_drive_records_every_request_and_stops_on_the_event():
