@@ -105,7 +105,8 @@ def service_probe(client, url: str, log: Path) -> Callable[[], dict]:
         with contextlib.suppress(Exception):  # metrics are a nice-to-have here
             for line in client.get(f"{url}/metrics").text.splitlines():
                 if line.startswith("imgcls_batch_size_"):
-                    name, value = line.split("{", 1)[0], line.rsplit(" ", 1)[-1]
+                    # `name{labels} value`, or `name value` without labels
+                    name, value = line.split("{", 1)[0].split(" ", 1)[0], line.rsplit(" ", 1)[-1]
                     for suffix in sums:
                         sums[suffix] += float(value) if name.endswith(suffix) else 0
         return {"log": log, "offset": log.stat().st_size, "batches": sums}
