@@ -31,7 +31,7 @@ per process (CPU ms per image from bench.sampling; the service's front /predict 
 /classify times from its access log, mean batch from /metrics) and PASS/FAIL for the
 targets of issue 10, with the stage that stops a failed one; it writes JSON. Servers run
 on free loopback ports; their process groups are stopped at the end, also on errors and
-Ctrl-C. Default run: about 13 minutes on 2 cores.
+Ctrl-C. Default run: about 15 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -66,11 +66,11 @@ from bench.servers import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVERS = ("imgcls", "litserve", "ray", "mlflow")
-# Requests per level: (at concurrency 1, per client above it). ResNet50 at 224 runs ~20
-# images/s on 2 cores: 24 lone requests give a steady p50 in ~1 s; 4 per client at c=32
-# (~6 s) and 2 at c=128 (~13 s) keep a round of one server near 25 s, three rounds of
-# four servers in ~13 minutes with start-up. `mlflow models serve` (~2.5 images/s there:
-# it parses a 1.6 MB JSON tensor a request) gets 8 lone requests and one per client.
+# Requests per level: (at concurrency 1, per client above it). ResNet50 at 224 runs ~20-25
+# images/s on 2 cores: 24 lone requests give a steady p50 in ~1-2 s; 4 per client (128 at
+# c=32, ~6 s; 512 at c=128, ~25 s) keep a round of one server near 40 s: three rounds of
+# four servers take ~15 minutes with start-up. `mlflow models serve` (~2 images/s there:
+# it parses a 1 MB JSON tensor a request) gets 8 lone requests and one per client.
 REQUESTS = {"resnet50": (24, 4), "demo": (48, 2)}
 MLFLOW_REQUESTS = (8, 1)
 # Above concurrency 1, at least this many requests (a c=32 level of ResNet50 is 128).
