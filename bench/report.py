@@ -140,6 +140,25 @@ def _cpu_text(cpu: dict[str, float]) -> str:
     return ", ".join(f"{g} {cpu[g]:.1f}" for g in GROUPS if g in cpu)
 
 
+def server_cpu_ms(result: dict, server: str, concurrency: int) -> float | None:
+    """Median over rounds of a server's own CPU ms per image (every group but the client)."""
+    rows = [r for r in result["rounds"] if r["server"] == server and r["concurrency"] == concurrency]
+    values = [sum(v for g, v in r["cpu_ms_per_image"].items() if g != "client")
+              for r in rows if r.get("cpu_ms_per_image")]  # fmt: skip
+    return statistics.median(values) if values else None
+
+
+def ceiling_text(result: dict, servers: tuple[str, str], concurrency: int, cores: int) -> str:
+    """Server CPU per image of two servers and the images/s it would allow on `cores` cores
+    with nothing else running: the comparison a busy shared machine does not blur."""
+    cpu = {s: server_cpu_ms(result, s, concurrency) for s in servers}
+    if any(v is None for v in cpu.values()):
+        return ""
+    a, b = servers
+    return (f"; server CPU ms/image {a} {cpu[a]:.1f} vs {b} {cpu[b]:.1f}: on {cores} cores alone at most "
+            f"{1000 * cores / cpu[a]:.1f} vs {1000 * cores / cpu[b]:.1f} images/s")  # fmt: skip
+
+
 def own_batch1_ms(result: dict, number: int, step: int, server: str = "imgcls") -> float | None:
     """The model's own batch-1 p50 in process just before `server`'s level at one round and
     step (bench.serve_bench's `model` rows), else the in-process figure taken before the rounds."""
@@ -182,7 +201,9 @@ def lone_stages(row: dict, own_ms: float) -> str:
             f"model process beyond predict_on_batch {model - own_ms:+.1f} ms")  # fmt: skip
 
 
-def throughput_targets(key: str, result: dict, concurrency: int) -> list[tuple[bool | None, str]]:
+def throughput_targets(
+    key: str, result: dict, concurrency: int, cores: int = 2
+) -> list[tuple[bool | None, str]]:
     """At `concurrency`: the service's median images/s >= the best peer's and >=
     MIN_SHARE_OF_MODEL x in-process predict_on_batch at batch 32; stages when not."""
     mine = median_of(result, "imgcls", concurrency, "images_per_s")
@@ -197,7 +218,8 @@ def throughput_targets(key: str, result: dict, concurrency: int) -> list[tuple[b
                            f"{peers[best]:.1f} ({mine / peers[best]:.2f}x)"))  # fmt: skip
         if not ok:
             checks.append((None, f"{key}:   stage: CPU ms/image imgcls {_cpu_text(_cpu(result, 'imgcls', concurrency))}; "
-                                 f"{best} {_cpu_text(_cpu(result, best, concurrency))}"))  # fmt: skip
+                                 f"{best} {_cpu_text(_cpu(result, best, concurrency))}"
+                                 f"{ceiling_text(result, ('imgcls', best), concurrency, cores)}"))  # fmt: skip
     model = in_process(result, 32)
     if model:
         ok = mine >= MIN_SHARE_OF_MODEL * model["images_per_s"]
@@ -245,26 +267,27 @@ def tail_target(key: str, result: dict, concurrency: int = 32) -> list[tuple[boo
     return checks
 
 
-def targets(key: str, result: dict) -> list[tuple[bool | None, str]]:
+def targets(key: str, result: dict, cores: int = 2) -> list[tuple[bool | None, str]]:
     """Issue 10's targets for one case as (passed, line); None marks a stage line that
-    explains the failed target before it. Also: every request answered."""
+    explains the failed target before it. Also: every request answered. `cores`: the
+    machine's, for the CPU-bound ceilings of the stage lines."""
     checks = lone_target(key, result)
     for concurrency in sorted({c for _, c in steps(result) if c > 1}):
-        checks += throughput_targets(key, result, concurrency)
+        checks += throughput_targets(key, result, concurrency, cores)
     checks += tail_target(key, result)
     failed = sum(r["errors"] for r in result["rounds"] if r["server"] == "imgcls")
     checks.append((not failed, f"{key}: imgcls answers every request: {failed} failed"))
     return checks
 
 
-def all_targets(results: dict) -> list[tuple[bool | None, str]]:
+def all_targets(results: dict, cores: int = 2) -> list[tuple[bool | None, str]]:
     """`targets` of every case, in order."""
-    return [check for key, result in results.items() for check in targets(key, result)]
+    return [check for key, result in results.items() for check in targets(key, result, cores)]
 
 
 def with_targets(report: dict) -> dict:
     """The report with "targets" ({passed, check}) and "stages" (lines) filled in."""
-    checks = all_targets(report["results"])
+    checks = all_targets(report["results"], report["machine"]["cores"])
     return report | {
         "targets": [{"passed": ok, "check": line} for ok, line in checks if ok is not None],
         "stages": [line for ok, line in checks if ok is None],
@@ -291,7 +314,7 @@ def render(report: dict, out: str) -> str:
         gaps = ", ".join(f"{name} {gap:.1e}" for name, gap in result["max_prob_gap"].items())
         parts.append(f"{key}: decode+resize p50 {result['preprocess_ms_p50']:.1f} ms; mlflow body "
                      f"{result['mlflow_body_kb']:.0f} KiB; max |p - p(a)|: {gaps}")  # fmt: skip
-    for ok, line in all_targets(report["results"]):
+    for ok, line in all_targets(report["results"], m["cores"]):
         parts.append(f"{'    ' if ok is None else 'PASS' if ok else 'FAIL'} {line}")
     parts.append(f"\n{report['seconds']:.0f} s in all; JSON: {out}")
     return "\n".join(parts)

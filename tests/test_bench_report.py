@@ -108,6 +108,10 @@ def test_throughput_and_tail_targets_fail_against_a_faster_peer(result):
     assert sum(ok is False for ok, _ in checks) == 2
     stage = lines[lines.index("resnet50: imgcls c=32 22.0 images/s >= best peer litserve 30.0 (0.73x)") + 1]
     assert stage.startswith("resnet50:   stage: CPU ms/image imgcls client 2.0, front 3.0, model 92.0")
+    # Server CPU per image (all but the client): 95.1 ms each, so on 2 cores at most 21.0 images/s.
+    assert stage.endswith(
+        "; server CPU ms/image imgcls 95.1 vs litserve 95.1: on 2 cores alone at most 21.0 vs 21.0 images/s"
+    )
 
 
 def test_below_the_models_own_throughput_names_the_processes(result):

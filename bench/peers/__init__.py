@@ -1,8 +1,8 @@
 """The servers a user would pick instead of imgcls serve, set up as their docs recommend
 for dynamic batching, doing the service's work on the same `.keras` file (bench.serve_bench).
 
-    python -m bench.peers.litserve_app --model M.keras --size 224 --port P
-    python -m bench.peers.ray_app      --model M.keras --size 224 --port P
+    python -m bench.peers.litserve_app --model M.keras --size 224 --classes a,b,c --port P
+    python -m bench.peers.ray_app      --model M.keras --size 224 --classes a,b,c --port P
 
 Each accepts the upload the service takes (POST /predict, multipart field `image`), decodes
 it with imgcls.images.decode_image + prepare_image, batches, calls `predict_on_batch` and
