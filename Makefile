@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export KERAS_HOME := $(CURDIR)/.imgcls/keras
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-train bench-calibration bench-serve bench-memory bench-burst bench-rollout bench-soak bench-explain bench-gpu-pack bench-gpu-cpu browser postgres compose-config clean
+.PHONY: help install demo test test-fast lint format peers bench bench-train bench-calibration bench-serve bench-memory bench-burst bench-rollout bench-soak bench-explain bench-gpu-pack bench-gpu-cpu browser postgres compose-config clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -22,6 +22,12 @@ $(BIN)/.installed: pyproject.toml requirements.lock
 	touch $@
 
 install: $(BIN)/.installed ## create .venv and install the pinned dependencies
+
+$(BIN)/.peers-installed: $(BIN)/.installed bench/peers/requirements.txt
+	$(BIN)/pip install -q -c requirements.lock -r bench/peers/requirements.txt
+	touch $@
+
+peers: $(BIN)/.peers-installed ## LitServe and Ray Serve, the serving benchmark's peers (pinned in bench/peers/requirements.txt)
 
 browser: ## install Debian's chromium for the page tests (needs root; skipped otherwise)
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
@@ -36,7 +42,7 @@ postgres: ## install Debian's PostgreSQL 15 server for the team-stack tests (nee
 demo: install ## train, register, promote and serve the digits demo, then show a prediction
 	$(BIN)/imgcls demo
 
-test: install browser postgres ## run the test suite (about ten minutes on 2 cores)
+test: install peers browser postgres ## run the test suite (about ten minutes on 2 cores)
 	$(BIN)/pytest -q --durations=15
 
 test-fast: install ## the suite without the slow tests
@@ -54,7 +60,7 @@ bench-train: install ## training quality and speed benchmarks (needs ../shared),
 bench-calibration: install ## ECE and NLL before/after temperature scaling on CIFAR-10 (needs ../shared), see docs/benchmarks.md
 	$(BIN)/python -m bench.calibration_bench
 
-bench-serve: install ## serving throughput/latency benchmark, see docs/benchmarks.md
+bench-serve: install peers ## the service beside LitServe, Ray Serve and mlflow, 3 rounds (~15 min), see docs/benchmarks.md
 	$(BIN)/python -m bench.serve_bench
 
 bench-memory: install ## HTTP fronts' memory under worst-case uploads, JPEG draft speedup, see docs/benchmarks.md

@@ -22,6 +22,7 @@ class Case:
     size: int
     version: str
     bento_tag: str
+    keras_file: Path | None = None  # the registered version's own file (the peers serve it)
 
 
 def tracking_settings(work: Path):
@@ -66,11 +67,12 @@ def register_case(key: str, work: Path, name: str | None = None) -> Case:
     name = name or f"serve-bench-{key}"
     version = str(mlflow.register_model(uri, name).version)
     mlflow.MlflowClient().set_registered_model_alias(name, ALIAS, version)
-    return Case(key, name, size, version, bento_copy(name, version, card, work))
+    return Case(key, name, size, version, *bento_copy(name, version, card, work))
 
 
-def bento_copy(name: str, version: str, card, work: Path) -> str:
-    """Save the registered version's own `.keras` file into the BentoML store; its tag."""
+def bento_copy(name: str, version: str, card, work: Path) -> tuple[str, Path]:
+    """Save the registered version's own `.keras` file into the BentoML store; its tag and
+    the downloaded file (kept in `work`)."""
     import mlflow
 
     from service.store import ALIAS_LABEL, REGISTERED_LABEL, save_to_bento_store
@@ -79,4 +81,5 @@ def bento_copy(name: str, version: str, card, work: Path) -> str:
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=dest))
     keras_file = next(iter(sorted(local.rglob("*.keras"))))
     labels = {REGISTERED_LABEL: name, ALIAS_LABEL: ALIAS}
-    return save_to_bento_store(keras_file, card, name=name, version=version, extra_labels=labels)
+    tag = save_to_bento_store(keras_file, card, name=name, version=version, extra_labels=labels)
+    return tag, keras_file

@@ -60,6 +60,24 @@ def _raw_batch_level(method: str, call, inputs, batch: int, requests: int) -> di
     return row | percentiles(latencies) | {"load": os.getloadavg()[0]}
 
 
+def batch1_sender(case: Case, inputs):
+    """A load-generator sender that runs the model itself, in this process: request `i` is
+    `predict_on_batch` on input `i` alone (the model's own batch-1 latency, measured in the
+    same rounds as the servers, so a busy spell of the machine falls on both)."""
+    from bench.loadgen import Answer
+    from service.store import load_keras
+
+    model = load_keras(case.keras_file)
+    for _ in range(2):
+        model.predict_on_batch(inputs[:1])  # trace this shape
+
+    def send(i: int) -> Answer:
+        model.predict_on_batch(inputs[i % len(inputs)][None])
+        return Answer(200)
+
+    return send
+
+
 def preprocess_ms(jpegs: list[bytes], size: int) -> float:
     """Median ms of imgcls.images.load_image (decode + resize) per JPEG, in this process."""
     import numpy as np

@@ -211,22 +211,38 @@ def run_levels(
     group (bench.sampling.cpu_counter); each row then gets CPU ms per answered image.
     Every row also has the load average at its end.
     """
-    from bench.sampling import cpu_per_image
-
     run_level(send, warm, max(levels), cap_s, stop)
     results = []
     for concurrency in levels:
-        before = probe() if probe else None
-        cpu_before = cpu() if cpu else None
-        row = run_level(send, requests(concurrency), concurrency, cap_s, stop) | {"load": os.getloadavg()[0]}
-        if cpu:
-            row["cpu_ms_per_image"] = cpu_per_image(cpu_before, cpu(), row["requests"])
-        if probe and server_side:
-            time.sleep(0.5)  # let the server flush its access log
-            row |= server_side(before, probe())
+        row = measured_level(send, requests(concurrency), concurrency, cap_s, probe, cpu, server_side, stop)
         results.append(row)
         print(f"    c={concurrency}: {row['images_per_s']:.1f} images/s, {row['errors']} errors", flush=True)
     return results
+
+
+def measured_level(
+    send: Sender,
+    requests: int,
+    concurrency: int,
+    cap_s: float,
+    probe: Callable[[], dict] | None = None,
+    cpu: Callable[[], dict[str, float]] | None = None,
+    server_side: Callable[[dict, dict], dict] | None = None,
+    stop: threading.Event | None = None,
+) -> dict:
+    """`run_level`'s row, with the load average at its end, CPU ms per answered image of
+    each process group (`cpu`) and server-side columns (`server_side` of two `probe`s)."""
+    from bench.sampling import cpu_per_image
+
+    before = probe() if probe else None
+    cpu_before = cpu() if cpu else None
+    row = run_level(send, requests, concurrency, cap_s, stop) | {"load": os.getloadavg()[0]}
+    if cpu:
+        row["cpu_ms_per_image"] = cpu_per_image(cpu_before, cpu(), row["requests"])
+    if probe and server_side:
+        time.sleep(0.5)  # let the server flush its access log
+        row |= server_side(before, probe())
+    return row
 
 
 def http_client(concurrency: int, timeout_s: float):

@@ -1,171 +1,320 @@
-"""The serving benchmark's report: Markdown tables, targets and the printed summary, as
-pure functions over its results dict (the JSON `bench.serve_bench` writes).
+"""The serving report: Markdown tables, targets and the printed summary, as pure functions
+over its results dict (the JSON `bench.serve_bench` writes).
 
-`results` maps a case ("resnet50", "demo") to its rows: "a" the in-process rows
-(`method` predict or predict_on_batch, `batch`), "b", "c", "d" one row per concurrency
-level (bench.loadgen.run_level's keys, plus server-side columns for "b" and "c").
+`results` maps a case ("resnet50", "demo") to: "a", the in-process rows (`method` predict
+or predict_on_batch, `batch`); "rounds", one row per server, round and step
+(bench.rounds: `server`, `round`, `step`, `concurrency`, bench.loadgen.measured_level's
+keys, and for the service its access-log columns); "max_prob_gap" per server.
 """
 
 from __future__ import annotations
 
-NAMES = {
-    "predict": "(a) in-process model.predict",
-    "predict_on_batch": "(a') in-process predict_on_batch",
-    "b": "(b) service, adaptive batching",
-    "c": "(c) service, batching off",
-    "d": "(d) mlflow models serve (client decodes)",
-}
+import statistics
+
+# The peers the targets compare with (mlflow is shown beside them, not raced).
+PEERS = ("litserve", "ray")
+# The rows of the model itself in process (batch 1, at the c=1 steps of each round).
+MODEL = "model"
 # CPU per image columns of the breakdown, in this order.
 GROUPS = ("client", "front", "model", "server")
-
-
-def best_raw(result: dict, method: str = "predict") -> dict:
-    """The fastest in-process row of one method: (a) `predict`, (a') `predict_on_batch`."""
-    return max((r for r in result["a"] if r.get("method", "predict_on_batch") == method),
-               key=lambda r: r["images_per_s"])  # fmt: skip
-
-
-def level(rows: list[dict], concurrency: int) -> dict | None:
-    """The row of one concurrency level, or None."""
-    return next((r for r in rows if r["concurrency"] == concurrency), None)
+# Issue 10's bounds: what the service may add to a lone request, and its share of the
+# model's own throughput at batch 32.
+MAX_ADDED_MS = 5.0
+MIN_SHARE_OF_MODEL = 0.95
 
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def _ratio(row: dict, other: dict | None) -> str:
-    if not other or not other["images_per_s"]:
-        return "-"
-    return f"{row['images_per_s'] / other['images_per_s']:.2f}x"
-
-
 def _line(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def in_process(result: dict, batch: int, method: str = "predict_on_batch") -> dict | None:
+    """The in-process row of one method at one batch size."""
+    return next((r for r in result["a"] if r["batch"] == batch and r.get("method") == method), None)
+
+
+def servers(result: dict) -> list[str]:
+    """The servers of a case, in the order they ran."""
+    return list(dict.fromkeys(r["server"] for r in result["rounds"]))
+
+
+def steps(result: dict) -> list[tuple[int, int]]:
+    """(step, concurrency) of a round, in order."""
+    return sorted({(r["step"], r["concurrency"]) for r in result["rounds"]})
+
+
+def rows_of(result: dict, server: str, step: int) -> list[dict]:
+    """One server's rows of one step, a row per round."""
+    return [r for r in result["rounds"] if r["server"] == server and r["step"] == step]
+
+
+def spread(rows: list[dict], key: str) -> tuple[float, float, float] | None:
+    """(min, median, max) of `key` over rows (rounds); None when none has it."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return (min(values), statistics.median(values), max(values)) if values else None
+
+
+def median_of(result: dict, server: str, concurrency: int, key: str) -> float | None:
+    """The median of `key` over every round and step of one server at one concurrency."""
+    values = [r[key] for r in result["rounds"]
+              if r["server"] == server and r["concurrency"] == concurrency and r.get(key) is not None]  # fmt: skip
+    return statistics.median(values) if values else None
+
+
+def _spread_cell(rows: list[dict], key: str) -> str:
+    s = spread(rows, key)
+    return "-" if s is None else " / ".join(f"{v:.1f}" for v in s)
+
+
 def table(results: dict) -> str:
-    """Markdown: one row per case, model and level; ratios on the (b) rows."""
+    """Markdown: the model in process, then each server's levels in round order, each cell
+    min / median / max across rounds."""
     lines = [
-        "| case | model | concurrency | images/s | p50 ms | p95 ms | p99 ms | b/a | b/a' | b/d |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| case | server | step | concurrency | images/s min / med / max | p50 ms min / med / max "
+        "| p99 ms min / med / max | errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, result in results.items():
-        best = best_raw(result)["images_per_s"]
-        strict = best_raw(result, "predict_on_batch")["images_per_s"]
-        for case in "abcd":
-            for row in result[case]:
-                name = NAMES[row.get("method", "predict_on_batch")] if case == "a" else NAMES[case]
-                where = f"batch {row['batch']}" if case == "a" else str(row["concurrency"])
-                ratios = ["", "", ""]
-                if case == "b":
-                    d = level(result["d"], row["concurrency"])
-                    rate = row["images_per_s"]
-                    ratios = [f"{rate / best:.2f}x", f"{rate / strict:.2f}x", _ratio(row, d)]
-                flag = " (capped)" if row.get("capped") else ""
-                flag += f" ({row['errors']} errors)" if row.get("errors") else ""
-                cells = [name, key, where, f"{row['images_per_s']:.1f}{flag}"]
-                cells += [_ms(row[p]) for p in ("p50_ms", "p95_ms", "p99_ms")] + ratios
-                lines.append(_line(cells))
+        for row in result["a"]:
+            cells = [key, f"in process {row['method']}", "-", f"batch {row['batch']}",
+                     f"{row['images_per_s']:.1f}", _ms(row["p50_ms"]), _ms(row["p99_ms"]), "0"]  # fmt: skip
+            lines.append(_line(cells))
+        for server in servers(result):
+            for step, concurrency in steps(result):
+                rows = rows_of(result, server, step)
+                if not rows:
+                    continue
+                errors = sum(r["errors"] for r in rows) + sum(bool(r.get("capped")) for r in rows)
+                cells = [key, server, str(step), str(concurrency)]
+                cells += [_spread_cell(rows, k) for k in ("images_per_s", "p50_ms", "p99_ms")]
+                lines.append(_line([*cells, str(errors)]))
     return "\n".join(lines)
 
 
 def breakdown(results: dict) -> str:
-    """Markdown: client p50 vs the server's own access-log times, and CPU per image by
-    process, per service level; CPU per image of (a) and (d) too."""
+    """Markdown: where the time goes, medians across rounds: client p50 beside the
+    service's own access-log times and mean batch, CPU ms per image of each process group."""
     lines = [
-        "| case | model | concurrency | client p50 ms | front /predict p50 ms | model /classify p50 ms "
-        "| mean batch | non-200 | CPU ms/image: " + " / ".join(GROUPS) + " |",
+        "| case | server | step | concurrency | client p50 ms | front /predict p50 ms | model /classify p50 ms "
+        "| mean batch | CPU ms/image: " + " / ".join(GROUPS) + " |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, result in results.items():
-        for row in result["a"]:
-            cpu = row.get("cpu_ms_per_image", {}).get("in-process")
-            name = NAMES[row.get("method", "predict_on_batch")].split(" in-process")[0]
-            lines.append(_line([name, key, f"batch {row['batch']}", *["-"] * 5, f"in process {_ms(cpu)}"]))
-        for case in "bcd":
-            lines += [_line(_breakdown_cells(case, key, row)) for row in result[case]]
+        for batch in (1, 32):
+            row = in_process(result, batch)
+            if row:
+                cpu = row.get("cpu_ms_per_image", {}).get("in-process")
+                lines.append(_line([key, "in process predict_on_batch", "-", f"batch {batch}",
+                                    *["-"] * 4, f"in process {_ms(cpu)}"]))  # fmt: skip
+        for server in servers(result):
+            for step, concurrency in steps(result):
+                rows = rows_of(result, server, step)
+                if not rows:
+                    continue
+                cells = [key, server, str(step), str(concurrency)]
+                for k in ("p50_ms", "front_predict_ms_p50", "model_classify_ms_p50", "mean_batch"):
+                    s = spread(rows, k)
+                    cells.append("-" if s is None else f"{s[1]:.1f}")
+                cpu = [statistics.median(v) if (v := [r["cpu_ms_per_image"][g] for r in rows
+                                                      if g in r.get("cpu_ms_per_image", {})]) else None
+                       for g in GROUPS]  # fmt: skip
+                lines.append(_line([*cells, " / ".join(_ms(c) for c in cpu)]))
     return "\n".join(lines)
 
 
-def _breakdown_cells(case: str, key: str, row: dict) -> list[str]:
-    cells = [f"({case})", key, str(row["concurrency"]), _ms(row["p50_ms"])]
-    cells += [_ms(row.get("front_predict_ms_p50")), _ms(row.get("model_classify_ms_p50"))]
-    cells.append(_ms(row.get("mean_batch")))
-    non200 = [row.get(f"{x}_non200") for x in ("front_predict", "model_classify")]
-    cells.append("-" if case == "d" else " / ".join(map(str, non200)))
-    cpu = row.get("cpu_ms_per_image", {})
-    cells.append(" / ".join(_ms(cpu.get(g)) for g in GROUPS))
-    return cells
+def _cpu(result: dict, server: str, concurrency: int) -> dict[str, float]:
+    """Median CPU ms per image of each process group of a server at one concurrency."""
+    rows = [r for r in result["rounds"] if r["server"] == server and r["concurrency"] == concurrency]
+    out = {}
+    for group in GROUPS:
+        values = [r["cpu_ms_per_image"][group] for r in rows if group in r.get("cpu_ms_per_image", {})]
+        if values:
+            out[group] = statistics.median(values)
+    return out
 
 
-def targets(key: str, result: dict, top: int) -> list[tuple[bool | None, str]]:
-    """The issue's targets for one model, as (passed, line); None marks a figure that is
-    reported beside them but is not one of them."""
-    b, c, d = (level(result[x], top) for x in "bcd")
-    best = best_raw(result)["images_per_s"]
-    strict = best_raw(result, "predict_on_batch")["images_per_s"]
+def _cpu_text(cpu: dict[str, float]) -> str:
+    return ", ".join(f"{g} {cpu[g]:.1f}" for g in GROUPS if g in cpu)
+
+
+def server_cpu_ms(result: dict, server: str, concurrency: int) -> float | None:
+    """Median over rounds of a server's own CPU ms per image (every group but the client)."""
+    rows = [r for r in result["rounds"] if r["server"] == server and r["concurrency"] == concurrency]
+    values = [sum(v for g, v in r["cpu_ms_per_image"].items() if g != "client")
+              for r in rows if r.get("cpu_ms_per_image")]  # fmt: skip
+    return statistics.median(values) if values else None
+
+
+def ceiling_text(result: dict, servers: tuple[str, str], concurrency: int, cores: int) -> str:
+    """Server CPU per image of two servers and the images/s it would allow on `cores` cores
+    with nothing else running: the comparison a busy shared machine does not blur."""
+    cpu = {s: server_cpu_ms(result, s, concurrency) for s in servers}
+    if any(v is None for v in cpu.values()):
+        return ""
+    a, b = servers
+    return (f"; server CPU ms/image {a} {cpu[a]:.1f} vs {b} {cpu[b]:.1f}: on {cores} cores alone at most "
+            f"{1000 * cores / cpu[a]:.1f} vs {1000 * cores / cpu[b]:.1f} images/s")  # fmt: skip
+
+
+def own_batch1_ms(result: dict, number: int, step: int, server: str = "imgcls") -> float | None:
+    """The model's own batch-1 p50 in process just before `server`'s level at one round and
+    step (bench.serve_bench's `model` rows), else the in-process figure taken before the rounds."""
+    rows = [r for r in rows_of(result, MODEL, step) if r["round"] == number]
+    row = next((r for r in rows if r.get("before") == server), rows[0] if rows else None)
+    if row is None:
+        row = in_process(result, 1)
+    return None if row is None else row["p50_ms"]
+
+
+def lone_target(key: str, result: dict) -> list[tuple[bool | None, str]]:
+    """c=1, every round and step: the service's p50 within MAX_ADDED_MS of the model's own
+    batch-1 p50 in process, taken just before; when not, the worst level by stage."""
+    lone = [r for r in result["rounds"] if r["server"] == "imgcls" and r["concurrency"] == 1]
+    pairs = [(r, own_batch1_ms(result, r["round"], r["step"])) for r in lone]
+    if not pairs or any(r["p50_ms"] is None or own is None for r, own in pairs):
+        return [(False, f"{key}: c=1: no figures for the service or the model")] if lone else []
+    added = [r["p50_ms"] - own for r, own in pairs]
+    ok = max(added) <= MAX_ADDED_MS
+    text = ", ".join(f"r{r['round']}s{r['step']} {a:+.1f}" for (r, _), a in zip(pairs, added, strict=True))
+    own_text = "/".join(f"{own:.1f}" for _, own in pairs)
     checks: list[tuple[bool | None, str]] = [
-        (
-            b["images_per_s"] >= 0.85 * best,
-            f"(b) c={top} {b['images_per_s']:.1f}/s >= 0.85x (a) model.predict best {best:.1f}/s "
-            f"({b['images_per_s'] / best:.2f}x)",
-        ),
-        (
-            None,
-            f"(b) c={top} is {b['images_per_s'] / strict:.2f}x (a') predict_on_batch best {strict:.1f}/s "
-            "(stricter than the issue's (a))",
-        ),
-        (b["images_per_s"] >= 3 * d["images_per_s"], f"(b) c={top} >= 3x (d) {d['images_per_s']:.1f}/s"),
-        (b["images_per_s"] > c["images_per_s"], f"(b) c={top} beats (c) {c['images_per_s']:.1f}/s"),
+        (ok, f"{key}: imgcls c=1 p50 within {MAX_ADDED_MS:g} ms of the model's own batch-1 p50 just "
+             f"before ({own_text} ms), every round (r) and step (s): {text} ms"),
+    ]  # fmt: skip
+    if not ok:
+        worst, own = max(pairs, key=lambda pair: pair[0]["p50_ms"] - pair[1])
+        checks.append((None, f"{key}:   stage: {lone_stages(worst, own)}"))
+    return checks
+
+
+def lone_stages(row: dict, own_ms: float) -> str:
+    """Where a lone request's time over the model's own goes: client and HTTP, the front
+    (decode, resize, the call to the model process), the model process (queue, batch)."""
+    front, model = row.get("front_predict_ms_p50"), row.get("model_classify_ms_p50")
+    if front is None or model is None:
+        return f"client p50 {row['p50_ms']:.1f} ms (no access-log times)"
+    return (f"round {row['round']} step {row['step']}: client+HTTP {row['p50_ms'] - front:+.1f} ms, "
+            f"front decode + call to the model {front - model:+.1f} ms, "
+            f"model process beyond predict_on_batch {model - own_ms:+.1f} ms")  # fmt: skip
+
+
+def throughput_targets(
+    key: str, result: dict, concurrency: int, cores: int = 2
+) -> list[tuple[bool | None, str]]:
+    """At `concurrency`: the service's median images/s >= the best peer's and >=
+    MIN_SHARE_OF_MODEL x in-process predict_on_batch at batch 32; stages when not."""
+    mine = median_of(result, "imgcls", concurrency, "images_per_s")
+    if mine is None:
+        return []
+    checks: list[tuple[bool | None, str]] = []
+    peers = {p: v for p in PEERS if (v := median_of(result, p, concurrency, "images_per_s")) is not None}
+    if peers:
+        best = max(peers, key=peers.get)
+        ok = mine >= peers[best]
+        checks.append((ok, f"{key}: imgcls c={concurrency} {mine:.1f} images/s >= best peer {best} "
+                           f"{peers[best]:.1f} ({mine / peers[best]:.2f}x)"))  # fmt: skip
+        if not ok:
+            checks.append((None, f"{key}:   stage: CPU ms/image imgcls {_cpu_text(_cpu(result, 'imgcls', concurrency))}; "
+                                 f"{best} {_cpu_text(_cpu(result, best, concurrency))}"
+                                 f"{ceiling_text(result, ('imgcls', best), concurrency, cores)}"))  # fmt: skip
+    model = in_process(result, 32)
+    if model:
+        ok = mine >= MIN_SHARE_OF_MODEL * model["images_per_s"]
+        checks.append((ok, f"{key}: imgcls c={concurrency} {mine:.1f} images/s >= {MIN_SHARE_OF_MODEL:g}x in-process "
+                           f"predict_on_batch at batch 32 {model['images_per_s']:.1f} "
+                           f"({mine / model['images_per_s']:.2f}x)"))  # fmt: skip
+        if not ok:
+            checks.append((None, f"{key}:   stage: {model_stages(result, concurrency, model)}"))
+    return checks
+
+
+def model_stages(result: dict, concurrency: int, model: dict) -> str:
+    """CPU per image of each process group against the model's own in process, and the
+    mean batch the service formed."""
+    cpu = _cpu(result, "imgcls", concurrency)
+    own = model.get("cpu_ms_per_image", {}).get("in-process")
+    batch = median_of(result, "imgcls", concurrency, "mean_batch")
+    parts = [f"CPU ms/image {_cpu_text(cpu)}"]
+    if own is not None and "model" in cpu:
+        parts.append(f"model process {cpu['model'] - own:+.1f} over in process ({own:.1f})")
+    extra = sum(cpu.get(g, 0.0) for g in ("client", "front", "server"))
+    parts.append(f"client+front+server {extra:.1f} share the cores with the model")
+    if batch is not None:
+        parts.append(f"mean batch {batch:.1f}")
+    return "; ".join(parts)
+
+
+def tail_target(key: str, result: dict, concurrency: int = 32) -> list[tuple[bool | None, str]]:
+    """p99 at `concurrency` (median across rounds) no worse than the best peer's."""
+    mine = median_of(result, "imgcls", concurrency, "p99_ms")
+    peers = {p: v for p in PEERS if (v := median_of(result, p, concurrency, "p99_ms")) is not None}
+    if mine is None or not peers:
+        return []
+    best = min(peers, key=peers.get)
+    ok = mine <= peers[best]
+    checks: list[tuple[bool | None, str]] = [
+        (ok, f"{key}: imgcls c={concurrency} p99 {mine:.1f} ms <= best peer {best} {peers[best]:.1f} ms")
     ]
-    b1 = level(result["b"], 1)
-    # The model's own latency: the call the service makes, predict_on_batch, at batch 1.
-    a1 = next((r for r in result["a"] if r["batch"] == 1 and r.get("method") != "predict"), None)
-    if b1 and a1 and b1["p50_ms"] is not None:
-        added = b1["p50_ms"] - a1["p50_ms"]
-        checks.append(
-            (added < 15, f"c=1: service adds {added:.1f} ms to the model's p50 {a1['p50_ms']:.1f} ms (< 15)")
-        )
-    failed = sum(row["errors"] for x in "bc" for row in result[x])
-    checks.append((not failed, f"(b) and (c) answer every request: {failed} failed"))
-    return [(ok, f"{key}: {line}") for ok, line in checks]
+    if not ok:
+        front = median_of(result, "imgcls", concurrency, "front_predict_ms_p50")
+        model = median_of(result, "imgcls", concurrency, "model_classify_ms_p50")
+        batch = median_of(result, "imgcls", concurrency, "mean_batch")
+        checks.append((None, f"{key}:   stage: imgcls front /predict p50 {_ms(front)} ms, model /classify p50 "
+                             f"{_ms(model)} ms, mean batch {_ms(batch)}"))  # fmt: skip
+    return checks
 
 
-def all_targets(results: dict, top: int) -> list[tuple[bool | None, str]]:
+def targets(key: str, result: dict, cores: int = 2) -> list[tuple[bool | None, str]]:
+    """Issue 10's targets for one case as (passed, line); None marks a stage line that
+    explains the failed target before it. Also: every request answered. `cores`: the
+    machine's, for the CPU-bound ceilings of the stage lines."""
+    checks = lone_target(key, result)
+    for concurrency in sorted({c for _, c in steps(result) if c > 1}):
+        checks += throughput_targets(key, result, concurrency, cores)
+    checks += tail_target(key, result)
+    failed = sum(r["errors"] for r in result["rounds"] if r["server"] == "imgcls")
+    checks.append((not failed, f"{key}: imgcls answers every request: {failed} failed"))
+    return checks
+
+
+def all_targets(results: dict, cores: int = 2) -> list[tuple[bool | None, str]]:
     """`targets` of every case, in order."""
-    return [check for key, result in results.items() for check in targets(key, result, top)]
+    return [check for key, result in results.items() for check in targets(key, result, cores)]
 
 
-def with_targets(report: dict, top: int) -> dict:
-    """The report with "targets" ({passed, check}) and "notes" (lines) filled in."""
-    checks = all_targets(report["results"], top)
+def with_targets(report: dict) -> dict:
+    """The report with "targets" ({passed, check}) and "stages" (lines) filled in."""
+    checks = all_targets(report["results"], report["machine"]["cores"])
     return report | {
         "targets": [{"passed": ok, "check": line} for ok, line in checks if ok is not None],
-        "notes": [line for ok, line in checks if ok is None],
+        "stages": [line for ok, line in checks if ok is None],
     }
 
 
-def render(report: dict, top: int, out: str) -> str:
-    """The whole printed report: machine, both tables, per-case notes, PASS/FAIL/NOTE
-    lines and where the JSON went (`out`)."""
-    m = report["machine"]
+def render(report: dict, out: str) -> str:
+    """The whole printed report: machine, both tables, per-case notes, PASS/FAIL lines
+    (a failed one followed by its stage) and where the JSON went (`out`)."""
+    m, settings = report["machine"], report["settings"]
     parts = [
         f"\nMachine: {m['cpu']}, {m['cores']} cores, keras {m['keras']}, mlflow {m['mlflow']}, bentoml {m['bentoml']}",
         f"Load average: {m['load_average_at_start']:.1f} at start, {report['load_average_at_end']:.1f} at end",
-        f"Images: {report['images']}. (d): the client decodes and resizes each JPEG with",
-        "imgcls.images.load_image before timing and sends a JSON tensor (MLflow takes no image upload).\n",
+        f"Images: {report['images']}. Rounds: {settings['rounds']} of concurrency "
+        f"{', '.join(map(str, settings['levels']))} against each server in turn. mlflow: the client decodes "
+        "and resizes each JPEG before timing and sends a JSON tensor (MLflow takes no image upload).\n",
         table(report["results"]),
-        "\nWhere the time goes (server times from the service's access log; CPU per answered",
-        "image of the load generator, the service's HTTP front and model processes, MLflow's server):\n",
+        "\nWhere the time goes (medians across rounds; server times from the service's access log; CPU per",
+        "answered image of the load generator, the HTTP fronts, the model process, the rest of the server):\n",
         breakdown(report["results"]),
         "",
     ]
     for key, result in report["results"].items():
-        gaps = ", ".join(f"{x} {result[f'{x}_max_prob_gap']:.1e}" for x in "bcd")
+        gaps = ", ".join(f"{name} {gap:.1e}" for name, gap in result["max_prob_gap"].items())
         parts.append(f"{key}: decode+resize p50 {result['preprocess_ms_p50']:.1f} ms; mlflow body "
                      f"{result['mlflow_body_kb']:.0f} KiB; max |p - p(a)|: {gaps}")  # fmt: skip
-    for ok, line in all_targets(report["results"], top):
-        parts.append(f"{'NOTE' if ok is None else 'PASS' if ok else 'FAIL'} {line}")
+    for ok, line in all_targets(report["results"], m["cores"]):
+        parts.append(f"{'    ' if ok is None else 'PASS' if ok else 'FAIL'} {line}")
     parts.append(f"\n{report['seconds']:.0f} s in all; JSON: {out}")
     return "\n".join(parts)

@@ -30,6 +30,22 @@ def bentoml_role(proc, server_pid: int) -> str:
     return "model" if "imgcls-model" in line else "front"
 
 
+def peer_role(proc, server_pid: int) -> str:
+    """The role of one process of a peer server (bench.peers): the process holding the
+    model (named by bench.peers.work, or Ray's replica) is "model"; LitServe's API servers
+    (forked or spawned children of the launcher) and Ray's HTTP proxy "front"; the launcher
+    and Ray's own daemons (GCS, raylet, controller, idle workers) "server"."""
+    from bench.peers import MODEL_PROCESS_NAME
+
+    if proc.pid == server_pid:
+        return "server"
+    line = " ".join(proc.cmdline())
+    if proc.name() == MODEL_PROCESS_NAME or "ServeReplica" in line:
+        return "model"
+    front = ("ProxyActor", "litserve_app", "multiprocessing")
+    return "front" if any(mark in line for mark in front) else "server"
+
+
 def process_tree(pid: int) -> list:
     """The psutil.Process of `pid` and of all its descendants alive now."""
     import psutil

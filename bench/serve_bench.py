@@ -1,43 +1,43 @@
-"""Serving benchmark: the service against the model's own limit and `mlflow models serve`.
+"""Serving benchmark: the service beside LitServe, Ray Serve and `mlflow models serve`,
+and against the model's own speed in process, in rounds.
 
-    python -m bench.serve_bench [--models resnet50,demo] [--concurrency 1,8,32]
-                                [--requests N] [--quick] [--out FILE]
+    python -m bench.serve_bench [--models resnet50] [--rounds 3] [--levels 1,32,1,128,1]
+                                [--servers imgcls,litserve,ray,mlflow] [--quick] [--out FILE]
 
 One run registers an untrained model per case in a temporary MLflow store (alias
-`champion`) and copies that registered version into a temporary BentoML store:
-ResNet50 at 224x224 (`weights=none`: speed does not depend on weight values) and the
-demo model (`simple_cnn` at 32x32), 10 classes each. Real JPEG files (CIFAR-10 photos
-from ../shared upscaled to 256x256, or generated ones) go through, on the same model:
+`champion`) and copies that registered version into a temporary BentoML store: ResNet50
+at 224x224 (`weights=none`: speed does not depend on weight values; the default case) or
+the demo model (`simple_cnn` at 32x32, `--quick`), 10 classes. The same real JPEGs
+(CIFAR-10 photos from ../shared upscaled to 256x256, or generated ones) and the same load
+generator (bench.loadgen's `service_sender`: POST /predict, multipart field `image`) go to:
 
-  (a) in-process `model.predict` on the same decoded, resized inputs, one call per batch
-      of 1, 8 or 32: the issue's baseline; latency is per call, i.e. per batch;
-  (a') the same with `predict_on_batch`, the call the service makes: faster than
-      `predict` (no data adapter), so a stricter baseline, reported beside (a);
-  (b) the service (`bentoml serve`, two HTTP front processes and one model process)
-      with adaptive batching, POST /predict multipart;
-  (c) the same service with batching off (IMGCLS_SERVE_BATCHING=false);
-  (d) `mlflow models serve -m models:/<name>@champion --env-manager local`, POST
-      /invocations {"inputs": [...]}: MLflow takes no image upload, so the client
-      decodes and resizes each JPEG with imgcls.images.load_image (before timing).
+  (a) in process, `model.predict` and `predict_on_batch` at batch 1, 8, 32 (the model's
+      own speed; `predict_on_batch` is the call every server makes);
+  imgcls    the service (`bentoml serve`, two HTTP fronts and one model process, the
+            bounded-wait batcher of service/batching.py);
+  litserve  LitServe 0.2.19, `max_batch_size=32, batch_timeout=0.01` (bench/peers/);
+  ray       Ray Serve 2.60, `@serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)`;
+  mlflow    `mlflow models serve --env-manager local`: it takes no image upload, so the
+            client decodes and resizes each JPEG (before timing) and sends JSON tensors.
 
-A bounded load generator (fixed requests per level, threads, a hard time cap per level)
-reports images/s and p50/p95/p99 latency per concurrency level. Targets: (b) at the top
-concurrency >= 0.85x (a)'s best throughput and >= 3x (d); (b) beats (c); at concurrency
-1 the service adds < 15 ms to the model's own batch-1 p50 (a'); and (b), (c) answer
-every request. Prints a Markdown table, a table of where the time goes (the service's
-access log and /metrics: front /predict, model /classify, mean adaptive batch; CPU ms
-per image of the load generator and of each server process), PASS/FAIL lines for the
-targets and a NOTE with (b)/(a'), and writes JSON. Every server is started on a free
-loopback port and its process group is stopped at the end, also on errors and Ctrl-C.
-
-This script only parses arguments and calls the shared modules: bench.cases (models),
-bench.photos (JPEGs), bench.inprocess ((a), (a')), bench.servers ((b)-(d)), bench.loadgen
-(levels), bench.sampling (CPU per process), bench.report (tables, targets).
+The peers decode with imgcls.images.decode_image + prepare_image and call
+`predict_on_batch` on the registered version's own `.keras` file: all do the same work.
+Every server is started once; then `--rounds` rounds each run the levels (concurrency 1,
+32, 1, 128, 1) against every server in turn (bench.rounds), the model itself in this
+process just before each c=1 level of each server (`model`: its own batch-1 latency
+moments before, the reference of the c=1 target). The report (bench.report)
+gives min / median / max across rounds per level (images/s, p50, p99), where the time goes
+per process (CPU ms per image from bench.sampling; the service's front /predict and model
+/classify times from its access log, mean batch from /metrics) and PASS/FAIL for the
+targets of issue 10, with the stage that stops a failed one; it writes JSON. Servers run
+on free loopback ports; their process groups are stopped at the end, also on errors and
+Ctrl-C. Default run: about 15 minutes on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -50,72 +50,83 @@ from pathlib import Path
 if not __package__:  # `python bench/serve_bench.py` from a checkout: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import loadgen, report, sampling  # noqa: E402
-from bench.cases import CASES, Case, register_case  # noqa: E402
-from bench.inprocess import preprocess_ms, raw_predict  # noqa: E402
+from bench import loadgen, report, rounds, sampling  # noqa: E402
+from bench.cases import CASES, CLASSES, Case, register_case  # noqa: E402
+from bench.inprocess import batch1_sender, preprocess_ms, raw_predict  # noqa: E402
 from bench.machine import bench_home, machine, quiet_environment  # noqa: E402
 from bench.photos import PHOTO_SIZE, photo_jpegs  # noqa: E402
 from bench.servers import (  # noqa: E402
     mlflow_probabilities,
     mlflow_server,
+    peer_server,
     server_side,
-    service_probabilities,
     service_probe,
     service_server,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-# Requests per concurrency level. ResNet50 at 224 runs ~15-25 images/s on 2 CPU cores:
-# 96 requests, and 8 per client at higher levels so the top level runs ~10 s and its
-# figure is steady; `mlflow models serve` (~2.5 images/s there) keeps 96.
-DEFAULT_REQUESTS = {"resnet50": 96, "demo": 384}
-REQUESTS_PER_CLIENT = {"resnet50": 8, "demo": 0}
-QUICK_REQUESTS = 48
+SERVERS = ("imgcls", "litserve", "ray", "mlflow")
+# Requests per level: (at concurrency 1, per client above it). ResNet50 at 224 runs ~20-25
+# images/s on 2 cores: 24 lone requests give a steady p50 in ~1-2 s; 4 per client (128 at
+# c=32, ~6 s; 512 at c=128, ~25 s) keep a round of one server near 40 s: three rounds of
+# four servers take ~15 minutes with start-up. `mlflow models serve` (~2 images/s there:
+# it parses a 1 MB JSON tensor a request) gets 8 lone requests and one per client.
+REQUESTS = {"resnet50": (24, 4), "demo": (48, 2)}
+MLFLOW_REQUESTS = (8, 1)
+# Above concurrency 1, at least this many requests (a c=32 level of ResNet50 is 128).
+MIN_BURST = {"resnet50": 128, "demo": 64}
 DISTINCT_IMAGES = 32
 # One front process spends ~5 ms of CPU per request on one core at most: with the demo
 # model (0.1 ms per image) it, not the model, would set the pace. Two use both cores.
 FRONT_WORKERS = 2
+# Untimed requests at concurrency 32 per server before round 1 (connections, first batches).
+WARM_REQUESTS = 64
 
 
-def bench_service(case, jpegs, batching, reference, args, stop) -> tuple[list[dict], float]:
-    """(b) or (c): the levels against `bentoml serve`, and the max probability gap to (a)."""
-    levels = args.concurrency_levels
-    log = args.log_dir / f"{case.key}-service-{'batching' if batching else 'nobatching'}.log"
-    with (
-        service_server(case, batching, args, log) as srv,
-        loadgen.http_client(max(levels), args.level_timeout) as client,
-    ):
-        gap = float(abs(service_probabilities(client, srv.url, jpegs) - reference).max())
-        send = loadgen.service_sender(client, srv.url, jpegs)
-        # The warm-up runs every batch size the top level will, so TensorFlow's
-        # per-shape set-up (oneDNN primitives, ~50 ms each on ResNet50) is not timed.
-        rows = loadgen.run_levels(
-            send, levels, args.requests_for(case.key), args.level_timeout, 4 * max(levels),
-            probe=service_probe(client, srv.url, log), cpu=sampling.cpu_counter(srv.pid),
-            server_side=server_side, stop=stop,
-        )  # fmt: skip
-        return rows, gap
+def start_server(name: str, case: Case, args: argparse.Namespace, work: Path, stack):
+    """One server, started and stopped with `stack`; its pid and URL."""
+    log = args.log_dir / f"{case.key}-{name}.log"
+    if name == "imgcls":
+        srv = service_server(case, True, args, log)
+    elif name == "mlflow":
+        srv = mlflow_server(case, args, work)
+    else:
+        srv = peer_server(name, case, log)
+    print(f"  starting {name}", flush=True)
+    return stack.enter_context(srv), log
 
 
-def bench_mlflow(case, bodies, reference, args, work, stop) -> tuple[list[dict], float]:
-    """(d): the levels against `mlflow models serve` with client-side decoded JSON tensors."""
-    levels = args.concurrency_levels
-    with (
-        mlflow_server(case, args, work) as srv,
-        loadgen.http_client(max(levels), args.level_timeout) as client,
-    ):
-        gap = float(abs(mlflow_probabilities(client, srv.url, bodies) - reference).max())
+def target(name: str, srv, log: Path, case: Case, jpegs, bodies, client, args) -> rounds.Target:
+    """What the rounds send to one server and read from it."""
+    requests = functools.partial(request_count, args.requests, case.key, name == "mlflow")
+    if name == "mlflow":
         send = loadgen.mlflow_sender(client, srv.url, bodies)
-        requests = args.requests_for(case.key, mlflow=True)
-        rows = loadgen.run_levels(
-            send, levels, requests, args.level_timeout, min(8, max(levels)),
-            cpu=sampling.cpu_counter(srv.pid), stop=stop,
-        )  # fmt: skip
-        return rows, gap
+        return rounds.Target(name, send, requests, sampling.cpu_counter(srv.pid))
+    send = loadgen.service_sender(client, srv.url, jpegs)
+    if name == "imgcls":
+        return rounds.Target(name, send, requests, sampling.cpu_counter(srv.pid),
+                             service_probe(client, srv.url, log), server_side)  # fmt: skip
+    return rounds.Target(name, send, requests, sampling.cpu_counter(srv.pid, sampling.peer_role))
+
+
+def probability_gap(name: str, srv, client, jpegs, bodies, reference) -> float:
+    """Largest |p - p(a)| over the first answers (the labels each server returns)."""
+    import numpy as np
+
+    if name == "mlflow":
+        return float(abs(mlflow_probabilities(client, srv.url, bodies) - reference).max())
+    gaps = []
+    for row, data in zip(reference, jpegs[:4], strict=False):
+        answer = client.post(
+            f"{srv.url}/predict", files={"image": ("p.jpg", data)}, data={"top_k": len(CLASSES)}
+        )
+        answer.raise_for_status()
+        gaps += [abs(p["probability"] - row[CLASSES.index(p["label"])]) for p in answer.json()["predictions"]]
+    return float(np.max(gaps))
 
 
 def bench_case(case: Case, jpegs: list[bytes], args: argparse.Namespace, work: Path, stop) -> dict:
-    """All four ways of serving one registered model."""
+    """The model's own speed, then every server started and measured in rounds."""
     import numpy as np
 
     from imgcls.images import load_image
@@ -125,14 +136,23 @@ def bench_case(case: Case, jpegs: list[bytes], args: argparse.Namespace, work: P
     out: dict = {"model": case.name, "version": case.version, "bento_tag": case.bento_tag}
     out["preprocess_ms_p50"] = preprocess_ms(jpegs, case.size)
     out["mlflow_body_kb"] = sum(map(len, bodies)) / len(bodies) / 1024
-    print(f"  (a) in-process model.predict and (a') predict_on_batch, {case.key}", flush=True)
-    out["a"], reference = raw_predict(case, inputs, args.requests_for(case.key))
-    print(f"  (b) service, adaptive batching, {case.key}", flush=True)
-    out["b"], out["b_max_prob_gap"] = bench_service(case, jpegs, True, reference, args, stop)
-    print(f"  (c) service, batching off, {case.key}", flush=True)
-    out["c"], out["c_max_prob_gap"] = bench_service(case, jpegs, False, reference, args, stop)
-    print(f"  (d) mlflow models serve, {case.key}", flush=True)
-    out["d"], out["d_max_prob_gap"] = bench_mlflow(case, bodies, reference, args, work, stop)
+    print(f"  (a) in-process model.predict and predict_on_batch, {case.key}", flush=True)
+    out["a"], reference = raw_predict(case, inputs, lambda batch: max(48, 4 * batch))
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(loadgen.http_client(max(args.level_list), args.level_timeout))
+        own = rounds.Target(
+            report.MODEL, batch1_sender(case, inputs), lambda c: REQUESTS[case.key][0], only=frozenset({1})
+        )
+        targets, out["max_prob_gap"] = [], {}
+        for name in args.server_list:
+            srv, log = start_server(name, case, args, work, stack)
+            out["max_prob_gap"][name] = probability_gap(name, srv, client, jpegs, bodies, reference)
+            targets.append(target(name, srv, log, case, jpegs, bodies, client, args))
+        for t in targets:
+            loadgen.run_level(t.send, t.requests(32), 32, args.level_timeout, stop)
+        out["rounds"] = rounds.run_rounds(
+            targets, args.rounds, args.level_list, args.level_timeout, stop, reference=own
+        )
     return out
 
 
@@ -140,23 +160,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", default="resnet50,demo", help="comma-separated cases: resnet50, demo")
-    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated concurrency levels")
+    parser.add_argument("--models", default="resnet50", help="comma-separated cases: resnet50, demo")
+    parser.add_argument(
+        "--servers", default=",".join(SERVERS), help="comma-separated, from " + ",".join(SERVERS)
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the levels against every server (3)")
+    parser.add_argument("--levels", default=",".join(map(str, rounds.ROUND_LEVELS)),
+                        help="concurrency levels of a round, in order (1,32,1,128,1)")  # fmt: skip
     parser.add_argument(
         "--requests",
         type=int,
-        help="requests per level (default: resnet50 max(96, 8 x concurrency), 96 for mlflow; demo 384; "
-        "--quick 48)",
+        help="requests per level (default: resnet50 24 at c=1, else max(128, 4 x c); mlflow 8, else c; "
+        "demo 48, else max(64, 2 x c))",
     )
-    parser.add_argument("--quick", action="store_true", help="demo model only, few requests (~2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="demo model, 2 rounds (~3 minutes): a smoke run")
     parser.add_argument("--level-timeout", type=float, default=60, help="hard cap in seconds per level (60)")
-    parser.add_argument("--max-batch-size", type=int, help="service's largest adaptive batch (its default)")
-    parser.add_argument("--max-latency-ms", type=int, help="service's batching wait (its default)")
+    parser.add_argument("--max-batch-size", type=int, help="service's largest batch (its default)")
+    parser.add_argument("--max-latency-ms", type=int, help="service's queue deadline (its default)")
     parser.add_argument(
         "--front-workers",
         type=int,
         default=FRONT_WORKERS,
-        help=f"service's HTTP front processes, for (b) and (c) alike ({FRONT_WORKERS})",
+        help=f"service's HTTP front processes ({FRONT_WORKERS})",
     )
     parser.add_argument(
         "--shared", type=Path, default=ROOT.parent / "shared", help="folder with data/ (photos)"
@@ -167,28 +192,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.models = "demo"
-        args.requests = args.requests or QUICK_REQUESTS
+        args.models, args.rounds = "demo", min(args.rounds, 2)
     args.cases = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = sorted(set(args.cases) - set(CASES))
-    if unknown:
-        parser.error(f"--models: unknown {unknown}; choose from {sorted(CASES)}")
+    args.server_list = [m.strip() for m in args.servers.split(",") if m.strip()]
+    for what, chosen, known in (("--models", args.cases, CASES), ("--servers", args.server_list, SERVERS)):
+        if not chosen or set(chosen) - set(known):
+            parser.error(f"{what}: choose from {sorted(known)}")
     try:
-        args.concurrency_levels = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
+        args.level_list = [int(c) for c in args.levels.split(",") if c.strip()]
     except ValueError:
-        parser.error(f"--concurrency: comma-separated whole numbers, not {args.concurrency!r}")
-    if not args.concurrency_levels or min(args.concurrency_levels) < 1:
-        parser.error("--concurrency: levels must be 1 or more")
-    args.requests_for = lambda key, mlflow=False: functools.partial(request_count, args.requests, key, mlflow)
+        parser.error(f"--levels: comma-separated whole numbers, not {args.levels!r}")
+    if not args.level_list or min(args.level_list) < 1 or args.rounds < 1:
+        parser.error("--levels: levels must be 1 or more; --rounds: 1 or more")
+    # The peers queue whatever comes; the service sheds beyond 64 requests per front (a
+    # 503, service/shedding.py), and connections do not split evenly between fronts. Every
+    # level is admitted here, so the figures compare speed, not shedding.
+    args.max_concurrent_requests = max(args.level_list)
     return args
 
 
 def request_count(fixed: int | None, key: str, mlflow: bool, concurrency: int) -> int:
-    """Requests of one level (or of one in-process batch size): `--requests`, else the default."""
+    """Requests of one level: `--requests`, else the default of the case and server."""
     if fixed:
         return fixed
-    per_client = 0 if mlflow else REQUESTS_PER_CLIENT[key]
-    return max(DEFAULT_REQUESTS[key], per_client * concurrency)
+    lone, per_client = MLFLOW_REQUESTS if mlflow else REQUESTS[key]
+    if concurrency == 1:
+        return lone
+    return per_client * concurrency if mlflow else max(MIN_BURST[key], per_client * concurrency)
 
 
 def stop_on_signals() -> threading.Event:
@@ -214,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     with bench_home("imgcls-serve-bench-", args.logs) as (work, args.log_dir):
         jpegs, source = photo_jpegs(args.shared, DISTINCT_IMAGES)
         results: dict = {"machine": machine(), "images": f"{len(jpegs)} JPEGs at {PHOTO_SIZE}: {source}"}
-        results["settings"] = {"concurrency": args.concurrency_levels, "level_timeout_s": args.level_timeout}
+        results["settings"] = {"levels": args.level_list, "rounds": args.rounds, "servers": args.server_list,
+                               "level_timeout_s": args.level_timeout, "front_workers": args.front_workers}  # fmt: skip
         cases = {}
         for key in args.cases:
             print(f"{key}: registering", flush=True)
@@ -225,12 +256,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def write_and_print(results: dict, args: argparse.Namespace) -> None:
-    """The JSON file (with targets and notes) and the printed report."""
-    top = max(args.concurrency_levels)
-    results = report.with_targets(results, top)
+    """The JSON file (with targets) and the printed report."""
+    results = report.with_targets(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, default=str))
-    print(report.render(results, top, str(args.out)))
+    print(report.render(results, str(args.out)))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def service_server(case: Case, batching: bool, args: argparse.Namespace, log: Pa
         max_batch_size=args.max_batch_size,
         max_latency_ms=args.max_latency_ms,
         front_workers=args.front_workers,
+        max_concurrent_requests=getattr(args, "max_concurrent_requests", None),
         host=HOST,
         port=port,
     )
@@ -82,6 +83,20 @@ def mlflow_server(case: Case, args: argparse.Namespace, work: Path) -> ServerPro
     return _server(cmd, env, "/ping", port, args.log_dir / f"{case.key}-mlflow.log")
 
 
+# Peer name -> its server module (bench/peers/).
+PEERS = {"litserve": "bench.peers.litserve_app", "ray": "bench.peers.ray_app"}
+
+
+def peer_server(kind: str, case: Case, log: Path) -> ServerProcess:
+    """A peer (LitServe or Ray Serve) serving the case's `.keras` file with dynamic
+    batching (bench/peers/); ready when its /health answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", PEERS[kind], "--model", str(case.keras_file), "--size", str(case.size)]
+    cmd += ["--classes", ",".join(CLASSES), "--host", HOST, "--port", str(port)]
+    env = {**os.environ, **QUIET_ENV, "RAY_USAGE_STATS_ENABLED": "0"}  # no usage report from Ray
+    return _server(cmd, env, "/health", port, log)
+
+
 def service_probe(client, url: str, log: Path) -> Callable[[], dict]:
     """A snapshot of the service: its log size and batching counters (/metrics)."""
 
@@ -90,7 +105,8 @@ def service_probe(client, url: str, log: Path) -> Callable[[], dict]:
         with contextlib.suppress(Exception):  # metrics are a nice-to-have here
             for line in client.get(f"{url}/metrics").text.splitlines():
                 if line.startswith("imgcls_batch_size_"):
-                    name, value = line.split("{", 1)[0], line.rsplit(" ", 1)[-1]
+                    # `name{labels} value`, or `name value` without labels
+                    name, value = line.split("{", 1)[0].split(" ", 1)[0], line.rsplit(" ", 1)[-1]
                     for suffix in sums:
                         sums[suffix] += float(value) if name.endswith(suffix) else 0
         return {"log": log, "offset": log.stat().st_size, "batches": sums}

@@ -14,6 +14,7 @@ from typing import Annotated
 import bentoml
 import numpy as np
 from bentoml.exceptions import ServiceUnavailable
+from bentoml.validators import ContentType
 from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import FileResponse, Response
 
@@ -57,6 +58,10 @@ TopK = Annotated[int | None, Form(ge=1, le=1000, description="labels per image")
 STATIC = Path(__file__).parent / "static"
 # Tries of one request when the model is swapped under it: each try sees a newer version.
 ATTEMPTS = 3
+# The model's replies, with their media type declared: BentoML 1.4.40 otherwise derives it
+# from a JSON schema it builds anew for every answer (IOMixin.mime_type), which cost the
+# model process ~3% of its CPU per image under load (py-spy, ResNet50 at concurrency 32).
+Replies = Annotated[list[dict], ContentType("application/json")]
 
 
 def _worker_started() -> None:
@@ -107,7 +112,7 @@ class ClassifierModel:
         self.batcher.close()
 
     @bentoml.api
-    async def classify(self, images: list[list[np.ndarray]]) -> list[dict]:
+    async def classify(self, images: list[list[np.ndarray]]) -> Replies:
         """Probabilities of each image (its (H, W, 3) uint8 candidates at the sizes the front
         knows of), with the version, class names and input size of the one model that
         computed them (see service/replies.py).

@@ -1,81 +1,160 @@
-"""bench.report on a saved serving-benchmark result (demo model, concurrency 1 and 2, 16
-requests a level, from `python -m bench.serve_bench --models demo --concurrency 1,2
---requests 16`), and bench.loadgen / bench.sampling on tiny real work."""
+"""bench.report on a results dict of bench.serve_bench's shape (in-process rows, rows of
+rounds per server and step), and bench.loadgen / bench.sampling / bench.rounds on tiny
+real work."""
 
 from __future__ import annotations
 
 import copy
-import json
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from bench import loadgen, report, sampling
+from bench import loadgen, report, rounds, sampling
 
-SAVED = Path(__file__).parent / "data" / "serve_bench_results.json"
-TABLE_HEADER = "| case | model | concurrency | images/s | p50 ms | p95 ms | p99 ms | b/a | b/a' | b/d |"
+TABLE_HEADER = (
+    "| case | server | step | concurrency | images/s min / med / max | p50 ms min / med / max "
+    "| p99 ms min / med / max | errors |"
+)
+# Per server: (c=1 p50 ms, c=32 images/s, c=128 images/s, c=32 p99 ms), round 1; rounds 2
+# and 3 add 1 and 2 to every figure.
+FIGURES = {"imgcls": (42.0, 21.0, 22.0, 1600.0), "litserve": (45.0, 20.0, 20.5, 1700.0),
+           "ray": (48.0, 19.0, 19.5, 1650.0)}  # fmt: skip
+
+
+def _row(server: str, number: int, step: int, concurrency: int) -> dict:
+    lone, rate32, rate128, p99 = (x + number - 1 for x in FIGURES[server])
+    rate = {1: 1000 / lone, 32: rate32, 128: rate128}[concurrency]
+    row = {"server": server, "round": number, "step": step, "concurrency": concurrency, "requests": 24,
+           "errors": 0, "capped": False, "images_per_s": rate, "p50_ms": lone if concurrency == 1 else 1500.0,
+           "p99_ms": p99 if concurrency == 32 else 2 * lone,
+           "cpu_ms_per_image": {"client": 2.0, "front": 3.0, "model": 90.0 + number, "server": 0.1}}  # fmt: skip
+    if server == "imgcls":
+        row |= {"front_predict_ms_p50": row["p50_ms"] - 1.5, "model_classify_ms_p50": row["p50_ms"] - 3.0,
+                "mean_batch": 1.0 if concurrency == 1 else 30.0}  # fmt: skip
+    return row
 
 
 @pytest.fixture
-def saved() -> dict:
-    return json.loads(SAVED.read_text())
-
-
-def test_table_has_the_documented_columns_and_a_row_per_level(saved):
-    lines = report.table(saved["results"]).splitlines()
-    assert lines[0] == TABLE_HEADER  # the columns docs/benchmarks.md shows
-    assert len(lines) == 2 + 6 + 2 + 2 + 2  # header, 6 in-process rows, 2 levels of (b), (c), (d)
-    b1 = next(line for line in lines if line.startswith("| (b) service, adaptive batching | demo | 1 |"))
-    # 171.6 / 504.4 (best predict), / 26564.9 (best predict_on_batch), / 5.5 (d at c=1)
-    assert b1.endswith("| 171.6 | 5.2 | 9.7 | 10.4 | 0.34x | 0.01x | 31.49x |")
-
-
-def test_table_flags_capped_levels_and_errors(saved):
-    saved["results"]["demo"]["c"][1] |= {"capped": True, "errors": 3}
-    row = next(
-        line for line in report.table(saved["results"]).splitlines() if "batching off | demo | 2 " in line
-    )
-    assert "| 203.1 (capped) (3 errors) |" in row
-
-
-def test_breakdown_shows_server_times_and_cpu_per_role(saved):
-    lines = report.breakdown(saved["results"]).splitlines()
-    assert lines[0].endswith("| mean batch | non-200 | CPU ms/image: client / front / model / server |")
-    assert "| (b) | demo | 1 | 5.2 | 4.5 | 2.0 | 1.0 | 0 / 0 | 0.7 / 2.5 / 1.9 / 0.0 |" in lines
-    assert "| (d) | demo | 2 | 208.4 | - | - | - | - | 1.0 / - / - / 47.5 |" in lines
-
-
-def test_targets_on_the_saved_run(saved):
-    checks = report.targets("demo", saved["results"]["demo"], top=2)
-    assert [ok for ok, _ in checks] == [False, None, True, False, True, True]
-    assert checks[0][1] == "demo: (b) c=2 99.2/s >= 0.85x (a) model.predict best 504.4/s (0.20x)"
-    assert checks[4][1] == "demo: c=1: service adds 4.6 ms to the model's p50 0.6 ms (< 15)"
-
-
-def test_targets_pass_when_the_service_is_fast_enough_and_fail_on_errors(saved):
-    result = copy.deepcopy(saved["results"]["demo"])
-    result["b"][1]["images_per_s"] = 450.0  # >= 0.85 x 504.4, > (c) 203.1, >= 3 x (d) 9.3
-    assert [ok for ok, _ in report.targets("demo", result, top=2)] == [True, None, True, True, True, True]
-    result["c"][0]["errors"] = 2
-    ok, line = report.targets("demo", result, top=2)[-1]
-    assert not ok and line == "demo: (b) and (c) answer every request: 2 failed"
-
-
-def test_with_targets_and_render(saved):
-    full = report.with_targets(saved, top=2)
-    assert [t["passed"] for t in full["targets"]] == [False, True, False, True, True]
-    assert full["notes"] == [
-        "demo: (b) c=2 is 0.00x (a') predict_on_batch best 26564.9/s (stricter than the issue's (a))"
+def result() -> dict:
+    a = [{"method": m, "batch": b, "images_per_s": ips, "p50_ms": p50, "p99_ms": p50 + 1,
+          "cpu_ms_per_image": {"in-process": 88.0}}
+         for m, b, ips, p50 in (("predict", 1, 20.0, 50.0), ("predict_on_batch", 1, 25.0, 40.0),
+                                ("predict_on_batch", 32, 22.0, 1450.0))]  # fmt: skip
+    rows = [
+        _row(s, n, step, c)
+        for n in (1, 2, 3)
+        for s in FIGURES
+        for step, c in enumerate(rounds.ROUND_LEVELS, 1)
     ]
-    text = report.render(full, top=2, out="results.json")
+    # The model's own batch-1 p50 in process just before each c=1 level of the service: 40 ms.
+    rows += [{"server": "model", "before": "imgcls", "round": n, "step": step, "concurrency": 1, "requests": 24,
+              "errors": 0, "images_per_s": 25.0, "p50_ms": 40.0, "p99_ms": 41.0}
+             for n in (1, 2, 3) for step in (1, 3, 5)]  # fmt: skip
+    return {
+        "a": a,
+        "rounds": rows,
+        "max_prob_gap": {"imgcls": 1e-7},
+        "preprocess_ms_p50": 1.2,
+        "mlflow_body_kb": 1600,
+    }
+
+
+def test_table_has_min_median_max_across_rounds_per_level(result):
+    lines = report.table({"resnet50": result}).splitlines()
+    assert lines[0] == TABLE_HEADER
+    assert len(lines) == 2 + 3 + 3 * 5 + 3  # header, 3 in-process rows, 3 servers x 5 steps, the model at c=1
+    assert "| resnet50 | in process predict_on_batch | - | batch 32 | 22.0 | 1450.0 | 1451.0 | 0 |" in lines
+    assert (
+        "| resnet50 | imgcls | 2 | 32 | 21.0 / 22.0 / 23.0 | 1500.0 / 1500.0 / 1500.0 | 1600.0 / 1601.0 / 1602.0 | 0 |"
+        in lines
+    )
+    assert (
+        "| resnet50 | ray | 3 | 1 | 20.0 / 20.4 / 20.8 | 48.0 / 49.0 / 50.0 | 96.0 / 98.0 / 100.0 | 0 |"
+        in lines
+    )
+
+
+def test_breakdown_shows_the_service_stages_and_cpu_per_process(result):
+    lines = report.breakdown({"resnet50": result}).splitlines()
+    assert lines[0].endswith("| mean batch | CPU ms/image: client / front / model / server |")
+    assert "| resnet50 | imgcls | 1 | 1 | 43.0 | 41.5 | 40.0 | 1.0 | 2.0 / 3.0 / 92.0 / 0.1 |" in lines
+    assert "| resnet50 | litserve | 4 | 128 | 1500.0 | - | - | - | 2.0 / 3.0 / 92.0 / 0.1 |" in lines
+
+
+def test_targets_with_the_stage_that_stops_a_failed_one(result):
+    checks = report.targets("resnet50", result)
+    assert [ok for ok, _ in checks] == [True] * 7
+    result["rounds"][0]["p50_ms"] = 47.5  # round 1, step 1: 7.5 ms over the model's own 40.0
+    ok, line = report.targets("resnet50", result)[0]
+    assert not ok and "r1s1 +7.5, r1s3 +2.0" in line
+    ok, stage = report.targets("resnet50", result)[1]
+    assert ok is None and stage == (
+        "resnet50:   stage: round 1 step 1: client+HTTP +7.0 ms, front decode + call to the model +1.5 ms, "
+        "model process beyond predict_on_batch -1.0 ms"
+    )
+
+
+def test_throughput_and_tail_targets_fail_against_a_faster_peer(result):
+    for row in result["rounds"]:
+        if row["server"] == "litserve" and row["concurrency"] == 32:
+            row |= {"images_per_s": 30.0, "p99_ms": 900.0}
+    checks = report.targets("resnet50", result)
+    lines = [line for _, line in checks]
+    assert "resnet50: imgcls c=32 22.0 images/s >= best peer litserve 30.0 (0.73x)" in lines
+    assert "resnet50: imgcls c=32 p99 1601.0 ms <= best peer litserve 900.0 ms" in lines
+    assert sum(ok is False for ok, _ in checks) == 2
+    stage = lines[lines.index("resnet50: imgcls c=32 22.0 images/s >= best peer litserve 30.0 (0.73x)") + 1]
+    assert stage.startswith("resnet50:   stage: CPU ms/image imgcls client 2.0, front 3.0, model 92.0")
+    # Server CPU per image (all but the client): 95.1 ms each, so on 2 cores at most 21.0 images/s.
+    assert stage.endswith(
+        "; server CPU ms/image imgcls 95.1 vs litserve 95.1: on 2 cores alone at most 21.0 vs 21.0 images/s"
+    )
+
+
+def test_below_the_models_own_throughput_names_the_processes(result):
+    result["a"][2]["images_per_s"] = 40.0
+    lines = [line for _, line in report.targets("resnet50", result)]
+    i = lines.index(
+        "resnet50: imgcls c=128 23.0 images/s >= 0.95x in-process predict_on_batch at batch 32 40.0 (0.57x)"
+    )
+    assert lines[i + 1] == (
+        "resnet50:   stage: CPU ms/image client 2.0, front 3.0, model 92.0, server 0.1; model process +4.0 "
+        "over in process (88.0); client+front+server 5.1 share the cores with the model; mean batch 30.0"
+    )
+
+
+def test_with_targets_and_render(result):
+    full = report.with_targets({
+        "machine": {"cpu": "x", "cores": 2, "keras": "3", "mlflow": "3", "bentoml": "1", "load_average_at_start": 1.0},
+        "settings": {"rounds": 3, "levels": list(rounds.ROUND_LEVELS)}, "images": "32 JPEGs",
+        "results": {"resnet50": copy.deepcopy(result)}, "seconds": 700.0, "load_average_at_end": 2.0,
+    })  # fmt: skip
+    assert all(t["passed"] for t in full["targets"]) and full["stages"] == []
+    text = report.render(full, out="results.json")
     assert TABLE_HEADER in text
-    assert "\nFAIL demo: (b) c=2 beats (c) 203.1/s\n" in text
-    assert "demo: decode+resize p50 0.6 ms; mlflow body 22 KiB; max |p - p(a)|: b 2.2e-08" in text
-    assert text.endswith("s in all; JSON: results.json")
+    assert "\nPASS resnet50: imgcls answers every request: 0 failed\n" in text
+    assert text.endswith("700 s in all; JSON: results.json")
+
+
+def test_run_rounds_alternates_servers_within_each_round():
+    calls = []
+
+    def sender(name):
+        return lambda i: calls.append(name) or loadgen.Answer(200)
+
+    targets = [rounds.Target(n, sender(n), lambda c: 2 * c) for n in ("a", "b")]
+    reference = rounds.Target("ref", sender("ref"), lambda c: 2, only=frozenset({1}))
+    rows = rounds.run_rounds(targets, rounds=2, levels=(1, 3), cap_s=10, reference=reference)
+    assert [(r["round"], r["server"], r["step"], r["concurrency"], r.get("before")) for r in rows] == [
+        (1, "ref", 1, 1, "a"), (1, "a", 1, 1, None), (1, "a", 2, 3, None),
+        (1, "ref", 1, 1, "b"), (1, "b", 1, 1, None), (1, "b", 2, 3, None),
+        (2, "ref", 1, 1, "a"), (2, "a", 1, 1, None), (2, "a", 2, 3, None),
+        (2, "ref", 1, 1, "b"), (2, "b", 1, 1, None), (2, "b", 2, 3, None),
+    ]  # fmt: skip
+    assert len(calls) == 2 * 2 * (2 + 6 + 2) and all(r["requests"] == 2 * r["concurrency"] for r in rows)
 
 
 def test_drive_records_every_request_and_stops_on_the_event():

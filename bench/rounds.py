@@ -1,0 +1,78 @@
+"""Servers alternated in rounds: each round runs the same sequence of concurrency levels
+against every server in turn, so a slow spell of a shared machine falls on all of them
+alike, and a level that follows a burst shows what the burst left behind.
+
+    targets = [Target("imgcls", send, requests), Target("litserve", ...)]
+    rows = run_rounds(targets, rounds=3, levels=(1, 32, 1, 128, 1), cap_s=60)
+
+Each row is bench.loadgen.measured_level's, plus `server`, `round` (1, 2, ...) and `step`
+(the level's place in the sequence, 1, 2, ...: the second c=1 is step 3). A target with
+`only` runs just those levels; a `reference` (the model in process, at c=1) runs just
+before each such level of every target.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from bench import loadgen
+
+# Low load, a burst, low load after it, a bigger burst, low load after that (issue 10).
+ROUND_LEVELS = (1, 32, 1, 128, 1)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One server under test: its sender, the requests of a level, and what to read from
+    it per level (see bench.loadgen.measured_level)."""
+
+    name: str
+    send: loadgen.Sender
+    requests: Callable[[int], int]
+    cpu: Callable[[], dict[str, float]] | None = None
+    probe: Callable[[], dict] | None = None
+    server_side: Callable[[dict, dict], dict] | None = None
+    only: frozenset[int] | None = None  # the concurrency levels it runs (None: all)
+
+
+def run_rounds(
+    targets: Sequence[Target],
+    rounds: int,
+    levels: Sequence[int],
+    cap_s: float,
+    stop: threading.Event | None = None,
+    reference: Target | None = None,
+) -> list[dict]:
+    """`rounds` times: every target, in order, through every level of `levels`.
+
+    `reference` (the model itself in process) runs just before each level of `only` of
+    every target, its row marked `before` = that target: a figure taken moments before
+    the one it is compared with, after the same bursts."""
+    rows = []
+    for number in range(1, rounds + 1):
+        for target in targets:
+            for step, concurrency in enumerate(levels, 1):
+                mark = {"round": number, "step": step}
+                if reference is not None and concurrency in (reference.only or ()):
+                    rows.append(
+                        _measure(reference, concurrency, cap_s, stop) | mark | {"before": target.name}
+                    )
+                if target.only is None or concurrency in target.only:
+                    rows.append(_measure(target, concurrency, cap_s, stop) | mark)
+    return rows
+
+
+def _measure(target: Target, concurrency: int, cap_s: float, stop: threading.Event | None) -> dict:
+    row = loadgen.measured_level(
+        target.send, target.requests(concurrency), concurrency, cap_s,
+        target.probe, target.cpu, target.server_side, stop,
+    )  # fmt: skip
+    print(f"    {target.name} c={concurrency}: {row['images_per_s']:.1f} images/s, "
+          f"p50 {_ms(row['p50_ms'])} ms, {row['errors']} errors", flush=True)  # fmt: skip
+    return row | {"server": target.name}
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
