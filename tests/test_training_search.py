@@ -17,6 +17,7 @@ from training.config import ConfigError
 from training.data import scan_dataset, split_view
 from training.fast_head import HeadParams, Schedule, fit_trial, pool
 from training.model import build_model, feature_extractor
+from training.tracking import configure_mlflow
 from training.train import load_splits, train
 
 TINY_VGG = {"backbone": "vgg16", "weights": "none", "epochs": 3}
@@ -73,8 +74,8 @@ def _synthetic_cache(seed: int = 0, classes: int = 3, n: int = 60) -> features.F
     return features.FeatureCache([tx], [ty], vx, vy, seconds=1.0)
 
 
-def test_search_is_deterministic_with_the_seed(tmp_path):
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+def test_search_is_deterministic_with_the_seed(tmp_path, tracking):
+    configure_mlflow(tracking)
     config = quick_config(tmp_path, search=5, **TINY_VGG)
     tables = []
     for _ in range(2):

@@ -75,7 +75,8 @@ def fit_trial(train, val, classes: int, params: HeadParams, schedule: Schedule, 
     epoch = 0
     for epoch in range(schedule.epochs):
         x, y = train[epoch % len(train)]
-        for rows in np.array_split(rng.permutation(len(x)), -(-len(x) // schedule.batch_size)):
+        order, b = rng.permutation(len(x)), schedule.batch_size
+        for rows in (order[i : i + b] for i in range(0, len(x), b)):
             grads = _gradients(weights, x[rows], y[rows], classes, params, sample_weight[y[rows]], rng)
             adam.step(weights, grads)
         probs = _forward(weights, val[0])[-1]
