@@ -136,6 +136,10 @@ class TrainConfig(_Strict):
             raise ValueError(f"{field}: needs cached backbone features (cache_features: true)")
         if self.search and self.augment_passes == 0 and self.augment.active:
             raise ValueError("search: needs cached features; live augmentation (augment_passes: 0) has none")
+        if self.search and self.augment.active and self.distribute != "none":
+            raise ValueError("search: augmentation under --distribute is live, with no cached features")
+        if self.augment_passes and self.distribute != "none":
+            raise ValueError("augment_passes: cached augmented passes run without --distribute only")
         if self.augment_passes and not self.augment.active:
             raise ValueError("augment_passes: augmentation is off (augment.enabled: false or preset none)")
         if self.val_fraction + self.test_fraction >= 0.8:

@@ -57,7 +57,10 @@ def resolve_passes(config: TrainConfig) -> TrainConfig:
     0 for live augmentation or none at all, else the user's K or DEFAULT_AUGMENT_PASSES."""
     if config.augment_passes is not None and (config.augment_passes == 0 or config.augment.active):
         return config
+    # Under a tf.distribute strategy Keras splits the cycled passes' batches unevenly across
+    # replicas (a gradient sum of mismatched shapes): those runs augment live.
     cached = config.augment.active and config.cache_features and config.backbone != "simple_cnn"
+    cached = cached and config.distribute == "none"
     return config.model_copy(update={"augment_passes": DEFAULT_AUGMENT_PASSES if cached else 0})
 
 
@@ -71,6 +74,8 @@ def passes_reason(config: TrainConfig) -> str:
         )
     if config.backbone == "simple_cnn":
         return "live augmentation (simple_cnn trains end to end)"
+    if not config.augment_passes and config.distribute != "none":
+        return "live augmentation: the backbone runs every epoch (under --distribute)"
     if not config.augment_passes:
         return "live augmentation: the backbone runs every epoch (augment_passes: 0)"
     return (
@@ -176,7 +181,12 @@ def verbosity() -> int:
 
 
 class CycledPasses(keras.utils.PyDataset):
-    """Batches of cached training passes: epoch e reads pass e mod K in a fresh seeded order."""
+    """Batches of cached training passes: epoch e reads pass e mod K in a fresh seeded order.
+
+    Every batch is full: the last one is completed with the epoch's first rows (a
+    tf.distribute strategy splits a short last batch unevenly across replicas, which its
+    gradient sum rejects).
+    """
 
     def __init__(self, xs: list[np.ndarray], ys: list[np.ndarray], batch_size: int, seed: int):
         super().__init__()
@@ -193,7 +203,7 @@ class CycledPasses(keras.utils.PyDataset):
 
     def __getitem__(self, index: int):
         k = self.epoch % len(self.xs)
-        rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
+        rows = np.resize(np.roll(self._order, -index * self.batch_size), self.batch_size)
         return self.xs[k][rows], self.ys[k][rows]
 
     def on_epoch_end(self) -> None:
