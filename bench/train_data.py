@@ -31,25 +31,34 @@ def _subset(archive: Path, dest: Path, per_class: int, classes: set[str] | None,
     marker = dest / ".done"
     if marker.exists():
         return dest
-    counts: dict[str, int] = {}
     with tarfile.open(archive) as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: _order(m.name))
-        for member in members:
+        chosen = _chosen(tar.getmembers(), per_class, classes)
+    with tarfile.open(archive, "r|gz") as stream:  # in archive order: no seeking back in the gzip
+        for member in stream:
+            if member.name not in chosen:
+                continue
             parts = Path(member.name).parts
-            label = parts[-2]
-            if len(parts) < 3 or (classes is not None and label not in classes):
-                continue
-            if counts.get(label, 0) >= per_class:
-                continue
-            data = tar.extractfile(member).read()
-            name = Path(member.name).name
+            data, name = stream.extractfile(member).read(), parts[-1]
             if convert is not None:
                 data, name = convert(data), Path(name).with_suffix(".jpg").name
-            (dest / label).mkdir(parents=True, exist_ok=True)
-            (dest / label / f"{parts[-3]}-{name}").write_bytes(data)
-            counts[label] = counts.get(label, 0) + 1
+            (dest / parts[-2]).mkdir(parents=True, exist_ok=True)
+            (dest / parts[-2] / f"{parts[-3]}-{name}").write_bytes(data)
     marker.touch()
     return dest
+
+
+def _chosen(members, per_class: int, classes: set[str] | None) -> set[str]:
+    """The names of the first `per_class` files of each class (training files first)."""
+    counts: dict[str, int] = {}
+    chosen = set()
+    for member in sorted((m for m in members if m.isfile()), key=lambda m: _order(m.name)):
+        parts = Path(member.name).parts
+        if len(parts) < 3 or (classes is not None and parts[-2] not in classes):
+            continue
+        if counts.get(parts[-2], 0) < per_class:
+            counts[parts[-2]] = counts.get(parts[-2], 0) + 1
+            chosen.add(member.name)
+    return chosen
 
 
 def _order(name: str) -> tuple[int, str]:

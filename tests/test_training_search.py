@@ -116,9 +116,22 @@ def test_augmented_run_trains_on_cached_passes_by_default(shapes_dir_shared, tra
     config = quick_config(shapes_dir_shared, **TINY_VGG, **{"augment.preset": "photo"})
     result = train(config, tracking)
     run = MlflowClient(tracking.resolved_tracking_uri()).get_run(result.run_id)
-    assert run.data.params["augment_passes"] == str(features.DEFAULT_AUGMENT_PASSES)
-    assert run.data.tags["augment.passes"].startswith("2 augmented copies")
+    passes = features.auto_passes({split: len(files) for split, files in result.scan.files.items()})
+    assert run.data.params["augment_passes"] == str(passes)
+    assert run.data.tags["augment.passes"].startswith(f"{passes} augmented copies")
     assert len(result.history["val_loss"]) == len(result.history["loss"]) >= 1
+
+
+@pytest.mark.parametrize(
+    ("sizes", "passes"),
+    [
+        ({"train": 700, "val": 300, "test": 200}, 1),  # the CIFAR-10 subset
+        ({"train": 500, "val": 100, "test": 2000}, 3),  # a large given test/ folder
+        ({"train": 100, "val": 0, "test": 0}, 1),  # never none
+    ],
+)
+def test_auto_passes_keep_the_backbone_within_its_budget(sizes, passes):
+    assert features.auto_passes(sizes) == passes
 
 
 def test_cycled_passes_read_pass_e_mod_k():

@@ -97,7 +97,8 @@ class TrainConfig(_Strict):
     cache_features: bool = Field(True, description="run a frozen backbone once when not augmenting")
     # Augmented copies of the training set the frozen backbone runs over once; the head's
     # epochs cycle through their cached features. None = auto (training/features.py:
-    # DEFAULT_AUGMENT_PASSES with a frozen backbone and augmentation on); 0 = live
+    # as many as fit features.BACKBONE_PASS_BUDGET, at least 1, with a frozen backbone and
+    # augmentation on); 0 = live
     # augmentation, one backbone pass per epoch.
     augment_passes: int | None = Field(None, ge=0, le=50)
     # Head configurations tried on the cached features before the run's model is trained

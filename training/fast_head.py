@@ -12,6 +12,7 @@ Keras. The run's model is still trained by Keras with the chosen configuration.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -173,7 +174,7 @@ class _Adam:
     def step(self, weights, grads) -> None:
         self.t += 1
         lr = self.learning_rate
-        alpha = lr * np.sqrt(1 - 0.999**self.t) / (1 - 0.9**self.t)
+        alpha = lr * math.sqrt(1 - 0.999**self.t) / (1 - 0.9**self.t)
         for w, g, m, v in zip(weights, grads, self.m, self.v, strict=True):
             if self.weight_decay:
                 w -= (lr * self.weight_decay) * w

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import mlflow
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from training import tracking
 from training.config import HeadConfig, TrainConfig
@@ -109,7 +110,10 @@ def search_head(cache: FeatureCache, config: TrainConfig, classes: int, class_we
     default = _default_trial(config)
     if default is not None:
         study.enqueue_trial(default)  # the configured head is trial 0: the search can only beat it
-    study.optimize(objective, n_trials=config.search)
+    # One BLAS thread: a trial's matrices are small, and more threads only contend with
+    # each other and TensorFlow's (4x slower on 2 busy cores).
+    with threadpool_limits(limits=1):
+        study.optimize(objective, n_trials=config.search)
     trials = objective.trials
     ranked = sorted(trials, key=lambda t: (-t.fit.val_accuracy, t.fit.val_loss, t.number))
     spread = _spread(ranked[0], ranked[1], cache.val_y, config.seed) if len(ranked) > 1 else None

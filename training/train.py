@@ -78,7 +78,8 @@ def train(config: TrainConfig, settings: TrackingSettings | None = None) -> Trai
     for warning in scan.warnings:
         log.warning("%s", warning)
     choice = augment.choose_preset(config, scan.image_stats, scan.smallest_class("train"))
-    config = features.resolve_passes(augment.resolve(config, choice))
+    sizes = {split: len(files) for split, files in scan.files.items()}
+    config = features.resolve_passes(augment.resolve(config, choice), sizes)
     tags = {
         "backbone": config.backbone,
         "git.revision": tracking.git_revision() or "unknown",
