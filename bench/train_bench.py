@@ -183,6 +183,7 @@ def default_command(data: Path, options: dict, home: Path) -> dict:
     client_run = _mlflow_run(result.run_id)
     out = {
         "options": {k: str(v) for k, v in options.items()},
+        "fit_seconds": sum(result.epoch_seconds),  # backbone passes for the cache + head epochs
         "images": {split: len(files) for split, files in result.scan.files.items()},
         "augment": client_run.data.tags.get("augment.preset"),
         "augment_passes": client_run.data.params.get("augment_passes"),
@@ -238,25 +239,28 @@ def _mlflow_run(run_id: str):
 
 
 def backbone_pass_and_probe(result, config) -> dict:
-    """One forward pass of the run's frozen backbone over all its images (train, val and
-    test; timed without decoding), and a logistic-regression probe on those features
-    (average-pooled; fit on train + val, scored on test)."""
+    """One pass of the run's frozen backbone over all its images (train, val and test),
+    the way a run makes its cache (`training.features.backbone_features`, batches of 32,
+    its tracing included; decoding not), and a logistic-regression probe on those
+    features (average-pooled; fit on train + val, scored on test)."""
     import numpy as np
+    import tensorflow as tf
     from sklearn.linear_model import LogisticRegression
 
     from imgcls.images import load_image
+    from training.features import backbone_features
     from training.model import feature_extractor
 
     extractor = feature_extractor(result.model)
-    pixels, labels = {}, {}
+    batches, labels = {}, {}
     for split, files in result.scan.files.items():
-        pixels[split] = np.stack(
+        pixels = np.stack(
             [load_image((result.scan.root / f).read_bytes(), config.input_size) for f, _ in files]
         )
         labels[split] = np.array([label for _, label in files])
-    extractor.predict(pixels["val"][:32], batch_size=32, verbose=0)  # tracing, untimed
+        batches[split] = tf.data.Dataset.from_tensor_slices((pixels, labels[split])).batch(32)
     start = time.perf_counter()
-    pooled = {s: extractor.predict(p, batch_size=32, verbose=0).mean(axis=(1, 2)) for s, p in pixels.items()}
+    pooled = {s: backbone_features(extractor, b)[0].mean(axis=(1, 2)) for s, b in batches.items()}
     seconds = time.perf_counter() - start
     probe = LogisticRegression(max_iter=5000)
     probe.fit(
@@ -264,7 +268,7 @@ def backbone_pass_and_probe(result, config) -> dict:
     )
     return {
         "backbone_pass_seconds": seconds,
-        "backbone_pass_images": sum(len(p) for p in pixels.values()),
+        "backbone_pass_images": sum(len(y) for y in labels.values()),
         "linear_probe_test_accuracy": float(probe.score(pooled["test"], labels["test"])),
     }
 
