@@ -7,6 +7,14 @@ subset with the real ImageNet weights file vs random weights.
 Speed: images/s of epoch 1 and of later epochs with and without backbone feature caching,
 and with augmentation on, against the raw backbone forward throughput measured in the same
 process. Targets: cached epochs 2..N < 5% of epoch 1; augmented training >= 0.85x forward.
+Defaults (issue 12): the default command (`imgcls train --data D`, and `--backbone`,
+`--weights` the shared file, `--image-size` where named) on MNIST 500 per class with
+simple_cnn (target >= 0.97); on the CIFAR-10 subset at 96 px with VGG16, alone and with
+`--search 20` (target >= 0.655: 0.605 + 5 points), and with live augmentation
+(`--augment-passes 0`) beside the cached passes; on a small photo folder at 224 px
+(~250 images, target under 5 minutes) against a linear probe on the same frozen features
+and with live augmentation; and for each VGG16 folder, the run's time against one
+backbone pass over all its images (target <= 2x).
 Needs ../shared (not shipped with the package); prints a Markdown table and writes JSON.
 """
 
@@ -115,7 +123,8 @@ def speed(shared: Path, work: Path, backbone: str = "vgg16", size: int = 96, epo
     for label, extra in (
         ("cached", {"augment.enabled": False, "cache_features": True}),
         ("uncached", {"augment.enabled": False, "cache_features": False}),
-        ("augmented", {"augment.enabled": True}),
+        ("augmented", {"augment.enabled": True, "augment_passes": 0}),
+        ("augmented_cached_passes", {"augment.enabled": True}),
     ):
         result = run(load_config(None, **base, **extra), work / "runs")
         n = len(result.scan.files["train"])
@@ -131,12 +140,150 @@ def speed(shared: Path, work: Path, backbone: str = "vgg16", size: int = 96, epo
     return out
 
 
+DEFAULT_ROWS = ("mnist", "cifar", "cifar_search", "cifar_live", "photo", "photo_live")
+
+
+def defaults(shared: Path, work: Path, rows=DEFAULT_ROWS) -> dict:
+    """The issue-12 rows: each the default command on a folder, timed end to end."""
+    from bench.train_data import mnist_subset, photo_folder
+
+    weights = str(shared / "weights/vgg16_imagenet_notop.h5")
+    cifar = extract(shared / "data/cifar10-small.tar.gz", work / "cifar")
+    folders = {
+        "mnist": (
+            mnist_subset(shared / "data/mnist-png.tar.gz", work / "mnist500", 500),
+            {"backbone": "simple_cnn"},
+        ),
+        "cifar": (cifar, {"weights": weights, "image_size": 96}),
+        "cifar_search": (cifar, {"weights": weights, "image_size": 96, "search": 20}),
+        "cifar_live": (cifar, {"weights": weights, "image_size": 96, "augment_passes": 0}),
+        "photo": (
+            photo_folder(shared / "data/cifar10-small.tar.gz", work / "photos", 5, 50),
+            {"weights": weights},
+        ),
+    }
+    folders["photo_live"] = (folders["photo"][0], {"weights": weights, "augment_passes": 0})
+    out = {}
+    for row in rows:
+        data, options = folders[row]
+        out[row] = default_command(data, options, work / "runs")
+        print(json.dumps({row: out[row]}), flush=True)
+    return out
+
+
+def default_command(data: Path, options: dict, home: Path) -> dict:
+    """One run of the default command (plus `options`): accuracy, seconds, and for a
+    backbone the time of one forward pass over all its images and a linear probe."""
+    from training.config import load_config
+
+    config = load_config(None, data=data, **options)
+    start = time.perf_counter()
+    result = run(config, home)
+    seconds = time.perf_counter() - start
+    client_run = _mlflow_run(result.run_id)
+    out = {
+        "options": {k: str(v) for k, v in options.items()},
+        "fit_seconds": sum(result.epoch_seconds),  # backbone passes for the cache + head epochs
+        "images": {split: len(files) for split, files in result.scan.files.items()},
+        "augment": client_run.data.tags.get("augment.preset"),
+        "augment_passes": client_run.data.params.get("augment_passes"),
+        "epochs": len(result.history["loss"]),
+        "test_accuracy": result.metrics["accuracy"],
+        "test_macro_f1": result.metrics["macro_f1"],
+        "seconds": seconds,
+    }
+    out |= {k: v for k, v in client_run.data.metrics.items() if k.startswith("search_")}
+    if config.backbone != "simple_cnn":
+        out |= backbone_pass_and_probe(result, config)
+        out["seconds_vs_backbone_pass"] = seconds / out["backbone_pass_seconds"]
+    return out
+
+
+TARGETS = {
+    "mnist": ("test accuracy", lambda r: r["test_accuracy"] >= 0.97, ">= 0.97"),
+    "cifar_search": ("test accuracy", lambda r: r["test_accuracy"] >= 0.655, ">= 0.655 (0.605 + 5 points)"),
+    "photo": ("seconds", lambda r: r["seconds"] < 300, "< 300 s, vs linear probe"),
+}
+
+
+def defaults_table(rows: dict) -> str:
+    """The defaults rows as the Markdown table of docs/benchmarks.md."""
+    lines = [
+        "| row | options | images train/val/test | augmentation | epochs | test accuracy | seconds "
+        "| backbone pass (all images) | run / pass | linear probe | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        images = "/".join(str(r["images"][s]) for s in ("train", "val", "test"))
+        options = ", ".join(f"{k}={Path(v).name if k == 'weights' else v}" for k, v in r["options"].items())
+        passes = r.get("augment_passes")
+        augmentation = f"{r['augment']}, passes {passes}" if passes not in (None, "None") else r["augment"]
+        pass_s = f"{r['backbone_pass_seconds']:.1f} s" if "backbone_pass_seconds" in r else ""
+        ratio = f"{r['seconds_vs_backbone_pass']:.2f}x" if "seconds_vs_backbone_pass" in r else ""
+        probe = f"{r['linear_probe_test_accuracy']:.4f}" if "linear_probe_test_accuracy" in r else ""
+        target = ""
+        if name in TARGETS:
+            _, met, text = TARGETS[name]
+            target = f"{text}: {'met' if met(r) else 'missed'}"
+        lines.append(
+            f"| {name} | {options} | {images} | {augmentation} | {r['epochs']} | {r['test_accuracy']:.4f} "
+            f"| {r['seconds']:.1f} | {pass_s} | {ratio} | {probe} | {target} |"
+        )
+    return "\n".join(lines)
+
+
+def _mlflow_run(run_id: str):
+    import mlflow
+
+    return mlflow.MlflowClient().get_run(run_id)
+
+
+def backbone_pass_and_probe(result, config) -> dict:
+    """One pass of the run's frozen backbone over all its images (train, val and test),
+    the way a run makes its cache (`training.features.backbone_features`, batches of 32,
+    its tracing included; decoding not), and a logistic-regression probe on those
+    features (average-pooled; fit on train + val, scored on test)."""
+    import numpy as np
+    import tensorflow as tf
+    from sklearn.linear_model import LogisticRegression
+
+    from imgcls.images import load_image
+    from training.features import backbone_features
+    from training.model import feature_extractor
+
+    extractor = feature_extractor(result.model)
+    batches, labels = {}, {}
+    for split, files in result.scan.files.items():
+        pixels = np.stack(
+            [load_image((result.scan.root / f).read_bytes(), config.input_size) for f, _ in files]
+        )
+        labels[split] = np.array([label for _, label in files])
+        batches[split] = tf.data.Dataset.from_tensor_slices((pixels, labels[split])).batch(32)
+    start = time.perf_counter()
+    pooled = {s: backbone_features(extractor, b)[0].mean(axis=(1, 2)) for s, b in batches.items()}
+    seconds = time.perf_counter() - start
+    probe = LogisticRegression(max_iter=5000)
+    probe.fit(
+        np.concatenate([pooled["train"], pooled["val"]]), np.concatenate([labels["train"], labels["val"]])
+    )
+    return {
+        "backbone_pass_seconds": seconds,
+        "backbone_pass_images": sum(len(y) for y in labels.values()),
+        "linear_probe_test_accuracy": float(probe.score(pooled["test"], labels["test"])),
+    }
+
+
 def main() -> None:
     quiet_environment()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", choices=["quality", "speed"], help="run one half only")
+    parser.add_argument("--only", choices=["quality", "speed", "defaults"], help="run one part only")
+    parser.add_argument(
+        "--rows",
+        default=",".join(DEFAULT_ROWS),
+        help=f"defaults rows, comma-separated ({', '.join(DEFAULT_ROWS)})",
+    )
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="the shared data folder")
     parser.add_argument(
         "--out", type=Path, default=ROOT / ".imgcls/bench/train_bench.json", help="JSON results file"
@@ -150,9 +297,13 @@ def main() -> None:
         results["quality"] = quality(args.shared, work)
     if args.only in (None, "speed"):
         results["speed"] = speed(args.shared, work)
+    if args.only in (None, "defaults"):
+        results["defaults"] = defaults(args.shared, work, args.rows.split(","))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
+    if "defaults" in results:
+        print(defaults_table(results["defaults"]))
 
 
 if __name__ == "__main__":

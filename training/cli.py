@@ -53,6 +53,26 @@ TRAIN_OPTIONS: dict[str, tuple[str, dict]] = {
             "see the README), photo, orientation_bound (digits, documents: no flips) or none",
         },
     ),
+    "--search": (
+        "search",
+        {
+            "type": int,
+            "metavar": "N",
+            "help": "try N head configurations (learning rate, dropout, units, pooling, weight decay, "
+            "label smoothing) on the cached backbone features, pick the best on validation, train it "
+            "(default 0: the head as configured)",
+        },
+    ),
+    "--augment-passes": (
+        "augment_passes",
+        {
+            "type": int,
+            "metavar": "K",
+            "help": "with a frozen backbone, run it over K augmented copies of the training set once "
+            "and train the head on their cached features (default 2 when augmenting; 0: augment "
+            "live, one backbone pass per epoch)",
+        },
+    ),
     "--fine-tune-layers": (
         "fine_tune.unfreeze_layers",
         {
@@ -97,7 +117,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """A validated TrainConfig from the parsed options; raises ConfigError."""
-    from training.config import load_config
+    from training.config import ConfigError, load_config
 
     overrides = {
         field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _) in TRAIN_OPTIONS.items()
@@ -106,7 +126,25 @@ def config_from_args(args: argparse.Namespace):
     overrides["class_weight"] = args.class_weight
     if args.no_augment:
         overrides["augment.enabled"] = False
-    return load_config(args.config, **overrides)
+    try:
+        return load_config(args.config, **overrides)
+    except ConfigError as exc:
+        raise ConfigError(_with_flags(str(exc))) from None
+
+
+def _with_flags(message: str) -> str:
+    """A config error with each field that has a command-line flag named with it:
+    `search (--search): Input should be greater than or equal to 0`."""
+    import re
+
+    flags = {field: flag for flag, (field, _) in TRAIN_OPTIONS.items()}
+    flags |= {"data": "--data", "class_weight": "--class-weight", "augment.enabled": "--no-augment"}
+
+    def named(match: re.Match) -> str:
+        field = match.group(1)
+        return f"{field} ({flags[field]}):" if field in flags else match.group(0)
+
+    return re.sub(r"(?<![\w.-])([a-z_]+(?:\.[a-z_]+)*):", named, message)
 
 
 def register(subparsers) -> None:

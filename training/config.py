@@ -95,6 +95,19 @@ class TrainConfig(_Strict):
     reduce_lr_patience: int = Field(2, ge=1)
     class_weight: Literal["none", "balanced"] = "none"
     cache_features: bool = Field(True, description="run a frozen backbone once when not augmenting")
+    # Augmented copies of the training set the frozen backbone runs over once; the head's
+    # epochs cycle through their cached features. None = auto (training/features.py:
+    # as many as fit features.BACKBONE_PASS_BUDGET, at least 1, with a frozen backbone and
+    # augmentation on); 0 = live
+    # augmentation, one backbone pass per epoch.
+    augment_passes: int | None = Field(None, ge=0, le=50)
+    # Head configurations tried on the cached features before the run's model is trained
+    # (training/search.py); 0 = no search, the head as configured.
+    search: int = Field(0, ge=0, le=500)
+    # Decoupled weight decay (AdamW) and label smoothing of the head phase; 0 = plain Adam
+    # and cross-entropy. The search tunes both.
+    weight_decay: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     distribute: Literal["none", "mirrored", "multi_worker"] = "none"
     mixed_precision: Literal["auto", "on", "off"] = Field("auto", description="auto: on GPU only")
     # A largest/smallest class ratio above this is reported as heavy imbalance.
@@ -115,6 +128,21 @@ class TrainConfig(_Strict):
             raise ValueError("fine_tune.unfreeze_layers: simple_cnn is fully trainable already")
         if self.backbone != "simple_cnn" and self.image_size is not None and self.image_size < 32:
             raise ValueError(f"image_size: {self.backbone} needs at least 32 pixels")
+        if self.backbone == "simple_cnn" and self.search:
+            raise ValueError("search: simple_cnn has no frozen backbone whose features a search could reuse")
+        if self.backbone == "simple_cnn" and self.augment_passes:
+            raise ValueError("augment_passes: simple_cnn has no frozen backbone to cache; it augments live")
+        if not self.cache_features and (self.search or self.augment_passes):
+            field = "search" if self.search else "augment_passes"
+            raise ValueError(f"{field}: needs cached backbone features (cache_features: true)")
+        if self.search and self.augment_passes == 0 and self.augment.active:
+            raise ValueError("search: needs cached features; live augmentation (augment_passes: 0) has none")
+        if self.search and self.augment.active and self.distribute != "none":
+            raise ValueError("search: augmentation under --distribute is live, with no cached features")
+        if self.augment_passes and self.distribute != "none":
+            raise ValueError("augment_passes: cached augmented passes run without --distribute only")
+        if self.augment_passes and not self.augment.active:
+            raise ValueError("augment_passes: augmentation is off (augment.enabled: false or preset none)")
         if self.val_fraction + self.test_fraction >= 0.8:
             raise ValueError("val_fraction + test_fraction leave too little data to train on")
         return self

@@ -21,7 +21,7 @@ import numpy as np
 from imgcls.images import PREPROCESSING_VERSION
 from imgcls.modelcard import ModelCard
 from imgcls.settings import TrackingSettings
-from training import augment, calibrate, tracking
+from training import augment, calibrate, features, search, tracking
 from training import evaluate as ev
 from training.config import TrainConfig
 from training.data import DatasetScan, load_split, scan_dataset, split_view
@@ -79,19 +79,26 @@ def train(config: TrainConfig, settings: TrackingSettings | None = None) -> Trai
     for warning in scan.warnings:
         log.warning("%s", warning)
     choice = augment.choose_preset(config, scan.image_stats, scan.smallest_class("train"))
-    config = augment.resolve(config, choice)
+    sizes = {split: len(files) for split, files in scan.files.items()}
+    config = features.resolve_passes(augment.resolve(config, choice), sizes)
     tags = {
         "backbone": config.backbone,
         "git.revision": tracking.git_revision() or "unknown",
         "augment.preset": choice.preset,
         "augment.reason": choice.reason,
         "validation.rule": validation_rule(config),
+        "augment.passes": features.passes_reason(config),
     }
     with tracking.tracked_run(settings, tags=tags) as run, _training_context(config) as strategy:
         log.info("MLflow run %s (experiment %s)", run.info.run_id, settings.experiment_name)
         log.info("augmentation: %s (%s)", choice.preset, choice.reason)
+        if config.backbone != "simple_cnn":
+            log.info("backbone passes: %s", features.passes_reason(config))
         log.info("validation: %d images, %s", len(scan.files["val"]), validation_rule(config))
-        mlflow.log_params(config.flat_params())
+        params = config.flat_params()
+        if config.search:  # logged once the search has chosen them
+            params = {k: v for k, v in params.items() if k not in search.SEARCHED_FIELDS}
+        mlflow.log_params(params)
         tracking.log_dataset(scan)
         with split_view(settings.home) as view:
             splits = load_splits(scan, config, view)
@@ -109,10 +116,16 @@ def validation_rule(config: TrainConfig) -> str:
 def _run(config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_id: str) -> TrainResult:
     with strategy.scope():
         model = build_model(config, len(scan.class_names))
-        compile_model(model, config.learning_rate)
+        cache = _cached_features(model, splits, config, scan)
+        if config.search:
+            outcome = search.search_head(cache, config, len(scan.class_names), _class_weights(scan, config))
+            config = outcome.apply(config)
+            mlflow.log_params(search.searched_params(config))
+            model = build_model(config, len(scan.class_names))
+        compile_model(model, config.learning_rate, config.weight_decay, config.label_smoothing)
     params = _log_architecture(model)
     with strategy.scope():  # every compile and fit, phase 2 and the cached head included
-        history, seconds = fit_model(model, splits, config, scan)
+        history, seconds = fit_model(model, splits, config, scan, cache)
     n = len(scan.class_names)
     out_of_fold = functools.partial(calibrate.out_of_fold_logits, model, splits, config, n)
     calibrated = calibrate.calibrate(model, splits.val, splits.test, scan.class_names, out_of_fold)
@@ -166,13 +179,31 @@ def _split_bytes(scan: DatasetScan, split: str, size: tuple[int, int]) -> int:
     return len(scan.files[split]) * size[0] * size[1] * 3 * 4  # float32 pixels
 
 
-def compile_model(model: keras.Model, learning_rate: float) -> None:
-    """Adam + sparse categorical cross-entropy + accuracy."""
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=["accuracy"],
+def _cached_features(model, splits, config, scan) -> features.FeatureCache | None:
+    """The frozen backbone's features of validation and the training pass(es), when the head
+    phase trains on them (features.uses_cache); None on the live path."""
+    extractor = feature_extractor(model)
+    if not features.uses_cache(config, extractor is not None):
+        return None
+    return features.compute_cache(model, extractor, splits, config, len(scan.files["train"]))
+
+
+def compile_model(
+    model: keras.Model, learning_rate: float, weight_decay: float = 0.0, label_smoothing: float = 0.0
+) -> None:
+    """Adam (AdamW with a weight decay) + cross-entropy (sparse; on one-hot targets when it
+    smooths labels, features.targets) + accuracy."""
+    optimizer = (
+        keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay)
+        if weight_decay
+        else keras.optimizers.Adam(learning_rate)
     )
+    loss = (
+        keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+        if label_smoothing
+        else keras.losses.SparseCategoricalCrossentropy()
+    )
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
 
 
 @contextlib.contextmanager
@@ -226,11 +257,12 @@ def _log_architecture(model: keras.Model) -> ParamCounts:
     return params
 
 
-def fit_model(model: keras.Model, splits: Splits, config: TrainConfig, scan: DatasetScan):
-    """Phase 1 (head; cached features when possible) then optional fine-tuning.
+def fit_model(model: keras.Model, splits: Splits, config: TrainConfig, scan: DatasetScan, cache=None):
+    """Phase 1 (head; on the cached features when there are) then optional fine-tuning.
 
     Call it inside the tf.distribute strategy's scope. Returns the merged per-epoch
-    history and the wall-clock seconds of each epoch.
+    history and the wall-clock seconds of each epoch (epoch 1 of a cached head includes
+    the backbone passes that made the cache).
     """
     timer = EpochTimer()
     extractor = feature_extractor(model)
@@ -240,8 +272,8 @@ def fit_model(model: keras.Model, splits: Splits, config: TrainConfig, scan: Dat
         history = _fit_full(
             model, splits, config, class_weight, [*validation, timer], offset=0, validate=validate
         )
-    elif not config.augment.active and config.cache_features:
-        history = _fit_head_on_cached_features(model, extractor, splits, config, class_weight, timer)
+    elif cache is not None:
+        history = _fit_head_on_cached_features(model, cache, config, class_weight, timer)
     else:
         val_callback = CachedValidation(model.get_layer("head"), extractor, splits.val)
         history = _fit_full(
@@ -254,64 +286,42 @@ def fit_model(model: keras.Model, splits: Splits, config: TrainConfig, scan: Dat
 
 
 def _fit_full(model, splits, config, class_weight, callbacks, offset, validate=True, epochs=None):
+    train, val = splits.train, splits.val
+    if config.label_smoothing:  # the smoothing loss takes one-hot targets
+        classes = model.output_shape[-1]
+        train, val = (_one_hot(d, classes) for d in (train, val))
     result = model.fit(
-        splits.train,
-        validation_data=splits.val if validate else None,
+        train,
+        validation_data=val if validate else None,
         epochs=epochs or config.epochs,
         class_weight=class_weight,
         callbacks=[*callbacks, *_standard_callbacks(config, offset)],
         shuffle=False,  # the dataset reshuffles itself each epoch (load_splits)
-        verbose=_verbosity(),
+        verbose=features.verbosity(),
     )
     return result.history
 
 
-def _verbosity() -> int:
-    """Keras' live progress bar on a terminal, one line per epoch in logs."""
-    import sys
-
-    return 1 if sys.stdout.isatty() else 2
-
-
-def _fit_head_on_cached_features(model, extractor, splits, config, class_weight, timer):
-    """Run the frozen backbone once per split, then train only the head on the features."""
-    timer.start_once()
-    train_x, train_y = _features(extractor, splits.train)
-    val_x, val_y = _features(extractor, splits.val)
-    log.info("cached backbone features: train %s, val %s", train_x.shape, val_x.shape)
-    head = model.get_layer("head")
-    compile_model(head, config.learning_rate)
-    result = head.fit(
-        train_x,
-        train_y,
-        batch_size=config.batch_size,
-        epochs=config.epochs,
-        shuffle=True,
-        validation_data=(val_x, val_y),
-        class_weight=class_weight,
-        callbacks=[timer, *_standard_callbacks(config, 0)],
-        verbose=_verbosity(),
-    )
-    return result.history
-
-
-def _features(extractor, dataset):
-    """Backbone features and labels of a whole dataset, in one pass (so they stay aligned
-    even when the dataset reshuffles per iteration); the call is compiled once."""
+def _one_hot(dataset, classes: int):
     import tensorflow as tf
 
-    forward = tf.function(lambda images: extractor(images, training=False), reduce_retracing=True)
-    xs, ys = [], []
-    for images, labels in dataset:
-        xs.append(np.asarray(forward(images)))
-        ys.append(np.asarray(labels))
-    return np.concatenate(xs), np.concatenate(ys)
+    return dataset.map(lambda images, labels: (images, tf.one_hot(labels, classes)))
+
+
+def _fit_head_on_cached_features(model, cache, config, class_weight, timer):
+    """Train only the head on the cached features; epoch 1's time includes the backbone
+    passes that made them."""
+    head = model.get_layer("head")
+    compile_model(head, config.learning_rate, config.weight_decay, config.label_smoothing)
+    history = features.fit_head(head, cache, config, class_weight, [timer, *_standard_callbacks(config, 0)])
+    timer.seconds[0] += cache.seconds
+    return history
 
 
 def _fine_tune(model, splits, config, class_weight, timer, offset):
     opened = unfreeze_top(model, config.fine_tune.unfreeze_layers)
     log.info("fine-tuning: %d backbone layers unfrozen at lr %g", opened, config.fine_tune.learning_rate)
-    compile_model(model, config.fine_tune.learning_rate)
+    compile_model(model, config.fine_tune.learning_rate, label_smoothing=config.label_smoothing)
     mlflow.log_param("fine_tune.layers_unfrozen", opened)
     validation, validate = _validation(model, splits, config)
     callbacks = [*validation, timer]
@@ -360,7 +370,7 @@ class CachedValidation(keras.callbacks.Callback):
     def __init__(self, head: keras.Model, extractor: keras.Model, dataset):
         super().__init__()
         self.head = head
-        self.features, self.labels = _features(extractor, dataset)
+        self.features, self.labels = features.backbone_features(extractor, dataset)
 
     def on_epoch_end(self, epoch, logs=None):
         batches = np.array_split(self.features, max(1, len(self.features) // 256))
