@@ -337,13 +337,14 @@ def out_of_fold_logits(model, splits, config, num_classes: int):
     """
     import keras
 
+    from training.features import backbone_features
     from training.model import build_head, feature_extractor
 
     extractor = feature_extractor(model)
     if extractor is None:
         return None
     features, labels = zip(
-        *(_features_of(extractor, split) for split in (splits.train, splits.val)), strict=True
+        *(backbone_features(extractor, split) for split in (splits.train, splits.val)), strict=True
     )
     x, y = np.concatenate(features), np.concatenate(labels)
     if len(y) < 2 * OUT_OF_FOLD_FOLDS:
@@ -362,14 +363,6 @@ def out_of_fold_logits(model, splits, config, num_classes: int):
     log.info("calibration: out-of-fold predictions of %d images, %d errors", len(y),
              int((logits.argmax(axis=1) != y).sum()))  # fmt: skip
     return logits, y
-
-
-def _features_of(extractor, dataset) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
-    for images, batch_labels in dataset:
-        xs.append(np.asarray(extractor(images, training=False)))
-        ys.append(np.asarray(batch_labels))
-    return np.concatenate(xs), np.concatenate(ys)
 
 
 def _scores_at(logits: np.ndarray, labels: np.ndarray, temperature: float) -> Scores:
