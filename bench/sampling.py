@@ -30,6 +30,19 @@ def bentoml_role(proc, server_pid: int) -> str:
     return "model" if "imgcls-model" in line else "front"
 
 
+def service_role(server: str) -> Classify:
+    """The roles of `server`'s tree: `imgcls-1p`'s one worker holds the model (and decodes,
+    as LitServe's inference worker does), so it counts as "model"."""
+    if server != "imgcls-1p":
+        return bentoml_role
+
+    def one_process(proc, server_pid: int) -> str:
+        role = bentoml_role(proc, server_pid)
+        return "model" if role == "front" else role
+
+    return one_process
+
+
 def peer_role(proc, server_pid: int) -> str:
     """The role of one process of a peer server (bench.peers): the process holding the
     model (named by bench.peers.work, or Ray's replica) is "model"; LitServe's API servers

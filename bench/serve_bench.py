@@ -2,7 +2,7 @@
 and against the model's own speed in process, in rounds.
 
     python -m bench.serve_bench [--models resnet50] [--rounds 3] [--levels 1,32,1,128,1]
-                                [--servers imgcls,litserve,ray,mlflow] [--quick] [--out FILE]
+                                [--servers imgcls,imgcls-1p,litserve,ray,mlflow] [--quick] [--out FILE]
 
 One run registers an untrained model per case in a temporary MLflow store (alias
 `champion`) and copies that registered version into a temporary BentoML store: ResNet50
@@ -15,6 +15,8 @@ generator (bench.loadgen's `service_sender`: POST /predict, multipart field `ima
       own speed; `predict_on_batch` is the call every server makes);
   imgcls    the service (`bentoml serve`, two HTTP fronts and one model process, the
             bounded-wait batcher of service/batching.py);
+  imgcls-1p the same service in one process (`imgcls serve --one-process`): the front
+            holds the model, no second hop;
   litserve  LitServe 0.2.19, `max_batch_size=32, batch_timeout=0.01` (bench/peers/);
   ray       Ray Serve 2.60, `@serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)`;
   mlflow    `mlflow models serve --env-manager local`: it takes no image upload, so the
@@ -65,7 +67,7 @@ from bench.servers import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVERS = ("imgcls", "litserve", "ray", "mlflow")
+SERVERS = ("imgcls", "imgcls-1p", "litserve", "ray", "mlflow")
 # Requests per level: (at concurrency 1, per client above it). ResNet50 at 224 runs ~20-25
 # images/s on 2 cores: 24 lone requests give a steady p50 in ~1-2 s; 4 per client (128 at
 # c=32, ~6 s; 512 at c=128, ~25 s) keep a round of one server near 40 s: three rounds of
@@ -86,8 +88,8 @@ WARM_REQUESTS = 64
 def start_server(name: str, case: Case, args: argparse.Namespace, work: Path, stack):
     """One server, started and stopped with `stack`; its pid and URL."""
     log = args.log_dir / f"{case.key}-{name}.log"
-    if name == "imgcls":
-        srv = service_server(case, True, args, log)
+    if name in report.SERVICES:
+        srv = service_server(case, True, args, log, one_process=name == "imgcls-1p")
     elif name == "mlflow":
         srv = mlflow_server(case, args, work)
     else:
@@ -103,8 +105,8 @@ def target(name: str, srv, log: Path, case: Case, jpegs, bodies, client, args) -
         send = loadgen.mlflow_sender(client, srv.url, bodies)
         return rounds.Target(name, send, requests, sampling.cpu_counter(srv.pid))
     send = loadgen.service_sender(client, srv.url, jpegs)
-    if name == "imgcls":
-        return rounds.Target(name, send, requests, sampling.cpu_counter(srv.pid),
+    if name in report.SERVICES:
+        return rounds.Target(name, send, requests, sampling.cpu_counter(srv.pid, sampling.service_role(name)),
                              service_probe(client, srv.url, log), server_side)  # fmt: skip
     return rounds.Target(name, send, requests, sampling.cpu_counter(srv.pid, sampling.peer_role))
 

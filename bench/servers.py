@@ -29,8 +29,11 @@ def _server(cmd: list[str], env: dict[str, str], ready_path: str, port: int, log
     return ServerProcess(cmd, ready, log, env=env, cwd=ROOT, port=port, timeout_s=READY_TIMEOUT_S)
 
 
-def service_server(case: Case, batching: bool, args: argparse.Namespace, log: Path) -> ServerProcess:
-    """`imgcls serve`'s command and IMGCLS_SERVE_* variables, source=bentoml, exact tag."""
+def service_server(
+    case: Case, batching: bool, args: argparse.Namespace, log: Path, one_process: bool = False
+) -> ServerProcess:
+    """`imgcls serve`'s command and IMGCLS_SERVE_* variables, source=bentoml, exact tag;
+    `one_process`: `--one-process` with one front worker (the model in it)."""
     from service.cli import serve_command, settings_env
 
     port = free_port()
@@ -41,13 +44,27 @@ def service_server(case: Case, batching: bool, args: argparse.Namespace, log: Pa
         batching=batching,
         max_batch_size=args.max_batch_size,
         max_latency_ms=args.max_latency_ms,
-        front_workers=args.front_workers,
+        front_workers=1 if one_process else args.front_workers,
+        one_process=one_process or None,
         max_concurrent_requests=getattr(args, "max_concurrent_requests", None),
         host=HOST,
         port=port,
     )
     env = {**os.environ, **QUIET_ENV, **settings_env(options)}
+    if one_process:
+        env["BENTOML_HOME"] = str(_own_bentoml_home(Path(env["BENTOML_HOME"]), "one-process"))
     return _server(serve_command(HOST, port), env, "/readyz", port, log)
+
+
+def _own_bentoml_home(home: Path, name: str) -> Path:
+    """A BentoML home beside `home` that shares its model store: every `bentoml serve`
+    empties its home's prometheus folder when it starts, so two servers side by side
+    need a home each, or the second wipes the first's metrics."""
+    own = home.parent / f"{home.name}-{name}"
+    own.mkdir(exist_ok=True)
+    if not (own / "models").exists():
+        (own / "models").symlink_to(home / "models", target_is_directory=True)
+    return own
 
 
 def following_server(case: Case, args: argparse.Namespace, log: Path, work: Path) -> ServerProcess:

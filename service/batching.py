@@ -68,7 +68,7 @@ class Batcher:
 
     A call's items stay together in one batch (one model, one version), and the results
     come back in the order of its items. `on_batch(size, oldest_wait_s)` is told of each
-    batch (metrics).
+    batch and `on_queue(images)` of each change of the images waiting (metrics).
     """
 
     def __init__(
@@ -77,8 +77,10 @@ class Batcher:
         policy: Policy,
         on_batch: Callable[[int, float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_queue: Callable[[int], None] | None = None,
     ):
         self._run, self.policy, self._on_batch, self._clock = run, policy, on_batch, clock
+        self._on_queue = on_queue
         self._queue: deque[_Job] = deque()
         self._queued_images = 0
         self._busy = False
@@ -96,6 +98,7 @@ class Batcher:
         job = _Job(list(items), self._clock(), loop.create_future())
         self._queue.append(job)
         self._queued_images += len(job.items)
+        self._queue_changed()
         self._changed.set()
         return await job.future
 
@@ -133,7 +136,12 @@ class Batcher:
     def _pop(self) -> _Job:
         job = self._queue.popleft()
         self._queued_images -= len(job.items)
+        self._queue_changed()
         return job
+
+    def _queue_changed(self) -> None:
+        if self._on_queue is not None:
+            self._on_queue(self._queued_images)
 
     async def _dispatch(self, jobs: list[_Job]) -> None:
         if not jobs:

@@ -90,6 +90,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="HTTP front processes that decode and resize uploads (1; more where the model is fast)",
     )
     p.add_argument(
+        "--one-process",
+        action="store_const",
+        const=True,
+        help="hold the model in the HTTP front's process (no model process, no second hop: "
+        "faster on a small CPU machine with one replica; see the README)",
+    )
+    p.add_argument(
         "--max-concurrent-requests",
         type=int,
         help="predict requests running at once per front process; beyond: 503 with Retry-After (64)",
@@ -135,6 +142,9 @@ def serve(args: argparse.Namespace) -> int:
         settings = ServiceSettings()  # validated here, with a clear message, not in a worker
     except ValidationError as exc:
         for error in exc.errors():
+            if not error["loc"]:  # a rule across settings
+                print(f"error: {error['msg'].removeprefix('Value error, ')}")
+                continue
             name = f"{ENV_PREFIX}{'_'.join(map(str, error['loc'])).upper()}"
             print(f"error: {name}={error.get('input')!r}: {error['msg']}")
         return 2
@@ -185,7 +195,7 @@ def settings_env(args: argparse.Namespace) -> dict[str, str]:
         "max_batch_size", "max_wait_ms", "max_latency_ms", "max_upload_bytes", "max_pixels",
         "max_batch_images", "gpu", "front_workers", "model_workers", "poll_interval_s",
         "version", "cache_dir", "max_concurrent_requests", "max_concurrent_explains",
-        "api_keys_file", "protect_probes", "graceful_timeout_s", "min_confidence",
+        "api_keys_file", "protect_probes", "graceful_timeout_s", "min_confidence", "one_process",
     ]  # fmt: skip
     values = {name: getattr(args, name, None) for name in names}
     return {f"{ENV_PREFIX}{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)

@@ -62,8 +62,9 @@ class FollowerMetrics:
 
 
 class BatchMetrics:
-    """`imgcls_batch_size` (images per forward pass) and `imgcls_batch_wait_seconds` (how
-    long the oldest request of a batch queued), from the model process's batcher."""
+    """`imgcls_batch_size` (images per forward pass), `imgcls_batch_wait_seconds` (how
+    long the oldest request of a batch queued) and `imgcls_batch_queued_images` (images
+    waiting for the model now), from the model process's batcher."""
 
     def __init__(self) -> None:
         import prometheus_client
@@ -74,7 +75,14 @@ class BatchMetrics:
         self.wait = prometheus_client.Histogram(
             "imgcls_batch_wait_seconds", "Queueing of the oldest request of each batch", buckets=waits
         )
+        # livesum: the images waiting in every live model worker together.
+        self.queue = prometheus_client.Gauge(
+            "imgcls_batch_queued_images", "Images waiting for the model", multiprocess_mode="livesum"
+        )
 
     def observe(self, size: int, oldest_wait_s: float) -> None:
         self.size.observe(size)
         self.wait.observe(oldest_wait_s)
+
+    def queued(self, images: int) -> None:
+        self.queue.set(images)

@@ -3,6 +3,8 @@
 Two services: `ImageClassifier` answers HTTP (decodes and checks uploads, formats
 answers, serves the page) and `ClassifierModel` holds the model and batches the requests
 that arrive while it is busy (service/batching.py), so they share one forward pass.
+By default each runs in processes of its own; with `--one-process` the front holds the
+model itself and no model process starts (service/link.py says when that pays).
 BentoML builds both from their decorators when it imports this module, so the settings
 are read here, when the server starts; nothing else happens at import.
 """
@@ -32,6 +34,7 @@ from service.limits import (
     install_error_handlers,
     return_freed_memory_to_the_system,
 )
+from service.link import LocalLink, ModelLink, RemoteLink
 from service.metrics import BatchMetrics, FollowerMetrics, observe_prediction
 from service.predictor import configure_accelerator, keep_off_accelerators, top_k
 from service.replies import InputSizes, classify_replies, fitting, one_version, stale_reply
@@ -43,6 +46,7 @@ from service.shedding import (
     HeatmapLane,
     RouteLimitMiddleware,
     front_limits,
+    front_threads,
     heatmap_waiting_limit,
     model_max_concurrency,
 )
@@ -95,7 +99,10 @@ class ClassifierModel:
         _worker_started()
         configure_accelerator()
         self.follower = build_follower(SETTINGS, FollowerMetrics())
-        self.batcher = Batcher(self._classify_now, _batching_policy(SETTINGS), BatchMetrics().observe)
+        metrics = BatchMetrics()
+        self.batcher = Batcher(
+            self._classify_now, _batching_policy(SETTINGS), metrics.observe, on_queue=metrics.queued
+        )
         self.heatmaps = HeatmapLane(
             heatmap_waiting_limit(SETTINGS),
             predicting=lambda: self.batcher.active_within(PREDICTING_WITHIN_S),
@@ -154,11 +161,19 @@ class ClassifierModel:
 
         Async: it only reads memory, so it answers on the event loop at once instead of
         waiting for the worker thread behind a batch."""
+        return self.status()
+
+    def status(self) -> dict:
+        """What `describe` answers, for a caller in this process (service/link.py)."""
         return {**self.follower.served.describe(), "following": self.follower.status()}
 
 
 @bentoml.service(
-    name="imgcls", workers=SETTINGS.front_workers, traffic={"timeout": SETTINGS.timeout_s + BACKSTOP_S}
+    name="imgcls",
+    workers=SETTINGS.front_workers,
+    traffic={"timeout": SETTINGS.timeout_s + BACKSTOP_S},
+    # One process: the front is the model's process, so it declares the model's GPU.
+    **({"resources": {"gpu": 1}} if SETTINGS.gpu and SETTINGS.one_process else {}),
 )
 @bentoml.asgi_app(PAGE, path="/")
 class ImageClassifier:
@@ -170,23 +185,45 @@ class ImageClassifier:
     each answer, so a swap in the model process can never mix two versions in one answer.
     """
 
-    model = bentoml.depends(ClassifierModel)
+    if not SETTINGS.one_process:  # else no model process starts: the front holds the model
+        model_service = bentoml.depends(ClassifierModel)
 
     def __init__(self) -> None:
-        if not isinstance(self.model, ClassifierModel.inner):  # the model has a process of its own
+        self.model: ModelLink
+        if SETTINGS.one_process:
+            self.local_model = ClassifierModel()
+            self.model = LocalLink(self.local_model)
+        else:
             keep_off_accelerators()  # the front needs no accelerator: the GPU is the model's
+            self.model = RemoteLink(self.model_service)
         _worker_started()
         self.settings = SETTINGS
         self._sizes = InputSizes()  # the input sizes the model workers answered with lately
         self.uploads = Uploads(SETTINGS)  # every decode of this front: bounded memory
         return_freed_memory_to_the_system()
 
+    @bentoml.on_startup
+    def start(self) -> None:
+        """Threads for every admitted request; with one process, what BentoML does for a
+        model process of its own: follow the registry."""
+        import anyio.to_thread
+
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, front_threads(SETTINGS))
+        if SETTINGS.one_process:
+            self.local_model.follow_the_registry()
+
+    @bentoml.on_shutdown
+    def stop_the_local_model(self) -> None:
+        if SETTINGS.one_process:
+            self.local_model.stop_following()
+
     def __is_ready__(self) -> bool:
         """Ready once the model process has loaded and warmed up the champion."""
         if self._sizes.current():
             return True
         try:
-            self._sizes.heard(self.model.to_sync.describe()["image_size"])
+            self._sizes.heard(self.model.describe()["image_size"])
         except Exception:  # the model process is still starting
             return False
         return True
@@ -212,7 +249,7 @@ class ImageClassifier:
         """Grad-CAM overlay (PNG) of one uploaded image for its predicted class."""
         preview = self.uploads.preview(image, "image")
         for _ in range(ATTEMPTS):
-            reply = self.model.to_sync.heatmap(self._model_input(image, "image"))
+            reply = self.model.heatmap(self._model_input(image, "image"))
             self._sizes.heard(reply["image_size"])
             if not reply["stale"]:
                 headers = {"X-Model-Version": str(reply["version"])}
@@ -224,7 +261,7 @@ class ImageClassifier:
     @PAGE.get("/metadata")
     def metadata(self) -> dict:
         """Classes, backbone, input size, version, when it was loaded, and the follower's state."""
-        return self.model.to_sync.describe()
+        return self.model.describe()
 
     @PAGE.get("/", response_class=FileResponse)
     def page(self) -> FileResponse:
@@ -238,9 +275,7 @@ class ImageClassifier:
         for _ in range(ATTEMPTS):
             batch = [self._model_input(upload, what) for what, upload in uploads]
             replies = [
-                r
-                for i in range(0, len(batch), step)
-                for r in self.model.to_sync.classify(batch[i : i + step])
+                r for i in range(0, len(batch), step) for r in self.model.classify(batch[i : i + step])
             ]
             for reply in replies:
                 self._sizes.heard(reply["image_size"])
@@ -252,7 +287,7 @@ class ImageClassifier:
         """The model's uint8 (H, W, 3) input at each input size the workers answered with
         lately: one in steady state, two while the model workers disagree after a swap."""
         if not self._sizes.current():
-            self._sizes.heard(self.model.to_sync.describe()["image_size"])
+            self._sizes.heard(self.model.describe()["image_size"])
         return [self.uploads.model_input(upload, what, size) for size in self._sizes.current()]
 
     def _answer(self, replies: list[dict], k: int | None) -> list[dict]:

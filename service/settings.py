@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "IMGCLS_SERVE_"
@@ -124,6 +124,14 @@ class ServiceSettings(BaseSettings):
     model_workers: int = Field(
         1, ge=1, le=16, description="Model processes; each loads and follows the champion on its own."
     )
+    # Off by default: two processes keep the fronts framework-free and let several fronts
+    # feed one model process. On a small CPU machine with one replica, one process saves
+    # the second hop (service/link.py; docs/benchmarks.md has the figures).
+    one_process: bool = Field(
+        False,
+        description="Hold the model in the HTTP front's process: no model process, no second "
+        "hop; each front worker is then a whole replica with its own model and batches.",
+    )
     port: int = Field(3000, ge=1, le=65535, description="HTTP port of `imgcls serve`.")
     host: str = Field("127.0.0.1", description="Interface `imgcls serve` binds to.")
     timeout_s: int = Field(60, ge=1, description="Per-request timeout.")
@@ -133,6 +141,15 @@ class ServiceSettings(BaseSettings):
     graceful_timeout_s: int = Field(
         30, ge=1, description="Seconds in-flight requests get to finish after SIGTERM."
     )
+
+    @model_validator(mode="after")
+    def _one_model_per_process(self) -> ServiceSettings:
+        if self.one_process and self.model_workers > 1:
+            raise ValueError(
+                "one_process holds the model in each front worker: use --front-workers for "
+                "more replicas, not --model-workers"
+            )
+        return self
 
     def api_key_list(self) -> tuple[str, ...]:
         """The configured API keys (inline and from the file); empty: no key needed."""

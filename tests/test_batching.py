@@ -65,6 +65,25 @@ def test_a_lone_request_after_a_burst_is_dispatched_alone_and_at_once():
     assert decide(1, 0.0, busy=False, policy=batcher.policy) == 0.0
 
 
+def test_the_images_waiting_are_reported_as_they_queue_and_leave():
+    model, queued = HeldModel(), []
+
+    async def scenario():
+        batcher = Batcher(model, POLICY, on_queue=queued.append)
+        first = asyncio.create_task(batcher.submit([0]))
+        while not queued or queued[-1] != 0:  # queued, then taken by the (held) model
+            await asyncio.sleep(0.001)
+        rest = [asyncio.create_task(batcher.submit([1, 2])) for _ in range(3)]
+        while len(queued) < 5:
+            await asyncio.sleep(0.001)
+        model.release.set()
+        await asyncio.gather(first, *rest)
+        batcher.close()
+
+    asyncio.run(scenario())
+    assert queued == [1, 0, 2, 4, 6, 4, 2, 0]  # up one call at a time, down as the batch takes them
+
+
 def test_a_request_stays_in_one_batch_in_order_and_a_big_one_goes_alone():
     model = HeldModel()
     model.release.set()

@@ -1,4 +1,6 @@
-"""The real service: one `bentoml serve` process, real HTTP, real image files, a real browser."""
+"""The real service: `bentoml serve`, real HTTP, real image files, a real browser; every test
+runs against both ways of serving: two front processes beside a model process (the default)
+and one process holding the model (`--one-process`)."""
 
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ import pytest
 from PIL import Image
 
 from imgcls.images import load_image
-from imgcls.processes import ServerProcess, free_port
-from service.cli import serve_command
+from imgcls.processes import ServerProcess, descendants, free_port
+from service.cli import serve_command, settings_env
 from tests.browser import Chromium
 from tests.service_fixtures import (
     CLASSES,
@@ -47,19 +49,22 @@ def model_file(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("model"))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, model_file) -> str:
+@pytest.fixture(scope="module", params=["two-processes", "one-process"])
+def server(request, tmp_path_factory, model_file) -> str:
     """A real server on the tiny model (BentoML store, registry version 7); its base URL.
 
-    Two front processes: every test below also holds whichever of them answers.
+    Two front processes and a model process: every test below also holds whichever front
+    answers. One process: the front holds the model, no model process starts.
     """
+    one_process = request.param == "one-process"
     home = tmp_path_factory.mktemp("bentoml_home")
     env = service_env(
         home,
         max_upload_bytes=MAX_UPLOAD,
         max_pixels=MAX_PIXELS,
         max_batch_images=MAX_BATCH_IMAGES,
-        front_workers=2,
+        front_workers=1 if one_process else 2,
+        one_process=one_process,
         # Room for the concurrency test's 16 requests even on an overloaded machine.
         max_concurrent_decodes=32,
         decode_wait_s=30,
@@ -79,6 +84,9 @@ def server(tmp_path_factory, model_file) -> str:
         env=env, cwd=root, port=port, timeout_s=150,
     ) as srv:  # fmt: skip
         SERVER_HOLD[srv.url] = home / "hold-model"
+        workers = [" ".join(p.cmdline()) for p in descendants(srv.pid)]
+        models = [w for w in workers if "_bentoml_impl.worker" in w and "imgcls-model" in w]
+        assert len(models) == (0 if one_process else 1), workers
         yield srv.url
 
 
@@ -208,8 +216,9 @@ def test_explain_returns_a_png_overlay(server):
 
 
 def test_concurrent_requests_are_batched_and_counted(server, tmp_path_factory):
-    """16 requests queue while the model is held (the IMGCLS_HOOK_MODEL_CALL seam), so
-    batching does not depend on timing: the first runs alone, the other 15 together."""
+    """16 requests reach the batcher while the model is held (the IMGCLS_HOOK_MODEL_CALL
+    seam), so batching does not depend on timing: the first batch is held, the rest
+    queue behind it and go together."""
     data = encode(colour_image("blue"), "PNG")
     hold = _hold_file(server)
     before = httpx.get(f"{server}/metrics").text
@@ -217,7 +226,7 @@ def test_concurrent_requests_are_batched_and_counted(server, tmp_path_factory):
     try:
         with ThreadPoolExecutor(16) as pool:
             futures = [pool.submit(predict, server, data) for _ in range(16)]
-            _wait_for_queued(server, 16)
+            _wait_for_queued(server, 16, before)
             hold.unlink()
             responses = [f.result() for f in futures]
     finally:
@@ -237,20 +246,23 @@ def _hold_file(url: str) -> Path:
     return SERVER_HOLD[url]
 
 
-def _wait_for_queued(url: str, n: int, timeout_s: float = 60) -> None:
-    """Until the model service has `n` classify calls in progress (one held, the rest queued)."""
+def _wait_for_queued(url: str, n: int, before: str, timeout_s: float = 60) -> None:
+    """Until `n` images reached the model's batcher since the `before` metrics: those of
+    the held batch (counted in imgcls_batch_size when it started) and those waiting
+    behind it (imgcls_batch_queued_images)."""
     deadline = time.monotonic() + timeout_s
+    started = _adaptive_batch_sizes(before)["sum"]
     while time.monotonic() < deadline:
-        lines = httpx.get(f"{url}/metrics").text.splitlines()
+        metrics = httpx.get(f"{url}/metrics").text
         queued = sum(
             float(line.rsplit(" ", 1)[1])
-            for line in lines
-            if "request_in_progress{" in line and 'endpoint="/classify"' in line
+            for line in metrics.splitlines()
+            if line.startswith("imgcls_batch_queued_images")
         )
-        if queued >= n:
+        if _adaptive_batch_sizes(metrics)["sum"] - started + queued >= n:
             return
         time.sleep(0.05)
-    raise TimeoutError(f"{n} classify calls never reached the model process")
+    raise TimeoutError(f"{n} images never reached the model's batcher")
 
 
 def _blue_predictions(metrics: str) -> float:
@@ -285,3 +297,16 @@ def test_page_shows_the_label_of_an_uploaded_file(server, tmp_path):
         assert page.evaluate("document.getElementById('top-label').textContent") == "red"
         assert page.evaluate("document.querySelectorAll('#bars .bar').length") == 3
         page.wait_for("document.getElementById('overlay').naturalWidth > 0")
+
+
+def test_one_process_is_an_option_and_refuses_model_workers(monkeypatch, capsys):
+    from imgcls.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--one-process"])
+    assert settings_env(args)["IMGCLS_SERVE_ONE_PROCESS"] == "true"
+    assert "IMGCLS_SERVE_ONE_PROCESS" not in settings_env(build_parser().parse_args(["serve"]))
+    monkeypatch.setenv("IMGCLS_SERVE_ONE_PROCESS", "true")
+    args = build_parser().parse_args(["serve", "--model-workers", "2"])
+    assert args.func(args) == 2  # refused before any server starts
+    out = capsys.readouterr().out
+    assert "error: one_process holds the model in each front worker: use --front-workers" in out

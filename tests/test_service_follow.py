@@ -126,6 +126,22 @@ def test_a_running_service_follows_promotion_rollback_and_a_bad_version(registry
         assert 'imgcls_served_model_info{model="follow-clf",version="1"} 0.0' in metrics
 
 
+def test_one_process_follows_a_promotion_under_load(registry):
+    """`--one-process`: the front's own start hook runs the follower BentoML would start
+    in a model process; a swap there mixes no versions either."""
+    client = registry["client"]
+    client.set_registered_model_alias(NAME, "champion", "1")
+    with serve(registry, registry["uri"], "one-process.log", poll_interval_s=POLL_S, one_process=True) as srv:
+        with Clients(srv.url) as clients:
+            clients.wait_for("1")
+            client.set_registered_model_alias(NAME, "champion", "2")
+            clients.wait_for("2")
+        assert clients.failures == [], clients.failures[:5]
+        assert_no_answer_mixes_versions(clients.answers)
+        meta = httpx.get(f"{srv.url}/metadata").json()
+        assert meta["version"] == "2" and meta["image_size"] == [40, 40]
+
+
 def test_a_restart_while_mlflow_is_down_serves_the_cached_champion(registry):
     """After the test above the cache holds version 2, the last champion it loaded."""
     dead = f"http://127.0.0.1:{free_port()}"
