@@ -247,6 +247,10 @@ def model_stages(result: dict, concurrency: int, model: dict, server: str = "img
         parts.append(f"model process {cpu['model'] - own:+.1f} over in process ({own:.1f})")
     extra = sum(cpu.get(g, 0.0) for g in ("client", "front", "server"))
     parts.append(f"client+front+server {extra:.1f} share the cores with the model")
+    if own is not None and "model" in cpu:
+        # CPU-bound: the model's own ms per image over everything spent per answered image.
+        ceiling = own / (cpu["model"] + extra)
+        parts.append(f"with this CPU per image the cores allow at most {ceiling:.2f}x")
     if batch is not None:
         parts.append(f"mean batch {batch:.1f}")
     return "; ".join(parts)

@@ -56,12 +56,12 @@ class LocalLink:
     def classify(self, images: list[list[np.ndarray]]) -> list[dict]:
         import anyio.from_thread
 
-        return anyio.from_thread.run(self.model.classify, images)
+        return anyio.from_thread.run(self.model.classify_here, images)
 
     def heatmap(self, image: list[np.ndarray]) -> dict:
         import anyio.from_thread
 
-        return anyio.from_thread.run(self.model.heatmap, image)
+        return anyio.from_thread.run(self.model.heatmap_here, image)
 
     def describe(self) -> dict:
         return self.model.status()

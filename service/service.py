@@ -126,6 +126,11 @@ class ClassifierModel:
 
         Calls that arrive while a batch runs are batched together (service/batching.py):
         no learned wait, so a lone request after a burst goes at once."""
+        return await self.classify_here(images)
+
+    async def classify_here(self, images: list[list[np.ndarray]]) -> list[dict]:
+        """`classify` for a caller in this process (service/link.py), without BentoML's
+        per-call wrapping of an API method."""
         try:
             return await self.batcher.submit(images)
         except Overloaded as exc:
@@ -141,6 +146,10 @@ class ClassifierModel:
 
         Async only to wait for its turn: heatmaps run one at a time on a thread of their
         own (service/shedding.py), so a burst of /explain never holds the classify batches."""
+        return await self.heatmap_here(image)
+
+    async def heatmap_here(self, image: list[np.ndarray]) -> dict:
+        """`heatmap` for a caller in this process (service/link.py)."""
         return await self.heatmaps.run(self._heatmap, image)
 
     def _heatmap(self, candidates: list[np.ndarray]) -> dict:

@@ -97,6 +97,31 @@ def test_targets_with_the_stage_that_stops_a_failed_one(result):
     )
 
 
+def test_each_way_of_serving_gets_its_own_targets(result):
+    """`imgcls-1p` (one process): its own target lines after the default's; its lone stage
+    has no model process of its own to split off."""
+    one = [r | {"server": "imgcls-1p"} for r in result["rounds"] if r["server"] == "imgcls"]
+    for row in one:
+        row.pop("model_classify_ms_p50")
+        if row["round"] == 2 and row["concurrency"] == 1:  # 5 ms more in the server
+            row["p50_ms"] += 5.0
+            row["front_predict_ms_p50"] += 5.0
+    before = [r | {"before": "imgcls-1p"} for r in result["rounds"] if r.get("before") == "imgcls"]
+    result["rounds"] += one + before
+    checks = report.targets("resnet50", result)
+    lines = [line for ok, line in checks if ok is not None]
+    assert (
+        len(lines) == 14
+        and [line.split(":")[1].split()[0] for line in lines] == ["imgcls"] * 7 + ["imgcls-1p"] * 7
+    )
+    (ok, lone), (_, stage) = checks[7], checks[8]
+    assert not ok and lone.startswith("resnet50: imgcls-1p c=1 p50 within 5 ms") and "r2s1 +8.0" in lone
+    assert stage == (
+        "resnet50:   stage: round 2 step 1: client+HTTP +1.5 ms, "
+        "server (decode, batch, answer) beyond predict_on_batch +6.5 ms"
+    )
+
+
 def test_throughput_and_tail_targets_fail_against_a_faster_peer(result):
     for row in result["rounds"]:
         if row["server"] == "litserve" and row["concurrency"] == 32:
@@ -122,7 +147,8 @@ def test_below_the_models_own_throughput_names_the_processes(result):
     )
     assert lines[i + 1] == (
         "resnet50:   stage: CPU ms/image client 2.0, front 3.0, model 92.0, server 0.1; model process +4.0 "
-        "over in process (88.0); client+front+server 5.1 share the cores with the model; mean batch 30.0"
+        "over in process (88.0); client+front+server 5.1 share the cores with the model; with this CPU "
+        "per image the cores allow at most 0.91x; mean batch 30.0"
     )
 
 
