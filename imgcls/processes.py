@@ -42,6 +42,7 @@ QUIET_ENV = {
     "BENTOML_DO_NOT_TRACK": "true",
     "DO_NOT_TRACK": "true",
     "TF_CPP_MIN_LOG_LEVEL": "2",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 # How much of a log a failure message quotes: enough for a Python traceback.
 LOG_TAIL_CHARS = 4000

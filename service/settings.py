@@ -124,9 +124,9 @@ class ServiceSettings(BaseSettings):
     model_workers: int = Field(
         1, ge=1, le=16, description="Model processes; each loads and follows the champion on its own."
     )
-    # Off by default: two processes keep the fronts framework-free and let several fronts
-    # feed one model process. On a small CPU machine with one replica, one process saves
-    # the second hop (service/link.py; docs/benchmarks.md has the figures).
+    # Off by default: two processes keep the fronts framework-free, let several fronts feed
+    # one model process and are faster under load. One process saves the second hop: the
+    # lowest latency at low traffic (service/link.py; docs/benchmarks.md has the figures).
     one_process: bool = Field(
         False,
         description="Hold the model in the HTTP front's process: no model process, no second "
