@@ -306,6 +306,8 @@ def test_one_process_is_an_option_and_refuses_model_workers(monkeypatch, capsys)
     assert settings_env(args)["IMGCLS_SERVE_ONE_PROCESS"] == "true"
     assert "IMGCLS_SERVE_ONE_PROCESS" not in settings_env(build_parser().parse_args(["serve"]))
     monkeypatch.setenv("IMGCLS_SERVE_ONE_PROCESS", "true")
+    # `serve` exports its options to os.environ: setenv first, so teardown removes them.
+    monkeypatch.setenv("IMGCLS_SERVE_MODEL_WORKERS", "1")
     args = build_parser().parse_args(["serve", "--model-workers", "2"])
     assert args.func(args) == 2  # refused before any server starts
     out = capsys.readouterr().out
