@@ -312,3 +312,11 @@ def test_one_process_is_an_option_and_refuses_model_workers(monkeypatch, capsys)
     assert args.func(args) == 2  # refused before any server starts
     out = capsys.readouterr().out
     assert "error: one_process holds the model in each front worker: use --front-workers" in out
+
+
+def test_the_model_routes_are_left_untraced_unless_the_user_sets_exclusions():
+    from service.cli import UNTRACED_INTERNAL_ROUTES, bentoml_config_options
+
+    assert bentoml_config_options(None) == UNTRACED_INTERNAL_ROUTES
+    assert bentoml_config_options("api_server.workers=2") == f"api_server.workers=2 {UNTRACED_INTERNAL_ROUTES}"
+    assert bentoml_config_options("tracing.excluded_urls=/x") == "tracing.excluded_urls=/x"
