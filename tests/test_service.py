@@ -318,5 +318,7 @@ def test_the_model_routes_are_left_untraced_unless_the_user_sets_exclusions():
     from service.cli import UNTRACED_INTERNAL_ROUTES, bentoml_config_options
 
     assert bentoml_config_options(None) == UNTRACED_INTERNAL_ROUTES
-    assert bentoml_config_options("api_server.workers=2") == f"api_server.workers=2 {UNTRACED_INTERNAL_ROUTES}"
+    assert (
+        bentoml_config_options("api_server.workers=2") == f"api_server.workers=2 {UNTRACED_INTERNAL_ROUTES}"
+    )
     assert bentoml_config_options("tracing.excluded_urls=/x") == "tracing.excluded_urls=/x"
