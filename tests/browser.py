@@ -67,6 +67,13 @@ class Chromium:
         result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
         return result["result"].get("value")
 
+    def upload(self, image: Path) -> None:
+        """Give the page's file input `image` and wait until its answer is shown."""
+        doc = self.call("DOM.getDocument")
+        node = self.call("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")
+        self.call("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(image)])
+        self.wait_for("document.getElementById('top-label').dataset.state === 'done'")
+
     def wait_for(self, expression: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

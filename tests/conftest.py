@@ -95,3 +95,11 @@ def quick_config(data: Path, **overrides):
 def chromium() -> str | None:
     """Path of Debian's chromium, or None (browser tests skip)."""
     return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def run_artifacts(client, run_id: str, path: str = "") -> set[str]:
+    """Every artifact path of an MLflow run (folders walked)."""
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= run_artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found

@@ -290,10 +290,7 @@ def test_page_shows_the_label_of_an_uploaded_file(server, tmp_path):
         page.call("Page.enable")
         page.call("Page.navigate", url=f"{server}/")
         page.wait_for("document.readyState === 'complete' && !!document.getElementById('file')")
-        doc = page.call("DOM.getDocument")
-        node = page.call("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")
-        page.call("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(image)])
-        page.wait_for("document.getElementById('top-label').dataset.state === 'done'")
+        page.upload(image)
         assert page.evaluate("document.getElementById('top-label').textContent") == "red"
         assert page.evaluate("document.querySelectorAll('#bars .bar').length") == 3
         page.wait_for("document.getElementById('overlay').naturalWidth > 0")

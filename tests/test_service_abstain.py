@@ -95,10 +95,7 @@ def test_the_page_says_when_the_model_is_not_sure(abstaining_server, tmp_path):
         page.call("Page.enable")
         page.call("Page.navigate", url=f"{abstaining_server}/")
         page.wait_for("document.readyState === 'complete' && !!document.getElementById('file')")
-        doc = page.call("DOM.getDocument")
-        node = page.call("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")
-        page.call("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(image)])
-        page.wait_for("document.getElementById('top-label').dataset.state === 'done'")
+        page.upload(image)
         assert page.evaluate("document.getElementById('top-label').textContent").startswith(
             "not sure (best guess: "
         )

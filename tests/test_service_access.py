@@ -140,10 +140,7 @@ def test_the_page_asks_for_the_key_and_then_classifies(keyed_server, tmp_path):
             "document.getElementById('key-form').requestSubmit(); true"
         )
         page.wait_for("document.getElementById('model').textContent.includes('image-classifier v7')")
-        doc = page.call("DOM.getDocument")
-        node = page.call("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")
-        page.call("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(image)])
-        page.wait_for("document.getElementById('top-label').dataset.state === 'done'")
+        page.upload(image)
         assert page.evaluate("document.getElementById('top-label').textContent") == "red"
 
 

@@ -15,18 +15,11 @@ import pytest
 from mlflow import MlflowClient
 
 from imgcls.images import PREPROCESSING_VERSION, load_image
-from tests.conftest import quick_config
+from tests.conftest import quick_config, run_artifacts
 from training.config import ConfigError
 from training.train import train
 
 NO_AUGMENT = {"augment.enabled": False}
-
-
-def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
-    found = set()
-    for item in client.list_artifacts(run_id, path):
-        found |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
-    return found
 
 
 def test_tiny_dataset_is_learned(shapes_dir_shared, tracking):
@@ -59,7 +52,7 @@ def test_run_records_config_curves_metrics_pictures_and_model(shapes_dir_shared,
         "data/split.json",
         "model/summary.txt",
         "model_card.json",
-    } <= _artifacts(client, result.run_id)
+    } <= run_artifacts(client, result.run_id)
     assert run.inputs.dataset_inputs[0].dataset.digest == result.scan.fingerprint
 
 
@@ -91,7 +84,7 @@ def test_augmented_resnet_with_fine_tuning(shapes_dir_shared, tracking):
     result = train(config, tracking)
     assert len(result.history["loss"]) == 3 and "val_loss" in result.history
     client = MlflowClient(tracking.resolved_tracking_uri())
-    assert "plots/augmentation_preview.png" in _artifacts(client, result.run_id)
+    assert "plots/augmentation_preview.png" in run_artifacts(client, result.run_id)
     assert int(client.get_run(result.run_id).data.params["fine_tune.layers_unfrozen"]) > 0
     assert [m.step for m in client.get_metric_history(result.run_id, "loss")] == [0, 1, 2]
 
@@ -125,7 +118,7 @@ def test_mirrored_strategy_on_two_logical_cpus(shapes_dir_shared, tmp_path):
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         from imgcls.settings import TrackingSettings
-        from tests.conftest import quick_config
+        from tests.conftest import quick_config, run_artifacts
         from training.train import train
         settings = TrackingSettings(home={str(tmp_path)!r}, tracking_uri="sqlite:///{tmp_path}/m.db")
         data = {str(shapes_dir_shared)!r}

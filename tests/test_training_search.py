@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from imgcls.cli import build_parser
-from tests.conftest import quick_config
+from tests.conftest import quick_config, run_artifacts
 from training import features, search
 from training.cli import config_from_args
 from training.config import ConfigError
@@ -27,13 +27,6 @@ def _children(client: MlflowClient, run) -> list:
     return client.search_runs(
         [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'"
     )
-
-
-def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
-    found = set()
-    for item in client.list_artifacts(run_id, path):
-        found |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
-    return found
 
 
 def test_search_runs_nested_trials_picks_the_best_on_validation_and_trains_it(shapes_dir_shared, tracking):
@@ -54,7 +47,9 @@ def test_search_runs_nested_trials_picks_the_best_on_validation_and_trains_it(sh
     assert float(run.data.params["learning_rate"]) == pytest.approx(float(chosen["learning_rate"]))
     low, high = (run.data.metrics[f"search_best_minus_second_ci_{k}"] for k in ("low", "high"))
     assert low <= run.data.metrics["search_best_minus_second"] <= high
-    assert {"search/trials.csv", "search/trials.md", "plots/search.png"} <= _artifacts(client, result.run_id)
+    assert {"search/trials.csv", "search/trials.md", "plots/search.png"} <= run_artifacts(
+        client, result.run_id
+    )
     table = client.download_artifacts(result.run_id, "search/trials.csv")
     assert len(Path(table).read_text().strip().splitlines()) == 1 + 4
     assert result.metrics["accuracy"] >= 0  # the chosen head was trained and evaluated
