@@ -254,6 +254,41 @@ def http_client(concurrency: int, timeout_s: float):
     return httpx.Client(limits=limits, timeout=timeout_s, trust_env=False)
 
 
+class LevelClient:
+    """An httpx client made anew for each level (`renew`): each level's users bring their
+    own connections, as different users would.
+
+    One client kept across levels carries the burst's kept-alive connections into the lone
+    level after it, and httpcore checks every one of them on each request: after a c=128
+    burst the client's CPU per lone request went from ~1.3 to ~5 ms, in the latency path
+    (docs/benchmarks.md, "Serving beside LitServe and Ray Serve", run 6). `post` and
+    `get` go to the current client; use it as a context manager."""
+
+    def __init__(self, concurrency: int, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._client = http_client(concurrency, timeout_s)
+
+    def renew(self, concurrency: int) -> None:
+        """Close the connections of the last level; a fresh pool for `concurrency`."""
+        old, self._client = self._client, http_client(concurrency, self.timeout_s)
+        old.close()
+
+    def post(self, *args, **kwargs):
+        return self._client.post(*args, **kwargs)
+
+    def get(self, *args, **kwargs):
+        return self._client.get(*args, **kwargs)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> LevelClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def service_sender(client, url: str, jpegs: Sequence[bytes]) -> Sender:
     """POST {url}/predict with the i-th JPEG (cycling) as multipart field `image`.
 

@@ -35,6 +35,7 @@ class Target:
     probe: Callable[[], dict] | None = None
     server_side: Callable[[dict, dict], dict] | None = None
     only: frozenset[int] | None = None  # the concurrency levels it runs (None: all)
+    before_level: Callable[[int], None] | None = None  # told each level's concurrency first
 
 
 def run_rounds(
@@ -65,6 +66,8 @@ def run_rounds(
 
 
 def _measure(target: Target, concurrency: int, cap_s: float, stop: threading.Event | None) -> dict:
+    if target.before_level is not None:
+        target.before_level(concurrency)
     row = loadgen.measured_level(
         target.send, target.requests(concurrency), concurrency, cap_s,
         target.probe, target.cpu, target.server_side, stop,

@@ -103,12 +103,13 @@ def target(name: str, srv, log: Path, case: Case, jpegs, bodies, client, args) -
     requests = functools.partial(request_count, args.requests, case.key, name == "mlflow")
     if name == "mlflow":
         send = loadgen.mlflow_sender(client, srv.url, bodies)
-        return rounds.Target(name, send, requests, sampling.cpu_counter(srv.pid))
+        return rounds.Target(name, send, requests, sampling.cpu_counter(srv.pid), before_level=client.renew)
     send = loadgen.service_sender(client, srv.url, jpegs)
     if name in report.SERVICES:
         return rounds.Target(name, send, requests, sampling.cpu_counter(srv.pid, sampling.service_role(name)),
-                             service_probe(client, srv.url, log), server_side)  # fmt: skip
-    return rounds.Target(name, send, requests, sampling.cpu_counter(srv.pid, sampling.peer_role))
+                             service_probe(client, srv.url, log), server_side, before_level=client.renew)  # fmt: skip
+    return rounds.Target(name, send, requests, sampling.cpu_counter(srv.pid, sampling.peer_role),
+                         before_level=client.renew)  # fmt: skip
 
 
 def probability_gap(name: str, srv, client, jpegs, bodies, reference) -> float:
@@ -141,13 +142,14 @@ def bench_case(case: Case, jpegs: list[bytes], args: argparse.Namespace, work: P
     print(f"  (a) in-process model.predict and predict_on_batch, {case.key}", flush=True)
     out["a"], reference = raw_predict(case, inputs, lambda batch: max(48, 4 * batch))
     with contextlib.ExitStack() as stack:
-        client = stack.enter_context(loadgen.http_client(max(args.level_list), args.level_timeout))
         own = rounds.Target(
             report.MODEL, batch1_sender(case, inputs), lambda c: REQUESTS[case.key][0], only=frozenset({1})
         )
         targets, out["max_prob_gap"] = [], {}
         for name in args.server_list:
             srv, log = start_server(name, case, args, work, stack)
+            # Each server's levels get clients of their own, renewed per level (LevelClient).
+            client = stack.enter_context(loadgen.LevelClient(max(args.level_list), args.level_timeout))
             out["max_prob_gap"][name] = probability_gap(name, srv, client, jpegs, bodies, reference)
             targets.append(target(name, srv, log, case, jpegs, bodies, client, args))
         for t in targets:

@@ -183,6 +183,48 @@ def test_run_rounds_alternates_servers_within_each_round():
     assert len(calls) == 2 * 2 * (2 + 6 + 2) and all(r["requests"] == 2 * r["concurrency"] for r in rows)
 
 
+def test_each_level_of_a_target_starts_with_its_own_clients():
+    """`before_level` hears each level's concurrency before any of its requests go out
+    (the serving benchmark renews its LevelClient there)."""
+    events = []
+    target = rounds.Target(
+        "a",
+        lambda i: events.append("request") or loadgen.Answer(200),
+        lambda c: c,
+        before_level=lambda c: events.append(f"level {c}"),
+    )
+    rounds.run_rounds([target], rounds=1, levels=(1, 3, 1), cap_s=10)
+    assert events == ["level 1", "request", "level 3", *["request"] * 3, "level 1", "request"]
+
+
+def test_a_level_client_renews_its_connections():
+    import http.server
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        with loadgen.LevelClient(8, timeout_s=10) as client:
+            first = client._client
+            assert client.post(url, content=b"x").status_code == 200
+            client.renew(1)
+            assert first.is_closed and client._client is not first
+            assert client.post(url, content=b"x").status_code == 200
+        assert client._client.is_closed
+    finally:
+        server.shutdown()
+
+
 def test_drive_records_every_request_and_stops_on_the_event():
     stop = threading.Event()
 
