@@ -34,7 +34,7 @@ def service_server(
 ) -> ServerProcess:
     """`imgcls serve`'s command and IMGCLS_SERVE_* variables, source=bentoml, exact tag;
     `one_process`: `--one-process` with one front worker (the model in it)."""
-    from service.cli import bentoml_config_options, serve_command, settings_env
+    from service.cli import serve_command, settings_env
 
     port = free_port()
     options = argparse.Namespace(
@@ -51,9 +51,6 @@ def service_server(
         port=port,
     )
     env = {**os.environ, **QUIET_ENV, **settings_env(options)}
-    env["BENTOML_CONFIG_OPTIONS"] = bentoml_config_options(
-        env.get("BENTOML_CONFIG_OPTIONS")
-    )  # as imgcls serve
     if one_process:
         env["BENTOML_HOME"] = str(_own_bentoml_home(Path(env["BENTOML_HOME"]), "one-process"))
     return _server(serve_command(HOST, port), env, "/readyz", port, log)
@@ -73,7 +70,7 @@ def _own_bentoml_home(home: Path, name: str) -> Path:
 def following_server(case: Case, args: argparse.Namespace, log: Path, work: Path) -> ServerProcess:
     """`imgcls serve --source mlflow --poll-interval S` on the case's registered model: it
     follows `models:/<name>@champion` of the temporary store in `work`."""
-    from service.cli import bentoml_config_options, serve_command, settings_env
+    from service.cli import serve_command, settings_env
 
     port = free_port()
     options = argparse.Namespace(
@@ -88,9 +85,6 @@ def following_server(case: Case, args: argparse.Namespace, log: Path, work: Path
         port=port,
     )
     env = {**os.environ, **QUIET_ENV, **settings_env(options)}
-    env["BENTOML_CONFIG_OPTIONS"] = bentoml_config_options(
-        env.get("BENTOML_CONFIG_OPTIONS")
-    )  # as imgcls serve
     env["MLFLOW_TRACKING_URI"] = tracking_settings(work).tracking_uri
     return _server(serve_command(HOST, port), env, "/readyz", port, log)
 

@@ -16,12 +16,6 @@ SERVICE = "service.service:ImageClassifier"
 # After the graceful timeout, what the arbiter gets to stop its workers before the
 # command kills the whole tree (the model worker's own uvicorn waits without a bound).
 KILL_MARGIN_S = 5
-# The model process's routes are the internal hop from a front, not the public API:
-# BentoML's OpenTelemetry middleware there opened spans for every chunk of every ~150 KB
-# call (about a fifth of that process's Python time under load, py-spy); untraced, the
-# service serves 2-5% more images/s (docs/benchmarks.md). The public routes stay traced.
-# BentoML 1.4.40 takes tracing exclusions only for the whole server, hence an option.
-UNTRACED_INTERNAL_ROUTES = "tracing.excluded_urls=/classify,/heatmap,/describe"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -178,18 +172,7 @@ def serve(args: argparse.Namespace) -> int:
     print(f"serving on http://{settings.host}:{settings.port} (source: {source}, {following}, {access})")
     command = serve_command(settings.host, settings.port, settings.graceful_timeout_s)
     grace_s = settings.graceful_timeout_s + KILL_MARGIN_S
-    env["BENTOML_CONFIG_OPTIONS"] = bentoml_config_options(os.environ.get("BENTOML_CONFIG_OPTIONS"))
     return run_in_foreground(command, env={**os.environ, **env}, grace_s=grace_s)
-
-
-def bentoml_config_options(given: str | None) -> str:
-    """BENTOML_CONFIG_OPTIONS for the server: the user's own, plus the internal routes left
-    untraced unless the user set tracing exclusions themselves."""
-    if not given:
-        return UNTRACED_INTERNAL_ROUTES
-    if "tracing.excluded_urls" in given:
-        return given
-    return f"{given} {UNTRACED_INTERNAL_ROUTES}"
 
 
 def _api_keys(settings) -> tuple[str, ...] | None:

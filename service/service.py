@@ -66,6 +66,15 @@ ATTEMPTS = 3
 # from a JSON schema it builds anew for every answer (IOMixin.mime_type), which cost the
 # model process ~3% of its CPU per image under load (py-spy, ResNet50 at concurrency 32).
 Replies = Annotated[list[dict], ContentType("application/json")]
+# The model process's routes are the internal hop from a front, not the public API, so
+# they are left out of OpenTelemetry tracing (the fronts' public routes stay traced).
+# Traced, BentoML's middleware there opened a span for the request and one for every chunk
+# of every pickled reply: about a third of that process's Python time under load (py-spy
+# --gil, ResNet50 at concurrency 32). BentoML 1.4.40 makes each worker's tracing settings
+# its own service's (`services.<name>.tracing`, Service.inject_config): a top-level
+# `tracing.excluded_urls` option never reaches the model process. A user's own
+# `services.imgcls-model.tracing.excluded_urls` still wins.
+INTERNAL_ROUTES = ["/classify", "/heatmap", "/describe"]
 
 
 def _worker_started() -> None:
@@ -89,6 +98,7 @@ def _batching_policy(settings: ServiceSettings) -> Policy:
     # BentoML 1.4.40 recycles the front's client session every 100 requests / 300 s and
     # closes connections still in use (bentoml#5540, #5544): in-flight calls fail. Keep one.
     runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9},
+    tracing={"excluded_urls": INTERNAL_ROUTES},
     # No CPU resource on purpose: BentoML would cap the model's threads to it.
     **({"resources": {"gpu": 1}} if SETTINGS.gpu else {}),
 )

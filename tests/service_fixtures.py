@@ -25,7 +25,7 @@ from PIL import Image
 
 from imgcls.modelcard import ModelCard
 from imgcls.processes import QUIET_ENV, ServerProcess, free_port
-from service.cli import bentoml_config_options, serve_command
+from service.cli import serve_command
 
 CLASSES = ["red", "green", "blue"]
 SIZE = (32, 32)
@@ -150,9 +150,6 @@ def exif_rotated_jpeg(pixels: np.ndarray, orientation: int = 6) -> bytes:
 def service_env(bentoml_home: Path, **settings: object) -> dict[str, str]:
     """Environment for a `bentoml serve` child: quiet, tmp BENTOML_HOME, IMGCLS_SERVE_*."""
     env = {**os.environ, **QUIET_ENV, "BENTOML_HOME": str(bentoml_home)}
-    env["BENTOML_CONFIG_OPTIONS"] = bentoml_config_options(
-        env.get("BENTOML_CONFIG_OPTIONS")
-    )  # as imgcls serve
     env.update({f"IMGCLS_SERVE_{k.upper()}": str(v) for k, v in settings.items()})
     return env
 

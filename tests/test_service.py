@@ -5,6 +5,8 @@ and one process holding the model (`--one-process`)."""
 from __future__ import annotations
 
 import io
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import pytest
 from PIL import Image
 
 from imgcls.images import load_image
-from imgcls.processes import ServerProcess, descendants, free_port
+from imgcls.processes import QUIET_ENV, ServerProcess, descendants, free_port
 from service.cli import serve_command, settings_env
 from tests.browser import Chromium
 from tests.service_fixtures import (
@@ -38,6 +40,7 @@ from tests.service_fixtures import (
 )
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 MAX_UPLOAD = 1_000_000
 MAX_PIXELS = 1_000_000
 MAX_BATCH_IMAGES = 4
@@ -311,11 +314,50 @@ def test_one_process_is_an_option_and_refuses_model_workers(monkeypatch, capsys)
     assert "error: one_process holds the model in each front worker: use --front-workers" in out
 
 
-def test_the_model_routes_are_left_untraced_unless_the_user_sets_exclusions():
-    from service.cli import UNTRACED_INTERNAL_ROUTES, bentoml_config_options
+# What a BentoML worker does before it builds its app (_bentoml_impl/worker/service.py:
+# the service of its --service-name, then Service.to_asgi -> inject_config), then the
+# exclusion list its OpenTelemetry middleware gets, asked of three URLs.
+_WORKER_TRACING = """
+import json, sys
+import service.service as s
+from bentoml._internal.configuration.containers import BentoMLContainer
+svc = s.ImageClassifier if sys.argv[1] == "imgcls" else s.ImageClassifier.find_dependent_by_name(sys.argv[1])
+svc.inject_config()
+excluded = BentoMLContainer.tracing_excluded_urls.get()
+urls = ["http://127.0.0.1:3000/classify", "http://127.0.0.1:3000/describe", "http://127.0.0.1:3000/predict"]
+print(json.dumps([excluded.url_disabled(u) for u in urls]))
+"""
 
-    assert bentoml_config_options(None) == UNTRACED_INTERNAL_ROUTES
-    assert (
-        bentoml_config_options("api_server.workers=2") == f"api_server.workers=2 {UNTRACED_INTERNAL_ROUTES}"
+
+@pytest.mark.parametrize(
+    ("worker", "options", "untraced"),
+    [
+        ("imgcls-model", "", [True, True, False]),
+        ("imgcls", "", [False, False, False]),  # the fronts' public routes stay traced
+        (
+            "imgcls-model",
+            "services:\n  imgcls-model:\n    tracing:\n      excluded_urls: /describe\n",
+            [False, True, False],
+        ),
+    ],
+)
+def test_the_model_process_leaves_its_internal_routes_untraced(worker, options, untraced, tmp_path):
+    """A top-level `tracing.excluded_urls` option never reached the model process: each
+    worker takes its own service's tracing settings. The model service declares its own;
+    a user's `services.imgcls-model.tracing` in a BentoML config file still wins (a flat
+    BENTOML_CONFIG_OPTIONS key cannot hold the service name's dash)."""
+    env = {**os.environ, **QUIET_ENV}
+    env.pop("BENTOML_CONFIG_OPTIONS", None)
+    if options:
+        (tmp_path / "bentoml.yaml").write_text(options)
+        env["BENTOML_CONFIG"] = str(tmp_path / "bentoml.yaml")
+    out = subprocess.run(
+        [sys.executable, "-c", _WORKER_TRACING, worker],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert bentoml_config_options("tracing.excluded_urls=/x") == "tracing.excluded_urls=/x"
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == untraced
