@@ -73,7 +73,7 @@ Replies = Annotated[list[dict], ContentType("application/json")]
 # --gil, ResNet50 at concurrency 32). BentoML 1.4.40 makes each worker's tracing settings
 # its own service's (`services.<name>.tracing`, Service.inject_config): a top-level
 # `tracing.excluded_urls` option never reaches the model process. A user's own
-# `services.imgcls-model.tracing.excluded_urls` still wins.
+# `services: {imgcls-model: {tracing: ...}}` in a BentoML config file still wins.
 INTERNAL_ROUTES = ["/classify", "/heatmap", "/describe"]
 
 
