@@ -198,11 +198,10 @@ def lone_stages(row: dict, own_ms: float) -> str:
     front, model = row.get("front_predict_ms_p50"), row.get("model_classify_ms_p50")
     if front is None:
         return f"client p50 {row['p50_ms']:.1f} ms (no access-log times)"
+    head = f"round {row['round']} step {row['step']}: client+HTTP {row['p50_ms'] - front:+.1f} ms"
     if model is None:  # one process: no /classify of its own in the access log
-        return (f"round {row['round']} step {row['step']}: client+HTTP {row['p50_ms'] - front:+.1f} ms, "
-                f"server (decode, batch, answer) beyond predict_on_batch {front - own_ms:+.1f} ms")  # fmt: skip
-    return (f"round {row['round']} step {row['step']}: client+HTTP {row['p50_ms'] - front:+.1f} ms, "
-            f"front decode + call to the model {front - model:+.1f} ms, "
+        return f"{head}, server (decode, batch, answer) beyond predict_on_batch {front - own_ms:+.1f} ms"
+    return (f"{head}, front decode + call to the model {front - model:+.1f} ms, "
             f"model process beyond predict_on_batch {model - own_ms:+.1f} ms")  # fmt: skip
 
 

@@ -5,7 +5,7 @@ Two processes (the default) keep the fronts free of any ML framework (~110 MB ea
 several fronts decode for one model process, so batches form in one place, and let a
 model process restart while the fronts answer 503. One process saves the second hop:
 the pickled hand-over, a second HTTP request and BentoML's per-request work in the model
-process (tracing, metrics, access log): a lone request answers ~4 ms sooner. Under load it
+process (metrics, access log): a lone request answers ~4 ms sooner. Under load it
 is slower: HTTP handling, decodes and the batch then share one interpreter and its GIL
 (docs/benchmarks.md, "Serving beside LitServe and Ray Serve", run 3). The front's code is
 the same either way: it calls a `ModelLink`.
