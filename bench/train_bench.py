@@ -192,7 +192,7 @@ def default_command(data: Path, options: dict, home: Path) -> dict:
         "test_macro_f1": result.metrics["macro_f1"],
         "seconds": seconds,
     }
-    out |= {k: v for k, v in client_run.data.metrics.items() if k.startswith("search_")}
+    out |= {k: v for k, v in client_run.data.metrics.items() if k.startswith(("search_", "ensemble_"))}
     if config.backbone != "simple_cnn":
         out |= backbone_pass_and_probe(result, config)
         out["seconds_vs_backbone_pass"] = seconds / out["backbone_pass_seconds"]
@@ -249,7 +249,7 @@ def backbone_pass_and_probe(result, config) -> dict:
 
     from imgcls.images import load_image
     from training.features import backbone_features
-    from training.model import feature_extractor
+    from training.model import ensemble_members, feature_extractor
 
     extractor = feature_extractor(result.model)
     batches, labels = {}, {}
@@ -260,17 +260,23 @@ def backbone_pass_and_probe(result, config) -> dict:
         labels[split] = np.array([label for _, label in files])
         batches[split] = tf.data.Dataset.from_tensor_slices((pixels, labels[split])).batch(32)
     start = time.perf_counter()
-    pooled = {s: backbone_features(extractor, b)[0].mean(axis=(1, 2)) for s, b in batches.items()}
+    maps = {s: backbone_features(extractor, b)[0] for s, b in batches.items()}
     seconds = time.perf_counter() - start
+    pooled = {s: m.mean(axis=(1, 2)) for s, m in maps.items()}
     probe = LogisticRegression(max_iter=5000)
     probe.fit(
         np.concatenate([pooled["train"], pooled["val"]]), np.concatenate([labels["train"], labels["val"]])
     )
-    return {
+    out = {
         "backbone_pass_seconds": seconds,
         "backbone_pass_images": sum(len(y) for y in labels.values()),
         "linear_probe_test_accuracy": float(probe.score(pooled["test"], labels["test"])),
     }
+    # An ensemble's members alone on test: what the average adds (reported, never chosen on).
+    for i, member in enumerate(ensemble_members(result.model)):
+        logits = np.asarray(member(maps["test"], training=False))
+        out[f"ensemble_member_{i}_test_accuracy"] = float((logits.argmax(axis=1) == labels["test"]).mean())
+    return out
 
 
 def main() -> None:

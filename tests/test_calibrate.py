@@ -233,3 +233,8 @@ def test_out_of_fold_logits_cover_train_and_validation_in_order(tmp_path):
     assert (
         out_of_fold_logits(build_model(quick_config(tmp_path), 3), Splits(train, val, val), config, 3) is None
     )
+    # An ensemble's folds train each member's head and average their logits.
+    other = config.model_copy(update={"head": config.head.model_copy(update={"pooling": "max"})})
+    ensemble = build_model(config, 3, heads=[config.head, other.head])
+    logits, labels = out_of_fold_logits(ensemble, Splits(train, val, val), config, 3, [config, other])
+    assert logits.shape == (24, 3) and np.isfinite(logits).all()

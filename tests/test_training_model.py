@@ -53,6 +53,31 @@ def test_saved_model_loads_in_safe_mode_and_predicts_the_same(tmp_path):
     assert "augmentation" in [layer.name for layer in loaded.layers]
 
 
+def test_an_ensemble_head_averages_its_members_logits_and_loads_in_safe_mode(tmp_path):
+    from training.calibrate import logits_model, softmax, with_temperature
+    from training.config import HeadConfig
+    from training.model import ensemble_members, feature_extractor
+
+    config = quick_config(tmp_path, backbone="vgg16", weights="none", **{"augment.enabled": False})
+    heads = [HeadConfig(dense_units=[8]), HeadConfig(pooling="max", dense_units=[], dropout=0.0)]
+    model = build_model(config, num_classes=3, heads=heads)
+    members = ensemble_members(model)
+    assert [m.name for m in members] == ["member_0", "member_1"]
+    assert members[1].layers[-1].name == "logits"  # members end at their logits
+    pixels = np.random.default_rng(4).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    features = feature_extractor(model).predict_on_batch(pixels)
+    mean_logits = np.mean([np.asarray(m(features), dtype="float64") for m in members], axis=0)
+    np.testing.assert_allclose(model.predict_on_batch(pixels), softmax(mean_logits), atol=1e-5)
+    np.testing.assert_allclose(logits_model(model).predict_on_batch(pixels), mean_logits, atol=1e-4)
+    calibrated = with_temperature(model, 2.0)  # one temperature, after the average
+    path = tmp_path / "ensemble.keras"
+    calibrated.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(loaded.predict_on_batch(pixels), softmax(mean_logits, 2.0), atol=1e-5)
+    assert len(ensemble_members(loaded)) == 2
+    assert ensemble_members(build_model(config, num_classes=3)) == []  # a single head
+
+
 def test_local_weights_file_is_loaded(tmp_path):
     source = build_backbone("vgg16", None, (32, 32))
     path = tmp_path / "vgg16_notop.weights.h5"

@@ -16,7 +16,7 @@ from training.cli import config_from_args
 from training.config import ConfigError
 from training.data import scan_dataset, split_view
 from training.fast_head import HeadParams, Schedule, fit_trial, pool
-from training.model import build_model, feature_extractor
+from training.model import build_model, ensemble_members, feature_extractor
 from training.tracking import configure_mlflow
 from training.train import load_splits, train
 
@@ -53,6 +53,30 @@ def test_search_runs_nested_trials_picks_the_best_on_validation_and_trains_it(sh
     table = client.download_artifacts(result.run_id, "search/trials.csv")
     assert len(Path(table).read_text().strip().splitlines()) == 1 + 4
     assert result.metrics["accuracy"] >= 0  # the chosen head was trained and evaluated
+    # The default ensemble (5) keeps all 4 trials, best first, each trained with its own config.
+    members = ensemble_members(result.model)
+    assert len(members) == 4 == run.data.metrics["ensemble_members"]
+    ranked = sorted(trials, key=lambda t: (-t.data.metrics["val_accuracy"], t.data.metrics["val_loss"]))
+    table = Path(client.download_artifacts(result.run_id, "search/ensemble.md")).read_text().splitlines()
+    assert [row.split("|")[2].strip() for row in table[2:]] == [t.data.params["trial"] for t in ranked]
+    assert int(ranked[0].data.params["trial"]) == best
+    for member, trial in zip(members, ranked, strict=True):
+        units = int(trial.data.params["units"])
+        assert [w.shape[-1] for w in member.trainable_weights] == ([units, units] if units else []) + [3, 3]
+    assert 0 <= run.data.metrics["ensemble_val_accuracy"] <= 1
+    assert "ensemble_member_3_val_accuracy" in run.data.metrics
+
+
+def test_ensemble_one_keeps_the_best_trial_alone(shapes_dir_shared, tracking):
+    config = quick_config(
+        shapes_dir_shared, search=2, search_ensemble=1, **TINY_VGG, **{"augment.enabled": False}
+    )
+    result = train(config, tracking)
+    assert ensemble_members(result.model) == []
+    assert (
+        "ensemble_members"
+        not in MlflowClient(tracking.resolved_tracking_uri()).get_run(result.run_id).data.metrics
+    )
 
 
 def _synthetic_cache(seed: int = 0, classes: int = 3, n: int = 60) -> features.FeatureCache:
@@ -148,6 +172,7 @@ def _args(*argv: str):
     ("argv", "message"),
     [
         (["--search", "-1"], "search (--search): Input should be greater than or equal to 0"),
+        (["--ensemble", "0"], "search_ensemble (--ensemble): Input should be greater than or equal to 1"),
         (["--augment-passes", "-2"], "augment_passes (--augment-passes): Input should be greater than"),
         (
             ["--backbone", "simple_cnn", "--search", "5"],

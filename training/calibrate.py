@@ -326,19 +326,19 @@ def _fit_out_of_fold(out_of_fold, no_error: Fit) -> Fit:
     return Fit(fit.temperature, reason, fit.errors)
 
 
-def out_of_fold_logits(model, splits, config, num_classes: int):
+def out_of_fold_logits(model, splits, config, num_classes: int, members=None):
     """Held-out (logits, labels) of train + validation, from heads trained on the other folds
     of their cached backbone features; None for a model without a frozen backbone (or
     fewer than two images a fold).
 
     Each of the OUT_OF_FOLD_FOLDS heads is built and trained as the run's own head (same
     config, learning rate, batch size, epochs; early stopping on its training loss), so
-    the held-out answers are as confident as the model's own on images it never saw.
+    the held-out answers are as confident as the model's own on images it never saw. For
+    an ensemble, `members` holds each member's run config: every fold trains them all and
+    averages their logits, as the model does.
     """
-    import keras
-
     from training.features import backbone_features
-    from training.model import build_head, feature_extractor
+    from training.model import feature_extractor
 
     extractor = feature_extractor(model)
     if extractor is None:
@@ -352,17 +352,29 @@ def out_of_fold_logits(model, splits, config, num_classes: int):
     folds = np.random.default_rng(config.seed).permutation(len(y)) % OUT_OF_FOLD_FOLDS
     logits = np.zeros((len(y), num_classes))
     for k in range(OUT_OF_FOLD_FOLDS):
-        head = build_head(config.head, x.shape[1:], num_classes)
-        head.compile(
-            optimizer=keras.optimizers.Adam(config.learning_rate), loss="sparse_categorical_crossentropy"
-        )
-        stop = keras.callbacks.EarlyStopping(monitor="loss", patience=config.early_stopping_patience)
-        head.fit(x[folds != k], y[folds != k], batch_size=config.batch_size, epochs=config.epochs,
-                 callbacks=[stop], verbose=0)  # fmt: skip
-        logits[folds == k] = np.asarray(logits_model(head).predict_on_batch(x[folds == k]))
+        held_out = [
+            _fold_logits(member, x[folds != k], y[folds != k], x[folds == k], num_classes)
+            for member in members or [config]
+        ]
+        logits[folds == k] = np.mean(held_out, axis=0)
     log.info("calibration: out-of-fold predictions of %d images, %d errors", len(y),
              int((logits.argmax(axis=1) != y).sum()))  # fmt: skip
     return logits, y
+
+
+def _fold_logits(config, x, y, held_out, num_classes: int) -> np.ndarray:
+    """Logits on `held_out` of a head of `config` trained on (x, y)."""
+    import keras
+
+    from training.model import build_head
+
+    head = build_head(config.head, x.shape[1:], num_classes)
+    head.compile(
+        optimizer=keras.optimizers.Adam(config.learning_rate), loss="sparse_categorical_crossentropy"
+    )
+    stop = keras.callbacks.EarlyStopping(monitor="loss", patience=config.early_stopping_patience)
+    head.fit(x, y, batch_size=config.batch_size, epochs=config.epochs, callbacks=[stop], verbose=0)
+    return np.asarray(logits_model(head).predict_on_batch(held_out))
 
 
 def _scores_at(logits: np.ndarray, labels: np.ndarray, temperature: float) -> Scores:

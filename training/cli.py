@@ -63,6 +63,15 @@ TRAIN_OPTIONS: dict[str, tuple[str, dict]] = {
             "(default 0: the head as configured)",
         },
     ),
+    "--ensemble": (
+        "search_ensemble",
+        {
+            "type": int,
+            "metavar": "K",
+            "help": "with --search: average the heads of its K best trials (on validation), each "
+            "trained with its own configuration, in the saved model (default 5; 1: the best alone)",
+        },
+    ),
     "--augment-passes": (
         "augment_passes",
         {

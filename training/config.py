@@ -104,6 +104,10 @@ class TrainConfig(_Strict):
     # Head configurations tried on the cached features before the run's model is trained
     # (training/search.py); 0 = no search, the head as configured.
     search: int = Field(0, ge=0, le=500)
+    # With a search: the heads of its best K trials (on validation), each trained with its
+    # own configuration, are averaged in the saved model (training/ensemble.py); 1 = the
+    # best trial alone.
+    search_ensemble: int = Field(5, ge=1, le=50)
     # Decoupled weight decay (AdamW) and label smoothing of the head phase; 0 = plain Adam
     # and cross-entropy. The search tunes both.
     weight_decay: float = Field(0.0, ge=0, lt=1)

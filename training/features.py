@@ -156,8 +156,16 @@ def _affordable_passes(wanted: int, bytes_per_pass: int) -> int:
     return passes
 
 
-def fit_head(head: keras.Model, cache: FeatureCache, config: TrainConfig, class_weight, callbacks) -> dict:
+def fit_head(
+    head: keras.Model,
+    cache: FeatureCache,
+    config: TrainConfig,
+    class_weight,
+    callbacks,
+    verbose: int | None = None,
+) -> dict:
     """Train the head (compiled already) on the cached features; returns Keras' history.
+    `verbose`: Keras' (default `verbosity()`).
 
     One pass: Keras shuffles the arrays each epoch. Several: epoch e trains on pass e mod K
     (CycledPasses). Labels are one-hot when the loss smooths them.
@@ -165,7 +173,7 @@ def fit_head(head: keras.Model, cache: FeatureCache, config: TrainConfig, class_
     classes = head.output_shape[-1]
     val = (cache.val_x, targets(cache.val_y, classes, config.label_smoothing))
     common = {"epochs": config.epochs, "validation_data": val, "class_weight": class_weight}
-    common |= {"callbacks": callbacks, "verbose": verbosity()}
+    common |= {"callbacks": callbacks, "verbose": verbosity() if verbose is None else verbose}
     if cache.passes == 1:
         y = targets(cache.train_y[0], classes, config.label_smoothing)
         return head.fit(cache.train_x[0], y, batch_size=config.batch_size, shuffle=True, **common).history

@@ -33,8 +33,12 @@ class ParamCounts:
     frozen: int
 
 
-def build_model(config: TrainConfig, num_classes: int) -> keras.Model:
-    """The full classifier for `config`: raw pixels in, class probabilities out."""
+def build_model(config: TrainConfig, num_classes: int, heads: list[HeadConfig] | None = None) -> keras.Model:
+    """The full classifier for `config`: raw pixels in, class probabilities out.
+
+    With several `heads` (a search's best trials, training/ensemble.py) the head is their
+    ensemble (`build_ensemble_head`); else it is `config.head`.
+    """
     inputs = keras.Input(shape=(*config.input_size, 3), name="image")
     x = inputs
     if config.augment.active:
@@ -46,7 +50,13 @@ def build_model(config: TrainConfig, num_classes: int) -> keras.Model:
         backbone = build_backbone(config.backbone, config.weights_arg, config.input_size)
         # training=False keeps BatchNorm in inference mode, also when fine-tuning later.
         x = backbone(x, training=False)
-        outputs = build_head(config.head, backbone.output.shape[1:], num_classes)(x)
+        shape = backbone.output.shape[1:]
+        head = (
+            build_ensemble_head(heads, shape, num_classes)
+            if heads and len(heads) > 1
+            else build_head(config.head, shape, num_classes)
+        )
+        outputs = head(x)
     return keras.Model(inputs, outputs, name=f"{config.backbone}_classifier")
 
 
@@ -131,8 +141,13 @@ def build_augmentation(config: AugmentConfig, seed: int) -> keras.Sequential:
     return keras.Sequential(layers, name="augmentation")
 
 
-def build_head(config: HeadConfig, feature_shape, num_classes: int) -> keras.Sequential:
-    """The trainable classifier on top of backbone features (a sub-model named "head")."""
+def build_head(
+    config: HeadConfig, feature_shape, num_classes: int, name: str = "head", probabilities: bool = True
+) -> keras.Sequential:
+    """The trainable classifier on top of backbone features (a sub-model named "head").
+
+    `probabilities=False`: it ends at its Dense `logits` (an ensemble's member).
+    """
     layers: list[keras.layers.Layer] = [keras.Input(shape=tuple(feature_shape))]
     pooling = {
         "avg": keras.layers.GlobalAveragePooling2D,
@@ -144,8 +159,36 @@ def build_head(config: HeadConfig, feature_shape, num_classes: int) -> keras.Seq
         layers.append(keras.layers.Dense(units, activation="relu", name=f"dense_{i}"))
         if config.dropout:
             layers.append(keras.layers.Dropout(config.dropout, name=f"dropout_{i}"))
-    layers.extend(classifier_end(num_classes))
-    return keras.Sequential(layers, name="head")
+    ending = classifier_end(num_classes)
+    layers.extend(ending if probabilities else ending[:1])
+    return keras.Sequential(layers, name=name)
+
+
+def build_ensemble_head(heads: list[HeadConfig], feature_shape, num_classes: int) -> keras.Model:
+    """Several heads on the same backbone features, averaged: the sub-model named "head".
+
+    Each member `member_<i>` ends at its own logits; an `Average` of them then goes through
+    the one temperature and softmax of `classifier_end`, so calibration and `safe_mode`
+    loading see the same stock layers as a single head's.
+    """
+    inputs = keras.Input(shape=tuple(feature_shape), name="features")
+    logits = [
+        build_head(head, feature_shape, num_classes, name=f"member_{i}", probabilities=False)(inputs)
+        for i, head in enumerate(heads)
+    ]
+    x = keras.layers.Average(dtype="float32", name="average_logits")(logits)
+    for layer in classifier_end(num_classes)[1:]:
+        x = layer(x)
+    return keras.Model(inputs, x, name="head")
+
+
+def ensemble_members(model: keras.Model) -> list[keras.Model]:
+    """The member heads of a model whose head is an ensemble; [] for a single head."""
+    names = [layer.name for layer in model.layers]
+    if "head" not in names:
+        return []
+    head = model.get_layer("head")
+    return [layer for layer in head.layers if layer.name.startswith("member_")]
 
 
 def classifier_end(num_classes: int) -> list[keras.layers.Layer]:

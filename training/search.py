@@ -78,16 +78,21 @@ class Spread:
 
 @dataclass(frozen=True)
 class SearchOutcome:
-    """All trials (in order), the best one, the spread and the time they took."""
+    """All trials (in order), the ranked ones (best first), the spread and the time they took."""
 
     trials: list[Trial]
-    best: Trial
+    ranked: list[Trial]
     spread: Spread | None
     seconds: float
 
-    def apply(self, config: TrainConfig) -> TrainConfig:
-        """`config` with the best trial's head, learning rate, weight decay, smoothing."""
-        p = self.best.params
+    @property
+    def best(self) -> Trial:
+        return self.ranked[0]
+
+    def apply(self, config: TrainConfig, trial: Trial | None = None) -> TrainConfig:
+        """`config` with the best trial's (or `trial`'s) head, learning rate, weight decay,
+        label smoothing."""
+        p = (trial or self.best).params
         head = HeadConfig(pooling=p.pooling, dense_units=[p.units] if p.units else [], dropout=p.dropout)
         update = {"head": head, "learning_rate": p.learning_rate, "weight_decay": p.weight_decay}
         return config.model_copy(update=update | {"label_smoothing": p.label_smoothing})
@@ -117,7 +122,7 @@ def search_head(cache: FeatureCache, config: TrainConfig, classes: int, class_we
     trials = objective.trials
     ranked = sorted(trials, key=lambda t: (-t.fit.val_accuracy, t.fit.val_loss, t.number))
     spread = _spread(ranked[0], ranked[1], cache.val_y, config.seed) if len(ranked) > 1 else None
-    outcome = SearchOutcome(trials, ranked[0], spread, time.perf_counter() - start)
+    outcome = SearchOutcome(trials, ranked, spread, time.perf_counter() - start)
     _record(outcome, cache)
     return outcome
 

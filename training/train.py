@@ -21,7 +21,7 @@ import numpy as np
 from imgcls.images import PREPROCESSING_VERSION
 from imgcls.modelcard import ModelCard
 from imgcls.settings import TrackingSettings
-from training import augment, calibrate, features, search, tracking
+from training import augment, calibrate, ensemble, features, search, tracking
 from training import evaluate as ev
 from training.config import TrainConfig
 from training.data import DatasetScan, load_split, scan_dataset, split_view
@@ -117,17 +117,20 @@ def _run(config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_i
     with strategy.scope():
         model = build_model(config, len(scan.class_names))
         cache = _cached_features(model, splits, config, scan)
+        members = None
         if config.search:
             outcome = search.search_head(cache, config, len(scan.class_names), _class_weights(scan, config))
             config = outcome.apply(config)
             mlflow.log_params(search.searched_params(config))
-            model = build_model(config, len(scan.class_names))
+            members = ensemble.members(outcome, config) if config.search_ensemble > 1 else None
+            model = build_model(config, len(scan.class_names), ensemble.heads(members) if members else None)
         compile_model(model, config.learning_rate, config.weight_decay, config.label_smoothing)
     params = _log_architecture(model)
     with strategy.scope():  # every compile and fit, phase 2 and the cached head included
-        history, seconds = fit_model(model, splits, config, scan, cache)
+        history, seconds = fit_model(model, splits, config, scan, cache, members)
     n = len(scan.class_names)
-    out_of_fold = functools.partial(calibrate.out_of_fold_logits, model, splits, config, n)
+    member_configs = [c for _, c in members] if members else None
+    out_of_fold = functools.partial(calibrate.out_of_fold_logits, model, splits, config, n, member_configs)
     calibrated = calibrate.calibrate(model, splits.val, splits.test, scan.class_names, out_of_fold)
     model, evaluation = calibrated.model, calibrated.test
     metrics = evaluation.metrics()
@@ -257,8 +260,11 @@ def _log_architecture(model: keras.Model) -> ParamCounts:
     return params
 
 
-def fit_model(model: keras.Model, splits: Splits, config: TrainConfig, scan: DatasetScan, cache=None):
-    """Phase 1 (head; on the cached features when there are) then optional fine-tuning.
+def fit_model(
+    model: keras.Model, splits: Splits, config: TrainConfig, scan: DatasetScan, cache=None, members=None
+):
+    """Phase 1 (head; on the cached features when there are; each head of an ensemble's
+    `members`, training/ensemble.py) then optional fine-tuning.
 
     Call it inside the tf.distribute strategy's scope. Returns the merged per-epoch
     history and the wall-clock seconds of each epoch (epoch 1 of a cached head includes
@@ -272,6 +278,8 @@ def fit_model(model: keras.Model, splits: Splits, config: TrainConfig, scan: Dat
         history = _fit_full(
             model, splits, config, class_weight, [*validation, timer], offset=0, validate=validate
         )
+    elif cache is not None and members:
+        history = _fit_ensemble_on_cached_features(model, cache, members, class_weight, timer)
     elif cache is not None:
         history = _fit_head_on_cached_features(model, cache, config, class_weight, timer)
     else:
@@ -314,6 +322,21 @@ def _fit_head_on_cached_features(model, cache, config, class_weight, timer):
     head = model.get_layer("head")
     compile_model(head, config.learning_rate, config.weight_decay, config.label_smoothing)
     history = features.fit_head(head, cache, config, class_weight, [timer, *_standard_callbacks(config, 0)])
+    timer.seconds[0] += cache.seconds
+    return history
+
+
+def _fit_ensemble_on_cached_features(model, cache, members, class_weight, timer):
+    """Train each member head on the cached features; the first (the best trial's) is
+    timed and logged per epoch, and its curves are the run's."""
+
+    def callbacks(config: TrainConfig, first: bool) -> list:
+        standard = _standard_callbacks(config, 0)
+        quiet = [c for c in standard if not isinstance(c, tracking.EpochMetricsLogger)]
+        return [timer, *standard] if first else quiet
+
+    history = ensemble.fit_members(model, cache, members, class_weight, compile_model, callbacks)
+    ensemble.log_ensemble(model, cache, members)
     timer.seconds[0] += cache.seconds
     return history
 

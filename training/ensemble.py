@@ -1,0 +1,120 @@
+"""The search's best heads, averaged (`search_ensemble: K`, `--ensemble K`, default 5).
+
+On a few hundred validation images the search's best trials cannot be told apart (its
+spread says so: training/search.py), so picking the single best one picks among equals
+by chance. With K > 1 the run keeps the K best trials instead (ranked on validation only,
+as the search ranks them), trains each one's head as the run's head is trained (Keras, on
+the cached features, with its own learning rate, weight decay, label smoothing, early
+stopping on validation), and the saved model averages their logits in front of the one
+temperature and softmax (`training.model.build_ensemble_head`: stock layers, one backbone
+pass). The fine-tuning phase and temperature scaling then work on the averaged output.
+What it gains on the CIFAR-10 row, and what it costs: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import keras
+import mlflow
+import numpy as np
+
+from training import features
+from training.calibrate import negative_log_likelihood, softmax
+from training.config import HeadConfig, TrainConfig
+from training.features import FeatureCache
+from training.model import ensemble_members
+from training.search import SearchOutcome, Trial
+
+log = logging.getLogger(__name__)
+
+
+def members(outcome: SearchOutcome, config: TrainConfig) -> list[tuple[Trial, TrainConfig]]:
+    """The K best trials (best first) and the run config each one's head trains with."""
+    k = min(config.search_ensemble, len(outcome.ranked))
+    return [(trial, outcome.apply(config, trial)) for trial in outcome.ranked[:k]]
+
+
+def heads(chosen: list[tuple[Trial, TrainConfig]]) -> list[HeadConfig]:
+    """The head configurations of `members(...)`, for `build_model(..., heads=...)`."""
+    return [config.head for _, config in chosen]
+
+
+def fit_members(
+    model: keras.Model,
+    cache: FeatureCache,
+    chosen: list[tuple[Trial, TrainConfig]],
+    class_weight,
+    compile_model: Callable,
+    callbacks: Callable[[TrainConfig, bool], list],
+) -> dict:
+    """Train each member head of `model` on the cached features with its own config.
+
+    `callbacks(config, first)` gives a member's callbacks; the first (the best trial's)
+    fit is the run's history and shows its epochs, the others run quietly (a debug line
+    each). Returns the first member's history.
+    """
+    history: dict = {}
+    for i, (head, (trial, config)) in enumerate(zip(ensemble_members(model), chosen, strict=True)):
+        classifier = keras.Sequential(
+            [
+                keras.Input(shape=cache.feature_shape),
+                head,
+                keras.layers.Activation("softmax", dtype="float32"),
+            ],
+            name=f"train_{head.name}",
+        )
+        compile_model(classifier, config.learning_rate, config.weight_decay, config.label_smoothing)
+        first = i == 0
+        fitted = features.fit_head(
+            classifier, cache, config, class_weight, callbacks(config, first), verbose=None if first else 0
+        )
+        if first:
+            history = fitted
+        log.debug(
+            "ensemble member %d of %d (trial %d): %d epochs, val accuracy %.4f",
+            i + 1,
+            len(chosen),
+            trial.number,
+            len(fitted["loss"]),
+            _accuracy(softmax(np.asarray(head(cache.val_x, training=False))), cache.val_y),
+        )
+    return history
+
+
+def log_ensemble(model: keras.Model, cache: FeatureCache, chosen: list[tuple[Trial, TrainConfig]]) -> None:
+    """The ensemble's and each member's validation figures (metrics, a table, one line)."""
+    head = model.get_layer("head")
+    probs = np.asarray(head(cache.val_x, training=False), dtype=np.float64)
+    alone = [softmax(np.asarray(member(cache.val_x, training=False))) for member in ensemble_members(model)]
+    metrics = {
+        "ensemble_members": len(chosen),
+        "ensemble_val_accuracy": _accuracy(probs, cache.val_y),
+        "ensemble_val_loss": negative_log_likelihood(probs, cache.val_y),
+    }
+    for i, member_probs in enumerate(alone):
+        metrics[f"ensemble_member_{i}_val_accuracy"] = _accuracy(member_probs, cache.val_y)
+    mlflow.log_metrics(metrics)
+    rows = [
+        "| member | trial | pooling | units | dropout | learning rate | weight decay | label smoothing | val accuracy |"
+    ]
+    rows.append("|---|---|---|---|---|---|---|---|---|")
+    for i, ((trial, _), member_probs) in enumerate(zip(chosen, alone, strict=True)):
+        p = trial.params
+        rows.append(
+            f"| {i} | {trial.number} | {p.pooling} | {p.units} | {p.dropout:.3f} | {p.learning_rate:.3g} | "
+            f"{p.weight_decay:.3g} | {p.label_smoothing:.3f} | {_accuracy(member_probs, cache.val_y):.4f} |"
+        )
+    mlflow.log_text("\n".join(rows) + "\n", "search/ensemble.md")
+    log.info(
+        "ensemble: the %d best trials (%s) averaged, val accuracy %.4f (the best trial's head alone %.4f)",
+        len(chosen),
+        ", ".join(str(trial.number) for trial, _ in chosen),
+        metrics["ensemble_val_accuracy"],
+        metrics["ensemble_member_0_val_accuracy"],
+    )
+
+
+def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float((probs.argmax(axis=1) == labels).mean())
