@@ -64,7 +64,10 @@ def test_search_runs_nested_trials_picks_the_best_on_validation_and_trains_it(sh
         units = int(trial.data.params["units"])
         assert [w.shape[-1] for w in member.trainable_weights] == ([units, units] if units else []) + [3, 3]
     assert 0 <= run.data.metrics["ensemble_val_accuracy"] <= 1
-    assert "ensemble_member_3_val_accuracy" in run.data.metrics
+    for i, trial in enumerate(ranked[1:], start=1):  # the trials' own heads, as the search scored them
+        assert run.data.metrics[f"ensemble_member_{i}_val_accuracy"] == pytest.approx(
+            trial.data.metrics["val_accuracy"], abs=1.01 / len(result.scan.files["val"])
+        )
 
 
 def test_ensemble_one_keeps_the_best_trial_alone(shapes_dir_shared, tracking):

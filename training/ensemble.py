@@ -2,14 +2,14 @@
 
 On a few hundred validation images the search's best trials cannot be told apart (its
 spread says so: training/search.py), so picking the single best one picks among equals
-by chance. With K > 1 the run keeps the K best trials instead (ranked on validation only,
-as the search ranks them), trains each one's head as the run's head is trained (Keras, on
-the cached features, with its own learning rate, weight decay, label smoothing, early
-stopping on validation), and the saved model averages their logits in front of the one
-temperature and softmax (`training.model.build_ensemble_head`: stock layers, one backbone
-pass). The fine-tuning phase and temperature scaling then work on the averaged output.
-What it gains on the CIFAR-10 row, and what it costs: docs/benchmarks.md.
-"""
+by chance. With K > 1 the run keeps the K best trials instead, ranked on validation only
+as the search ranks them. The best trial's head is trained by Keras as a single head
+would be; the others keep the weights their trials ended with (the same head, optimiser
+and early stopping in training/fast_head.py), so they cost no further training. The saved
+model runs the backbone once and averages the heads' logits in front of the one
+temperature and softmax (`training.model.build_ensemble_head`: stock layers). The
+fine-tuning phase and temperature scaling then work on the averaged output. What it gains
+on the CIFAR-10 row, and what it costs: docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -47,39 +47,24 @@ def fit_members(
     chosen: list[tuple[Trial, TrainConfig]],
     class_weight,
     compile_model: Callable,
-    callbacks: Callable[[TrainConfig, bool], list],
+    callbacks: list,
 ) -> dict:
-    """Train each member head of `model` on the cached features with its own config.
-
-    `callbacks(config, first)` gives a member's callbacks; the first (the best trial's)
-    fit is the run's history and shows its epochs, the others run quietly (a debug line
-    each). Returns the first member's history.
+    """The member heads of `model`: the first (the best trial's) trained by Keras on the
+    cached features with `callbacks` (its history is the run's); the others take the
+    weights their trials ended the search with (training/fast_head.py trains the same
+    head with the same optimiser, at its restored best epoch), so they cost nothing more.
+    Returns the first member's history.
     """
-    history: dict = {}
-    for i, (head, (trial, config)) in enumerate(zip(ensemble_members(model), chosen, strict=True)):
-        classifier = keras.Sequential(
-            [
-                keras.Input(shape=cache.feature_shape),
-                head,
-                keras.layers.Activation("softmax", dtype="float32"),
-            ],
-            name=f"train_{head.name}",
-        )
-        compile_model(classifier, config.learning_rate, config.weight_decay, config.label_smoothing)
-        first = i == 0
-        fitted = features.fit_head(
-            classifier, cache, config, class_weight, callbacks(config, first), verbose=None if first else 0
-        )
-        if first:
-            history = fitted
-        log.debug(
-            "ensemble member %d of %d (trial %d): %d epochs, val accuracy %.4f",
-            i + 1,
-            len(chosen),
-            trial.number,
-            len(fitted["loss"]),
-            _accuracy(softmax(np.asarray(head(cache.val_x, training=False))), cache.val_y),
-        )
+    members = ensemble_members(model)
+    first, config = members[0], chosen[0][1]
+    classifier = keras.Sequential(
+        [keras.Input(shape=cache.feature_shape), first, keras.layers.Activation("softmax", dtype="float32")],
+        name=f"train_{first.name}",
+    )
+    compile_model(classifier, config.learning_rate, config.weight_decay, config.label_smoothing)
+    history = features.fit_head(classifier, cache, config, class_weight, callbacks)
+    for member, (trial, _) in zip(members[1:], chosen[1:], strict=True):
+        member.set_weights(trial.fit.weights)
     return history
 
 

@@ -47,13 +47,16 @@ class Schedule:
 
 @dataclass
 class TrialFit:
-    """Validation outcome of one trial at its restored (lowest val_loss) epoch."""
+    """Validation outcome of one trial at its restored (lowest val_loss) epoch, and the
+    head's weights there: [kernel, bias] per Dense layer, in the order of the Keras head's
+    `get_weights()` (training/model.py build_head)."""
 
     val_probs: np.ndarray
     val_loss: float
     val_accuracy: float
     epochs: int
     best_epoch: int
+    weights: list[np.ndarray]
 
 
 def pool(maps: np.ndarray, pooling: str) -> np.ndarray:
@@ -83,7 +86,7 @@ def fit_trial(train, val, classes: int, params: HeadParams, schedule: Schedule, 
         probs = _forward(weights, val[0])[-1]
         loss = _cross_entropy(probs, val[1], classes, params.label_smoothing)
         if loss < best_loss:
-            best, best_loss, stale = (probs, epoch), loss, 0
+            best, best_loss, stale = (probs, epoch, [w.copy() for w in weights]), loss, 0
         else:
             stale += 1
         if loss < plateau_best - _LR_MIN_DELTA:
@@ -95,9 +98,9 @@ def fit_trial(train, val, classes: int, params: HeadParams, schedule: Schedule, 
                 plateau = 0
         if stale >= schedule.patience:
             break
-    probs, best_epoch = best
+    probs, best_epoch, best_weights = best
     accuracy = float((probs.argmax(axis=1) == val[1]).mean())
-    return TrialFit(probs, float(best_loss), accuracy, epoch + 1, best_epoch + 1)
+    return TrialFit(probs, float(best_loss), accuracy, epoch + 1, best_epoch + 1, best_weights)
 
 
 def _init(inputs: int, units: int, classes: int, rng) -> list[np.ndarray]:

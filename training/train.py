@@ -327,14 +327,9 @@ def _fit_head_on_cached_features(model, cache, config, class_weight, timer):
 
 
 def _fit_ensemble_on_cached_features(model, cache, members, class_weight, timer):
-    """Train each member head on the cached features; the first (the best trial's) is
-    timed and logged per epoch, and its curves are the run's."""
-
-    def callbacks(config: TrainConfig, first: bool) -> list:
-        standard = _standard_callbacks(config, 0)
-        quiet = [c for c in standard if not isinstance(c, tracking.EpochMetricsLogger)]
-        return [timer, *standard] if first else quiet
-
+    """The best trial's head trained on the cached features (timed and logged per epoch:
+    the run's curves), the other members from their trials (training/ensemble.py)."""
+    callbacks = [timer, *_standard_callbacks(members[0][1], 0)]
     history = ensemble.fit_members(model, cache, members, class_weight, compile_model, callbacks)
     ensemble.log_ensemble(model, cache, members)
     timer.seconds[0] += cache.seconds
