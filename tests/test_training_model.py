@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from tests.conftest import SHARED, quick_config
-from training.model import build_backbone, build_model, caffe_preprocessing, count_params, unfreeze_top
+from training.model import (
+    build_backbone,
+    build_model,
+    caffe_preprocessing,
+    count_params,
+    feature_extractor,
+    unfreeze_top,
+)
 
 VGG16_NOTOP_PARAMS = 14_714_688
 RESNET50_NOTOP_PARAMS = 23_587_712  # 53,120 of them are BatchNorm moving statistics
@@ -56,7 +63,7 @@ def test_saved_model_loads_in_safe_mode_and_predicts_the_same(tmp_path):
 def test_an_ensemble_head_averages_its_members_logits_and_loads_in_safe_mode(tmp_path):
     from training.calibrate import logits_model, softmax, with_temperature
     from training.config import HeadConfig
-    from training.model import ensemble_members, feature_extractor
+    from training.model import ensemble_members
 
     config = quick_config(tmp_path, backbone="vgg16", weights="none", **{"augment.enabled": False})
     heads = [HeadConfig(dense_units=[8]), HeadConfig(pooling="max", dense_units=[], dropout=0.0)]
@@ -78,12 +85,50 @@ def test_an_ensemble_head_averages_its_members_logits_and_loads_in_safe_mode(tmp
     assert ensemble_members(build_model(config, num_classes=3)) == []  # a single head
 
 
+@pytest.mark.parametrize(
+    ("size", "asked", "blocks"),
+    [(96, "auto", "last_two"), (127, "auto", "last_two"), (128, "auto", "last"), (224, "auto", "last"),
+     (224, "last_two", "last_two"), (96, "last", "last")],
+)  # fmt: skip
+def test_the_head_reads_the_last_two_blocks_on_small_inputs(tmp_path, size, asked, blocks):
+    from training.model import choose_blocks
+
+    config = quick_config(tmp_path, backbone="vgg16", weights="none", image_size=size, backbone_blocks=asked)
+    choice = choose_blocks(config)
+    assert choice.blocks == blocks
+    assert ("set by the user" in choice.reason) == (asked != "auto")
+    assert choose_blocks(quick_config(tmp_path)).blocks == "last"  # simple_cnn
+
+
+@pytest.mark.parametrize(("backbone", "channels"), [("vgg16", (512, 512)), ("resnet50", (1024, 2048))])
+def test_two_block_features_are_pooled_normalised_and_load_in_safe_mode(tmp_path, backbone, channels):
+    config = quick_config(tmp_path, backbone=backbone, weights="none", backbone_blocks="last_two")
+    model = build_model(config, num_classes=3)
+    extractor = feature_extractor(model)
+    pixels = np.random.default_rng(2).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    features = np.asarray(extractor.predict_on_batch(pixels))
+    assert features.shape == (2, 1, 1, sum(channels))
+    first, second = features[:, 0, 0, : channels[0]], features[:, 0, 0, channels[0] :]
+    np.testing.assert_allclose(np.linalg.norm(first, axis=1), np.sqrt(channels[0]), rtol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(second, axis=1), np.sqrt(channels[1]), rtol=1e-4)
+    assert model.get_layer("backbone").trainable is False
+    plain = build_model(config.model_copy(update={"backbone_blocks": "last"}), num_classes=3)
+    assert unfreeze_top(model, 4) == unfreeze_top(plain, 4) > 0  # the backbone's own top layers
+    path = tmp_path / "two_blocks.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(loaded.predict_on_batch(pixels), model.predict_on_batch(pixels), atol=1e-6)
+
+
 def test_local_weights_file_is_loaded(tmp_path):
     source = build_backbone("vgg16", None, (32, 32))
     path = tmp_path / "vgg16_notop.weights.h5"
     source.save_weights(path)
     loaded = build_backbone("vgg16", str(path), (32, 32))
     for a, b in zip(source.get_weights(), loaded.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    two = build_backbone("vgg16", str(path), (32, 32), blocks="last_two")  # the same weights, shared
+    for a, b in zip(source.get_weights(), two.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -82,6 +82,14 @@ TRAIN_OPTIONS: dict[str, tuple[str, dict]] = {
             "live, one backbone pass per epoch)",
         },
     ),
+    "--backbone-blocks": (
+        "backbone_blocks",
+        {
+            "choices": ["auto", "last", "last_two"],
+            "help": "what the head reads: the last block's map, or the last two blocks pooled side by "
+            "side (default auto: last_two when the last map is 3x3 or smaller, inputs under 128 px)",
+        },
+    ),
     "--fine-tune-layers": (
         "fine_tune.unfreeze_layers",
         {

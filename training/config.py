@@ -90,6 +90,10 @@ class TrainConfig(_Strict):
     test_fraction: float = Field(0.15, gt=0, lt=0.5)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
+    # What the head reads (training/model.py): the last block's feature map ("last"), or
+    # the last two blocks' maps, each average-pooled and L2-normalised, side by side
+    # ("last_two"); auto: last_two when the last block's map is 3x3 or smaller.
+    backbone_blocks: Literal["auto", "last", "last_two"] = "auto"
     fine_tune: FineTuneConfig = Field(default_factory=FineTuneConfig)
     early_stopping_patience: int = Field(5, ge=1)
     reduce_lr_patience: int = Field(2, ge=1)

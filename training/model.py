@@ -8,6 +8,7 @@ own preprocessing are layers inside the graph, built from stock Keras layers onl
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import keras
@@ -22,6 +23,39 @@ log = logging.getLogger(__name__)
 # ImageNet channel means (in BGR order), no scaling.
 _CAFFE_BGR_MEAN = np.array([103.939, 116.779, 123.68], dtype="float32")
 _APPLICATIONS = {"vgg16": "VGG16", "resnet50": "ResNet50"}
+# The end of each backbone's second-to-last block, read beside the last with
+# `backbone_blocks: last_two` (VGG16 6x6x512, ResNet50 6x6x1024 at 96 px).
+_PREVIOUS_BLOCK = {"vgg16": "block4_pool", "resnet50": "conv4_block6_out"}
+BACKBONE_STRIDE = 32  # both backbones' last map is the input size / 32
+# `auto` reads the last two blocks when the last block's map is at most this many cells wide.
+SMALL_LAST_MAP = 3
+
+
+@dataclass(frozen=True)
+class BlocksChoice:
+    """Which backbone blocks the head reads, and why (logged as tag `backbone.blocks`)."""
+
+    blocks: str  # "last" or "last_two"
+    reason: str
+
+
+def choose_blocks(config: TrainConfig) -> BlocksChoice:
+    """The user's `backbone_blocks`, or the `auto` rule (README: "What the head reads").
+
+    Rule: the last block's map is input size / 32 cells wide; at 3x3 or smaller (inputs
+    under 128 px), each cell of it sees most of the image and the map says little about
+    where anything is, so the head also reads the block before (6x6 at 96 px). Both maps
+    are average-pooled and L2-normalised (`two_block_features`).
+    """
+    if config.backbone == "simple_cnn":
+        return BlocksChoice("last", "simple_cnn has no pretrained backbone")
+    if config.backbone_blocks != "auto":
+        return BlocksChoice(config.backbone_blocks, "set by the user (backbone_blocks, --backbone-blocks)")
+    side = min(config.input_size) // BACKBONE_STRIDE
+    cells = f"at {min(config.input_size)} px the last block's map is {side}x{side}"
+    if side <= SMALL_LAST_MAP:
+        return BlocksChoice("last_two", f"{cells}: the head also reads the block before it")
+    return BlocksChoice("last", f"{cells}")
 
 
 @dataclass
@@ -47,7 +81,9 @@ def build_model(config: TrainConfig, num_classes: int, heads: list[HeadConfig] |
         outputs = _simple_cnn_layers(x, num_classes)
     else:
         x = caffe_preprocessing()(x)
-        backbone = build_backbone(config.backbone, config.weights_arg, config.input_size)
+        backbone = build_backbone(
+            config.backbone, config.weights_arg, config.input_size, choose_blocks(config).blocks
+        )
         # training=False keeps BatchNorm in inference mode, also when fine-tuning later.
         x = backbone(x, training=False)
         shape = backbone.output.shape[1:]
@@ -60,10 +96,13 @@ def build_model(config: TrainConfig, num_classes: int, heads: list[HeadConfig] |
     return keras.Model(inputs, outputs, name=f"{config.backbone}_classifier")
 
 
-def build_backbone(name: str, weights: str | None, input_size: tuple[int, int]) -> keras.Model:
+def build_backbone(
+    name: str, weights: str | None, input_size: tuple[int, int], blocks: str = "last"
+) -> keras.Model:
     """A frozen keras.applications backbone without its top, named "backbone".
 
     `weights` is "imagenet" (downloaded by Keras), None (random) or a local weights file.
+    `blocks="last_two"` ends it in `two_block_features` instead of its last map.
     """
     constructor = getattr(keras.applications, _APPLICATIONS[name])
     from_file = weights not in (None, "imagenet")
@@ -83,9 +122,34 @@ def build_backbone(name: str, weights: str | None, input_size: tuple[int, int]) 
             load_weights_strictly(backbone, weights)
         except ValueError as exc:
             raise ConfigError(f"weights: {exc}") from exc
+    if blocks == "last_two":
+        backbone = two_block_features(backbone, _PREVIOUS_BLOCK[name])
     backbone.name = "backbone"
     backbone.trainable = False
     return backbone
+
+
+def two_block_features(backbone: keras.Model, previous: str) -> keras.Model:
+    """`backbone` ending in its last two blocks' features side by side, as a 1x1 map.
+
+    Each block's map is average-pooled, L2-normalised (its scale differs per block: VGG16's
+    block4 is ~14x block5) and multiplied by sqrt(channels), so each feature is about 1 in
+    size whatever the block; the two vectors are concatenated and shaped (1, 1, C) so the
+    head, its pooling and the feature cache treat it as any backbone's map. Stock layers,
+    float32; the backbone's own layers are shared, so weights files and fine-tuning work
+    on it as on the plain backbone.
+    """
+    parts = []
+    for i, tensor in enumerate((backbone.get_layer(previous).output, backbone.output)):
+        channels = int(tensor.shape[-1])
+        x = keras.layers.GlobalAveragePooling2D(dtype="float32", name=f"blocks_pool_{i}")(tensor)
+        x = keras.layers.UnitNormalization(dtype="float32", name=f"blocks_unit_{i}")(x)
+        parts.append(
+            keras.layers.Rescaling(math.sqrt(channels), dtype="float32", name=f"blocks_scale_{i}")(x)
+        )
+    x = keras.layers.Concatenate(dtype="float32", name="blocks_concat")(parts)
+    x = keras.layers.Reshape((1, 1, int(x.shape[-1])), dtype="float32", name="blocks_map")(x)
+    return keras.Model(backbone.input, x, name=backbone.name)
 
 
 def load_weights_strictly(model: keras.Model, path: str) -> None:

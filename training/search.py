@@ -113,6 +113,8 @@ def search_head(cache: FeatureCache, config: TrainConfig, classes: int, class_we
     objective = _Objective(cache, config, classes, class_weight)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=config.seed))
     default = _default_trial(config)
+    if default is not None and not _spatial(cache):
+        default.pop("pooling")  # a 1x1 map (backbone_blocks: last_two) pools to itself
     if default is not None:
         study.enqueue_trial(default)  # the configured head is trial 0: the search can only beat it
     # One BLAS thread: a trial's matrices are small, and more threads only contend with
@@ -140,7 +142,7 @@ class _Objective:
 
     def __call__(self, trial) -> float:
         params = HeadParams(
-            pooling=trial.suggest_categorical("pooling", POOLINGS),
+            pooling=trial.suggest_categorical("pooling", POOLINGS) if _spatial(self.cache) else "avg",
             units=trial.suggest_categorical("units", UNITS),
             dropout=trial.suggest_float("dropout", *DROPOUT),
             learning_rate=trial.suggest_float("learning_rate", *LEARNING_RATE, log=True),
@@ -163,6 +165,11 @@ class _Objective:
             train = [(pool(x, pooling), y) for x, y in zip(c.train_x, c.train_y, strict=True)]
             self.pooled[pooling] = (train, (pool(c.val_x, pooling), c.val_y))
         return self.pooled[pooling]
+
+
+def _spatial(cache: FeatureCache) -> bool:
+    """Whether the cached maps have more than one cell, so that pooling them is a choice."""
+    return cache.feature_shape[:2] != (1, 1)
 
 
 def _default_trial(config: TrainConfig) -> dict | None:

@@ -28,6 +28,7 @@ from training.data import DatasetScan, load_split, scan_dataset, split_view
 from training.model import (
     ParamCounts,
     build_model,
+    choose_blocks,
     count_params,
     feature_extractor,
     model_summary,
@@ -81,6 +82,8 @@ def train(config: TrainConfig, settings: TrackingSettings | None = None) -> Trai
     choice = augment.choose_preset(config, scan.image_stats, scan.smallest_class("train"))
     sizes = {split: len(files) for split, files in scan.files.items()}
     config = features.resolve_passes(augment.resolve(config, choice), sizes)
+    blocks = choose_blocks(config)
+    config = config.model_copy(update={"backbone_blocks": blocks.blocks})
     tags = {
         "backbone": config.backbone,
         "git.revision": tracking.git_revision() or "unknown",
@@ -88,12 +91,15 @@ def train(config: TrainConfig, settings: TrackingSettings | None = None) -> Trai
         "augment.reason": choice.reason,
         "validation.rule": validation_rule(config),
         "augment.passes": features.passes_reason(config),
+        "backbone.blocks": f"{blocks.blocks}: {blocks.reason}",
     }
     with tracking.tracked_run(settings, tags=tags) as run, _training_context(config) as strategy:
         log.info("MLflow run %s (experiment %s)", run.info.run_id, settings.experiment_name)
         log.info("augmentation: %s (%s)", choice.preset, choice.reason)
         if config.backbone != "simple_cnn":
             log.info("backbone passes: %s", features.passes_reason(config))
+            log.info("the head reads: the %s block%s (%s)", blocks.blocks.replace("_", " "),
+                     "s" if blocks.blocks == "last_two" else "", blocks.reason)  # fmt: skip
         log.info("validation: %d images, %s", len(scan.files["val"]), validation_rule(config))
         params = config.flat_params()
         if config.search:  # logged once the search has chosen them
