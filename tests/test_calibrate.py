@@ -238,3 +238,18 @@ def test_out_of_fold_logits_cover_train_and_validation_in_order(tmp_path):
     ensemble = build_model(config, 3, heads=[config.head, other.head])
     logits, labels = out_of_fold_logits(ensemble, Splits(train, val, val), config, 3, [config, other])
     assert logits.shape == (24, 3) and np.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("blocks", ["last", "last_two"])
+def test_head_logits_on_cached_features_are_the_models_logits(tmp_path, blocks):
+    """A run with cached features calibrates on them instead of running the backbone again."""
+    from training.calibrate import head_logits
+    from training.model import feature_extractor
+
+    config = quick_config(tmp_path, backbone="vgg16", weights="none", backbone_blocks=blocks)
+    model = build_model(config, num_classes=3)
+    pixels = np.random.default_rng(6).uniform(0, 255, (5, 32, 32, 3)).astype("float32")
+    cached = np.asarray(feature_extractor(model).predict_on_batch(pixels))
+    np.testing.assert_allclose(
+        head_logits(model, cached), logits_model(model).predict_on_batch(pixels), rtol=1e-4, atol=1e-5
+    )

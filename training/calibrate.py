@@ -245,6 +245,14 @@ def predict_logits(model, dataset) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(outputs), np.concatenate(labels)
 
 
+def head_logits(model, features: np.ndarray, batch: int = 256) -> np.ndarray:
+    """The logits of `model`'s head on cached backbone features (the backbone is frozen,
+    so they are the whole model's logits on the images the features came from)."""
+    raw = logits_model(model.get_layer("head"))
+    chunks = np.array_split(features, max(1, -(-len(features) // batch)))
+    return np.concatenate([np.asarray(raw(chunk, training=False), dtype=np.float64) for chunk in chunks])
+
+
 # ----- one run's calibration ---------------------------------------------------------------
 
 
@@ -280,18 +288,20 @@ class Calibrated:
     test_probs_before: np.ndarray
 
 
-def calibrate(model, val, test, class_names: list[str], out_of_fold=None) -> Calibrated:
+def calibrate(model, val, test, class_names: list[str], out_of_fold=None, val_logits=None) -> Calibrated:
     """Fit T on the validation split's logits, and evaluate on the test split once.
 
     One pass over each split, through a copy of the model that outputs logits: the test
     probabilities before and after are both computed from the same logits. When the
     validation split holds no error, `out_of_fold()` (if given) returns held-out
-    (logits, labels) to fit on instead, or None (see `out_of_fold_logits`).
+    (logits, labels) to fit on instead, or None (see `out_of_fold_logits`). `val_logits`:
+    the validation split's (logits, labels) when the caller has them already
+    (`head_logits` on cached features), so the backbone does not run over it again.
     """
     from training.evaluate import evaluate_model
 
     raw = logits_model(model)
-    val_logits, val_labels = predict_logits(raw, val)
+    val_logits, val_labels = val_logits if val_logits is not None else predict_logits(raw, val)
     fit = fit_temperature(val_logits, val_labels)
     if fit.errors == 0 and len(val_labels) and out_of_fold is not None:
         fit = _fit_out_of_fold(out_of_fold, fit)

@@ -137,7 +137,12 @@ def _run(config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_i
     n = len(scan.class_names)
     member_configs = [c for _, c in members] if members else None
     out_of_fold = functools.partial(calibrate.out_of_fold_logits, model, splits, config, n, member_configs)
-    calibrated = calibrate.calibrate(model, splits.val, splits.test, scan.class_names, out_of_fold)
+    val_logits = None
+    if cache is not None and not config.fine_tune.unfreeze_layers:  # the cached features still hold
+        val_logits = calibrate.head_logits(model, cache.val_x), cache.val_y
+    calibrated = calibrate.calibrate(
+        model, splits.val, splits.test, scan.class_names, out_of_fold, val_logits
+    )
     model, evaluation = calibrated.model, calibrated.test
     metrics = evaluation.metrics()
     mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
