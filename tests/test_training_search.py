@@ -10,8 +10,10 @@ import pytest
 from mlflow import MlflowClient
 
 from imgcls.cli import build_parser
+from imgcls.images import load_image
 from tests.conftest import quick_config, run_artifacts
 from training import features, search
+from training.calibrate import negative_log_likelihood
 from training.cli import config_from_args
 from training.config import ConfigError
 from training.data import scan_dataset, split_view
@@ -64,15 +66,22 @@ def test_search_runs_nested_trials_picks_the_best_on_validation_and_trains_it(sh
         units = int(trial.data.params["units"])
         assert [w.shape[-1] for w in member.trainable_weights] == ([units, units] if units else []) + [3, 3]
     assert 0 <= run.data.metrics["ensemble_val_accuracy"] <= 1
+    # The saved model is the one the cached features came from (its backbone kept after the search).
+    val = result.scan.files["val"]
+    pixels = np.stack([load_image((result.scan.root / f).read_bytes(), config.input_size) for f, _ in val])
+    labels = np.array([label for _, label in val])
+    nll = negative_log_likelihood(result.model.predict(pixels, verbose=0), labels)
+    assert nll == pytest.approx(run.data.metrics["calibration.val_nll_after"], rel=1e-3)
     for i, trial in enumerate(ranked[1:], start=1):  # the trials' own heads, as the search scored them
         assert run.data.metrics[f"ensemble_member_{i}_val_accuracy"] == pytest.approx(
             trial.data.metrics["val_accuracy"], abs=1.01 / len(result.scan.files["val"])
         )
 
 
-def test_ensemble_one_keeps_the_best_trial_alone(shapes_dir_shared, tracking):
+@pytest.mark.parametrize(("trials", "ensemble"), [(2, 1), (1, 5)])
+def test_one_head_when_the_ensemble_or_the_search_has_one(shapes_dir_shared, tracking, trials, ensemble):
     config = quick_config(
-        shapes_dir_shared, search=2, search_ensemble=1, **TINY_VGG, **{"augment.enabled": False}
+        shapes_dir_shared, search=trials, search_ensemble=ensemble, **TINY_VGG, **{"augment.enabled": False}
     )
     result = train(config, tracking)
     assert ensemble_members(result.model) == []
@@ -176,6 +185,10 @@ def _args(*argv: str):
     [
         (["--search", "-1"], "search (--search): Input should be greater than or equal to 0"),
         (["--ensemble", "0"], "search_ensemble (--ensemble): Input should be greater than or equal to 1"),
+        (
+            ["--backbone", "simple_cnn", "--backbone-blocks", "last_two"],
+            "backbone_blocks (--backbone-blocks): simple_cnn has no pretrained backbone",
+        ),
         (["--augment-passes", "-2"], "augment_passes (--augment-passes): Input should be greater than"),
         (
             ["--backbone", "simple_cnn", "--search", "5"],

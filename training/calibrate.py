@@ -344,8 +344,9 @@ def out_of_fold_logits(model, splits, config, num_classes: int, members=None):
     Each of the OUT_OF_FOLD_FOLDS heads is built and trained as the run's own head (same
     config, learning rate, batch size, epochs; early stopping on its training loss), so
     the held-out answers are as confident as the model's own on images it never saw. For
-    an ensemble, `members` holds each member's run config: every fold trains them all and
-    averages their logits, as the model does.
+    an ensemble, `members` holds each member's run config: every fold trains a head of
+    each (as above: its head and learning rate, Adam, no smoothing or decay) and averages
+    their logits, as the model does; K members cost K fits a fold.
     """
     from training.features import backbone_features
     from training.model import feature_extractor

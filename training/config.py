@@ -136,6 +136,8 @@ class TrainConfig(_Strict):
             raise ValueError("fine_tune.unfreeze_layers: simple_cnn is fully trainable already")
         if self.backbone != "simple_cnn" and self.image_size is not None and self.image_size < 32:
             raise ValueError(f"image_size: {self.backbone} needs at least 32 pixels")
+        if self.backbone == "simple_cnn" and self.backbone_blocks == "last_two":
+            raise ValueError("backbone_blocks: simple_cnn has no pretrained backbone blocks to read")
         if self.backbone == "simple_cnn" and self.search:
             raise ValueError("search: simple_cnn has no frozen backbone whose features a search could reuse")
         if self.backbone == "simple_cnn" and self.augment_passes:

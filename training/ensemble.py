@@ -55,15 +55,15 @@ def fit_members(
     head with the same optimiser, at its restored best epoch), so they cost nothing more.
     Returns the first member's history.
     """
-    members = ensemble_members(model)
-    first, config = members[0], chosen[0][1]
+    heads_of_model = ensemble_members(model)
+    first, config = heads_of_model[0], chosen[0][1]
     classifier = keras.Sequential(
         [keras.Input(shape=cache.feature_shape), first, keras.layers.Activation("softmax", dtype="float32")],
         name=f"train_{first.name}",
     )
     compile_model(classifier, config.learning_rate, config.weight_decay, config.label_smoothing)
     history = features.fit_head(classifier, cache, config, class_weight, callbacks)
-    for member, (trial, _) in zip(members[1:], chosen[1:], strict=True):
+    for member, (trial, _) in zip(heads_of_model[1:], chosen[1:], strict=True):
         member.set_weights(trial.fit.weights)
     return history
 

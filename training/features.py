@@ -173,7 +173,7 @@ def fit_head(
     classes = head.output_shape[-1]
     val = (cache.val_x, targets(cache.val_y, classes, config.label_smoothing))
     common = {"epochs": config.epochs, "validation_data": val, "class_weight": class_weight}
-    common |= {"callbacks": callbacks, "verbose": verbosity() if verbose is None else verbose}
+    common |= {"callbacks": callbacks, "verbose": verbosity()}
     if cache.passes == 1:
         y = targets(cache.train_y[0], classes, config.label_smoothing)
         return head.fit(cache.train_x[0], y, batch_size=config.batch_size, shuffle=True, **common).history

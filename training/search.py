@@ -6,14 +6,16 @@ trial is a nested MLflow run with its params and metrics; the parent run gets th
 table (`search/trials.csv`, `search/trials.md`), a plot (`plots/search.png`) and the
 spread: the standard error of the best trial's validation accuracy and a paired bootstrap
 95% interval of best minus second on the same validation images. The test split is never
-seen. The caller then trains the best configuration as the run's model.
+seen. The caller then trains the best configuration as the run's model, with the next
+best trials' heads beside it when it averages several (training/ensemble.py: the trials
+keep the weights that needs).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import mlflow
 import numpy as np
@@ -87,6 +89,7 @@ class SearchOutcome:
 
     @property
     def best(self) -> Trial:
+        """The trial ranked first on validation (accuracy, then loss)."""
         return self.ranked[0]
 
     def apply(self, config: TrainConfig, trial: Trial | None = None) -> TrainConfig:
@@ -122,6 +125,9 @@ def search_head(cache: FeatureCache, config: TrainConfig, classes: int, class_we
     with threadpool_limits(limits=1):
         study.optimize(objective, n_trials=config.search)
     trials = objective.trials
+    ranked = sorted(trials, key=lambda t: (-t.fit.val_accuracy, t.fit.val_loss, t.number))
+    kept = {t.number for t in ranked[: config.search_ensemble]}  # the weights an ensemble may use
+    trials = [t if t.number in kept else replace(t, fit=replace(t.fit, weights=[])) for t in trials]
     ranked = sorted(trials, key=lambda t: (-t.fit.val_accuracy, t.fit.val_loss, t.number))
     spread = _spread(ranked[0], ranked[1], cache.val_y, config.seed) if len(ranked) > 1 else None
     outcome = SearchOutcome(trials, ranked, spread, time.perf_counter() - start)

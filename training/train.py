@@ -128,8 +128,14 @@ def _run(config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_i
             outcome = search.search_head(cache, config, len(scan.class_names), _class_weights(scan, config))
             config = outcome.apply(config)
             mlflow.log_params(search.searched_params(config))
-            members = ensemble.members(outcome, config) if config.search_ensemble > 1 else None
-            model = build_model(config, len(scan.class_names), ensemble.heads(members) if members else None)
+            members = ensemble.members(outcome, config)
+            members = members if len(members) > 1 else None  # one trial: the single head
+            searched = build_model(
+                config, len(scan.class_names), ensemble.heads(members) if members else None
+            )
+            # The cached features came from this backbone: keep it (random weights differ per build).
+            searched.get_layer("backbone").set_weights(model.get_layer("backbone").get_weights())
+            model = searched
         compile_model(model, config.learning_rate, config.weight_decay, config.label_smoothing)
     params = _log_architecture(model)
     with strategy.scope():  # every compile and fit, phase 2 and the cached head included
