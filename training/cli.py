@@ -78,8 +78,9 @@ TRAIN_OPTIONS: dict[str, tuple[str, dict]] = {
             "type": int,
             "metavar": "K",
             "help": "with a frozen backbone, run it over K augmented copies of the training set once "
-            "and train the head on their cached features (default 2 when augmenting; 0: augment "
-            "live, one backbone pass per epoch)",
+            "and train the head on their cached features (default auto when augmenting: as many as keep "
+            "the backbone within 1.5 passes over all images, at least 1; 0: augment live, one backbone "
+            "pass per epoch)",
         },
     ),
     "--backbone-blocks": (
