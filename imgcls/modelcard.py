@@ -26,10 +26,14 @@ class ModelCard(BaseModel):
     # The temperature T its probabilities were scaled by (training/calibrate.py): already
     # inside the saved model, recorded here for people. 1: not calibrated (older cards).
     temperature: float = Field(1.0, gt=0)
+    # The classifier on the backbone, in words (training.model.head_summary): which blocks
+    # it reads, how many heads it averages. None on older cards and for simple_cnn.
+    head: str | None = None
 
     def to_metadata(self) -> dict:
-        """A JSON-safe dict for MLflow/BentoML metadata."""
-        return self.model_dump(mode="json")
+        """A JSON-safe dict for MLflow/BentoML metadata (BentoML refuses None values: unset
+        optional fields are left out, and read back as None)."""
+        return self.model_dump(mode="json", exclude_none=True)
 
     @classmethod
     def from_metadata(cls, metadata: dict | None) -> ModelCard:

@@ -2,7 +2,7 @@
 
 The model's description says what it classifies, which version is champion and how it
 scored, and shows a table of the last alias moves (who, when, why, the gate's figures).
-A version's description is its card: backbone, input size, classes, test accuracy,
+A version's description is its card: backbone, head, input size, classes, test accuracy,
 macro-F1, ECE and NLL at its temperature, the weakest classes, why it was or was not promoted, and a link to its run.
 
 MLflow stores both in `String(5000)` columns (PostgreSQL enforces it), so every text is
@@ -52,6 +52,7 @@ class VersionFacts:
     experiment_id: str | None = None
     dataset: str | None = None
     temperature: str = "1"  # T of its probabilities (training/calibrate.py); 1 on older versions
+    head: str = "-"  # the classifier on the backbone, in words; "-" on older versions
 
 
 def read_facts(client: MlflowClient, settings: RegistrySettings, version: str) -> VersionFacts:
@@ -62,6 +63,7 @@ def read_facts(client: MlflowClient, settings: RegistrySettings, version: str) -
         version=str(v.version),
         status=v.tags.get(STATUS_TAG, "-"),
         backbone=v.tags.get("backbone", "-"),
+        head=v.tags.get("head", "-"),
         image_size=v.tags.get("image_size", "-"),
         class_names=json.loads(v.tags.get("class_names", "[]")),
         metrics=held_out_metrics(v.tags, run.data.metrics if run else {}),
@@ -121,6 +123,7 @@ def version_description(
         "| | |",
         "|---|---|",
         f"| backbone | {_md(facts.backbone)} |",
+        f"| head | {_md(facts.head)} |",
         f"| input size | {_md(facts.image_size)} px, raw RGB 0-255 |",
         f"| classes | {len(facts.class_names)}: {class_list(facts.class_names)} |",
         f"| test accuracy | {_num(facts.metrics.get('accuracy'))} |",

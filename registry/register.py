@@ -55,6 +55,7 @@ def version_tags(run_id: str, card: ModelCard, metrics: dict[str, float], git_re
         "image_size": f"{card.image_size[0]}x{card.image_size[1]}",
         "class_count": str(len(card.class_names)),
         "temperature": f"{card.temperature:.4g}",  # its probabilities' calibration (training/calibrate.py)
+        "head": card.head or "-",  # what reads the backbone (training.model.head_summary)
         "git.revision": git_revision or "unknown",
         STATUS_TAG: "candidate",
     }

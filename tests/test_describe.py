@@ -217,3 +217,17 @@ def test_versions_registered_with_per_class_tags_still_give_rollback_its_figures
     back = move_details(client, settings, read_history(client, settings)[-1])
     assert back.candidate_metrics == {"macro_f1": 0.7, "recall_cat": 0.7}
     assert back.champion_metrics == {"macro_f1": 0.8, "recall_cat": 0.8}
+
+
+def test_a_versions_card_says_what_reads_the_backbone():
+    from imgcls.modelcard import ModelCard
+    from registry.describe import VersionFacts, version_description
+    from registry.register import version_tags
+
+    head = "5 heads averaged on the last two blocks"
+    card = ModelCard(class_names=["cat", "dog"], image_size=(96, 96), backbone="vgg16", head=head)
+    assert version_tags("r1", card, {}, None)["head"] == head
+    assert version_tags("r1", card.model_copy(update={"head": None}), {}, None)["head"] == "-"  # older cards
+    text = version_description("clf", "champion", VersionFacts("3", head=head), None, [])
+    assert f"| head | {head} |" in text
+    assert "| head | - |" in version_description("clf", "champion", VersionFacts("4"), None, [])

@@ -63,7 +63,7 @@ def test_saved_model_loads_in_safe_mode_and_predicts_the_same(tmp_path):
 def test_an_ensemble_head_averages_its_members_logits_and_loads_in_safe_mode(tmp_path):
     from training.calibrate import logits_model, softmax, with_temperature
     from training.config import HeadConfig
-    from training.model import ensemble_members
+    from training.model import ensemble_members, head_summary
 
     config = quick_config(tmp_path, backbone="vgg16", weights="none", **{"augment.enabled": False})
     heads = [HeadConfig(dense_units=[8]), HeadConfig(pooling="max", dense_units=[], dropout=0.0)]
@@ -83,6 +83,9 @@ def test_an_ensemble_head_averages_its_members_logits_and_loads_in_safe_mode(tmp
     np.testing.assert_allclose(loaded.predict_on_batch(pixels), softmax(mean_logits, 2.0), atol=1e-5)
     assert len(ensemble_members(loaded)) == 2
     assert ensemble_members(build_model(config, num_classes=3)) == []  # a single head
+    assert head_summary(model, "last_two") == "2 heads averaged on the last two blocks"
+    assert head_summary(build_model(config, num_classes=3), "last") == "one dense head on the last block"
+    assert head_summary(build_model(quick_config(tmp_path), num_classes=3), "last") is None  # simple_cnn
 
 
 @pytest.mark.parametrize(

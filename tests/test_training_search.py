@@ -58,6 +58,7 @@ def test_search_runs_nested_trials_picks_the_best_on_validation_and_trains_it(sh
     # The default ensemble (5) keeps all 4 trials, best first, each trained with its own config.
     members = ensemble_members(result.model)
     assert len(members) == 4 == run.data.metrics["ensemble_members"]
+    assert result.card.head == "4 heads averaged on the last two blocks"  # 32 px: auto reads two
     ranked = sorted(trials, key=lambda t: (-t.data.metrics["val_accuracy"], t.data.metrics["val_loss"]))
     table = Path(client.download_artifacts(result.run_id, "search/ensemble.md")).read_text().splitlines()
     assert [row.split("|")[2].strip() for row in table[2:]] == [t.data.params["trial"] for t in ranked]

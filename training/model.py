@@ -284,6 +284,16 @@ def _simple_cnn_layers(x, num_classes: int):
     return x
 
 
+def head_summary(model: keras.Model, blocks: str) -> str | None:
+    """The classifier on the backbone in words, for the model card: "5 heads averaged on
+    the last two blocks"; None without a backbone (simple_cnn)."""
+    if "backbone" not in [layer.name for layer in model.layers]:
+        return None
+    members = len(ensemble_members(model))
+    heads = f"{members} heads averaged" if members else "one dense head"
+    return f"{heads} on the {'last two blocks' if blocks == 'last_two' else 'last block'}"
+
+
 def feature_extractor(model: keras.Model) -> keras.Model | None:
     """Input -> frozen backbone features (no augmentation), sharing the model's layers.
 

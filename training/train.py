@@ -31,6 +31,7 @@ from training.model import (
     choose_blocks,
     count_params,
     feature_extractor,
+    head_summary,
     model_summary,
     unfreeze_top,
 )
@@ -163,6 +164,7 @@ def _run(config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_i
         dataset_fingerprint=scan.fingerprint,
         preprocessing=PREPROCESSING_VERSION,  # the resize its training images went through
         temperature=calibrated.report.temperature,
+        head=head_summary(model, config.backbone_blocks),
     )
     model_uri = tracking.log_keras_model(model, card, first_test_image)
     return TrainResult(run_id, model_uri, card, metrics, evaluation, history, scan, model, params, seconds)
