@@ -121,6 +121,25 @@ def test_gradcam_reaches_into_a_nested_keras_applications_backbone():
     x = keras.layers.GlobalAveragePooling2D()(x)
     model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
 
+    _assert_cut_at_block5_conv3(model, atol=1e-6)
+    png = Predictor(model, tiny_card(), "1").explain(encode(colour_image("red"), "PNG"))
+    assert Image.open(io.BytesIO(png)).size == (40, 48)
+
+
+def test_gradcam_cuts_a_backbone_that_reads_its_last_two_blocks(tmp_path):
+    """backbone_blocks: last_two: block4's branch skips block5_conv3 on its way to the head."""
+    from tests.conftest import quick_config
+    from training.model import build_model
+
+    config = quick_config(tmp_path, backbone="vgg16", weights="none", backbone_blocks="last_two")
+    split, image = _assert_cut_at_block5_conv3(build_model(config, num_classes=3), atol=1e-5)
+    assert gradcam.gradcam_heatmap(split, image[0], 1).shape == (2, 2)
+
+
+def _assert_cut_at_block5_conv3(model, atol: float):
+    """The model cut at VGG16's last conv and put back together gives its own answer."""
+    import keras
+
     split = gradcam.split_at_last_conv(model)
     assert split.layer_name == "block5_conv3"
     image = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
@@ -128,28 +147,6 @@ def test_gradcam_reaches_into_a_nested_keras_applications_backbone():
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(split.from_conv(features, context)),
         model.predict(image, verbose=0),
-        atol=1e-6,
+        atol=atol,
     )
-    png = Predictor(model, tiny_card(), "1").explain(encode(colour_image("red"), "PNG"))
-    assert Image.open(io.BytesIO(png)).size == (40, 48)
-
-
-def test_gradcam_cuts_a_backbone_that_reads_its_last_two_blocks(tmp_path):
-    """backbone_blocks: last_two: block4's branch skips block5_conv3 on its way to the head."""
-    import keras
-
-    from tests.conftest import quick_config
-    from training.model import build_model
-
-    config = quick_config(tmp_path, backbone="vgg16", weights="none", backbone_blocks="last_two")
-    model = build_model(config, num_classes=3)
-    split = gradcam.split_at_last_conv(model)
-    assert split.layer_name == "block5_conv3"
-    image = np.random.default_rng(1).uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
-    features, context = split.to_conv(image)
-    np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(split.from_conv(features, context)),
-        model.predict(image, verbose=0),
-        atol=1e-5,
-    )
-    assert gradcam.gradcam_heatmap(split, image[0], 1).shape == (2, 2)
+    return split, image
