@@ -85,11 +85,11 @@ def log_ensemble(model: keras.Model, cache: FeatureCache, chosen: list[tuple[Tri
         "| member | trial | pooling | units | dropout | learning rate | weight decay | label smoothing | val accuracy |"
     ]
     rows.append("|---|---|---|---|---|---|---|---|---|")
-    for i, ((trial, _), member_probs) in enumerate(zip(chosen, alone, strict=True)):
-        p = trial.params
+    for i, (trial, _) in enumerate(chosen):
+        p, accuracy = trial.params, metrics[f"ensemble_member_{i}_val_accuracy"]
         rows.append(
             f"| {i} | {trial.number} | {p.pooling} | {p.units} | {p.dropout:.3f} | {p.learning_rate:.3g} | "
-            f"{p.weight_decay:.3g} | {p.label_smoothing:.3f} | {_accuracy(member_probs, cache.val_y):.4f} |"
+            f"{p.weight_decay:.3g} | {p.label_smoothing:.3f} | {accuracy:.4f} |"
         )
     mlflow.log_text("\n".join(rows) + "\n", "search/ensemble.md")
     log.info(

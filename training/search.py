@@ -125,10 +125,9 @@ def search_head(cache: FeatureCache, config: TrainConfig, classes: int, class_we
     with threadpool_limits(limits=1):
         study.optimize(objective, n_trials=config.search)
     trials = objective.trials
-    ranked = sorted(trials, key=lambda t: (-t.fit.val_accuracy, t.fit.val_loss, t.number))
-    kept = {t.number for t in ranked[: config.search_ensemble]}  # the weights an ensemble may use
+    kept = {t.number for t in sorted(trials, key=_rank)[: config.search_ensemble]}  # an ensemble's weights
     trials = [t if t.number in kept else replace(t, fit=replace(t.fit, weights=[])) for t in trials]
-    ranked = sorted(trials, key=lambda t: (-t.fit.val_accuracy, t.fit.val_loss, t.number))
+    ranked = sorted(trials, key=_rank)
     spread = _spread(ranked[0], ranked[1], cache.val_y, config.seed) if len(ranked) > 1 else None
     outcome = SearchOutcome(trials, ranked, spread, time.perf_counter() - start)
     _record(outcome, cache)
@@ -171,6 +170,11 @@ class _Objective:
             train = [(pool(x, pooling), y) for x, y in zip(c.train_x, c.train_y, strict=True)]
             self.pooled[pooling] = (train, (pool(c.val_x, pooling), c.val_y))
         return self.pooled[pooling]
+
+
+def _rank(trial: Trial) -> tuple:
+    """Best first: validation accuracy, then validation loss, then the earlier trial."""
+    return (-trial.fit.val_accuracy, trial.fit.val_loss, trial.number)
 
 
 def _spatial(cache: FeatureCache) -> bool:

@@ -131,10 +131,12 @@ def _run(config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_i
             mlflow.log_params(search.searched_params(config))
             members = ensemble.members(outcome, config)
             members = members if len(members) > 1 else None  # one trial: the single head
+            # The cached features came from the first backbone: the new model takes its weights
+            # (not the weights file again, nor new random ones).
+            unloaded = config.model_copy(update={"weights": "none"})
             searched = build_model(
-                config, len(scan.class_names), ensemble.heads(members) if members else None
+                unloaded, len(scan.class_names), ensemble.heads(members) if members else None
             )
-            # The cached features came from this backbone: keep it (random weights differ per build).
             searched.get_layer("backbone").set_weights(model.get_layer("backbone").get_weights())
             model = searched
         compile_model(model, config.learning_rate, config.weight_decay, config.label_smoothing)
