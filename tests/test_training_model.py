@@ -84,6 +84,7 @@ def test_an_ensemble_head_averages_its_members_logits_and_loads_in_safe_mode(tmp
     assert len(ensemble_members(loaded)) == 2
     assert ensemble_members(build_model(config, num_classes=3)) == []  # a single head
     assert head_summary(model, "last_two") == "2 heads averaged on the last two blocks"
+    assert head_summary(model, "last", cross_fitted=True) == "2 cross-fitted heads averaged on the last block"
     assert head_summary(build_model(config, num_classes=3), "last") == "one dense head on the last block"
     assert head_summary(build_model(quick_config(tmp_path), num_classes=3), "last") is None  # simple_cnn
 

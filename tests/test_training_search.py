@@ -32,7 +32,10 @@ def _children(client: MlflowClient, run) -> list:
 
 
 def test_search_runs_nested_trials_picks_the_best_on_validation_and_trains_it(shapes_dir_shared, tracking):
-    config = quick_config(shapes_dir_shared, search=4, **TINY_VGG, **{"augment.enabled": False})
+    # Heads on the training split (cross-fitted ones: tests/test_training_folds.py).
+    config = quick_config(
+        shapes_dir_shared, search=4, ensemble_fit="train", **TINY_VGG, **{"augment.enabled": False}
+    )
     result = train(config, tracking)
     client = MlflowClient(tracking.resolved_tracking_uri())
     run = client.get_run(result.run_id)
@@ -61,7 +64,9 @@ def test_search_runs_nested_trials_picks_the_best_on_validation_and_trains_it(sh
     assert result.card.head == "4 heads averaged on the last two blocks"  # 32 px: auto reads two
     ranked = sorted(trials, key=lambda t: (-t.data.metrics["val_accuracy"], t.data.metrics["val_loss"]))
     table = Path(client.download_artifacts(result.run_id, "search/ensemble.md")).read_text().splitlines()
-    assert [row.split("|")[2].strip() for row in table[2:]] == [t.data.params["trial"] for t in ranked]
+    rows = [row for row in table if row.startswith("| ")][1:]
+    assert [row.split("|")[2].strip() for row in rows] == [t.data.params["trial"] for t in ranked]
+    assert table[-1].startswith("How the heads trained: train")
     assert int(ranked[0].data.params["trial"]) == best
     for member, trial in zip(members, ranked, strict=True):
         units = int(trial.data.params["units"])
@@ -199,6 +204,10 @@ def _args(*argv: str):
         (
             ["--backbone", "simple_cnn", "--augment-passes", "2"],
             "augment_passes (--augment-passes): simple_cnn",
+        ),
+        (
+            ["--ensemble-fit", "folds", "--fine-tune-layers", "2"],
+            "ensemble_fit (--ensemble-fit): folds trains the heads on the validation images",
         ),
     ],
 )

@@ -111,7 +111,13 @@ class Fit:
     errors: int = 0
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds=T_BOUNDS, tol: float = 1e-4) -> Fit:
+def fit_temperature(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    bounds=T_BOUNDS,
+    tol: float = 1e-4,
+    images: str = "validation images",
+) -> Fit:
     """T minimising the NLL of softmax(logits / T) on held-out `labels`; 1 when they hold no error.
 
     A golden-section search on log T within `bounds`: the NLL is convex in 1/T, hence
@@ -124,7 +130,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds=T_BOUNDS, tol
     if errors == 0:
         return Fit(
             1.0,
-            f"the {len(labels)} validation images hold no error, so the NLL would push T towards 0 "
+            f"the {len(labels)} {images} hold no error, so the NLL would push T towards 0 "
             "(every answer at probability 1): T = 1 (uncalibrated)",
         )
     low, high = math.log(bounds[0]), math.log(bounds[1])
@@ -132,7 +138,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds=T_BOUNDS, tol
     before, after = logits_nll(logits, labels, 1.0), logits_nll(logits, labels, best)
     return Fit(
         best,
-        f"fitted on {len(labels)} validation images with {errors} errors: NLL {before:.4f} -> {after:.4f}",
+        f"fitted on {len(labels)} {images} with {errors} errors: NLL {before:.4f} -> {after:.4f}",
         errors,
     )
 
@@ -288,7 +294,15 @@ class Calibrated:
     test_probs_before: np.ndarray
 
 
-def calibrate(model, val, test, class_names: list[str], out_of_fold=None, val_logits=None) -> Calibrated:
+def calibrate(
+    model,
+    val,
+    test,
+    class_names: list[str],
+    out_of_fold=None,
+    val_logits=None,
+    images: str = "validation images",
+) -> Calibrated:
     """Fit T on the validation split's logits, and evaluate on the test split once.
 
     One pass over each split, through a copy of the model that outputs logits: the test
@@ -296,13 +310,15 @@ def calibrate(model, val, test, class_names: list[str], out_of_fold=None, val_lo
     validation split holds no error, `out_of_fold()` (if given) returns held-out
     (logits, labels) to fit on instead, or None (see `out_of_fold_logits`). `val_logits`:
     the validation split's (logits, labels) when the caller has them already
-    (`head_logits` on cached features), so the backbone does not run over it again.
+    (`head_logits` on cached features), so the backbone does not run over it again, or
+    held-out ones (an ensemble's cross-fitted heads, training/folds.py): `images` says
+    which, in the reason. `out_of_fold()` may add a third element: where its logits came from.
     """
     from training.evaluate import evaluate_model
 
     raw = logits_model(model)
     val_logits, val_labels = val_logits if val_logits is not None else predict_logits(raw, val)
-    fit = fit_temperature(val_logits, val_labels)
+    fit = fit_temperature(val_logits, val_labels, images=images)
     if fit.errors == 0 and len(val_labels) and out_of_fold is not None:
         fit = _fit_out_of_fold(out_of_fold, fit)
     log.info("calibration: T = %.3f (%s)", fit.temperature, fit.reason)
@@ -325,11 +341,15 @@ def _fit_out_of_fold(out_of_fold, no_error: Fit) -> Fit:
     held_out = out_of_fold()
     if held_out is None:
         return no_error
-    logits, labels = held_out
+    logits, labels, *given = held_out
     fit = fit_temperature(logits, labels)
     if fit.errors == 0:
         return Fit(1.0, f"{no_error.reason}; the out-of-fold predictions hold no error either")
-    where = f"{OUT_OF_FOLD_FOLDS} heads on the cached backbone features of train + validation"
+    where = (
+        given[0]
+        if given
+        else f"{OUT_OF_FOLD_FOLDS} heads on the cached backbone features of train + validation"
+    )
     reason = (
         f"the validation split holds no error; {fit.reason.replace('validation', 'out-of-fold')} ({where})"
     )

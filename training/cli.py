@@ -72,6 +72,16 @@ TRAIN_OPTIONS: dict[str, tuple[str, dict]] = {
             "trained with its own configuration, in the saved model (default 5; 1: the best alone)",
         },
     ),
+    "--ensemble-fit": (
+        "ensemble_fit",
+        {
+            "choices": ["auto", "folds", "train"],
+            "help": "how the K heads train: folds (train + validation in K folds, head i stops early on "
+            "fold i and trains on the others), train (each on the training split, stopping on "
+            "validation); default auto: folds when each head then sees more images than the training "
+            "split and the backbone stays frozen",
+        },
+    ),
     "--augment-passes": (
         "augment_passes",
         {

@@ -112,6 +112,12 @@ class TrainConfig(_Strict):
     # own configuration, are averaged in the saved model (training/ensemble.py); 1 = the
     # best trial alone.
     search_ensemble: int = Field(5, ge=1, le=50)
+    # How those heads are trained (training/folds.py): "folds" splits train + validation
+    # into K folds, and head i trains on the others and stops early on fold i; "train"
+    # trains every head on the training split and stops it on validation. auto: folds when
+    # each head then sees more images than the training split holds and the backbone stays
+    # frozen (fine-tuning validates on the validation split).
+    ensemble_fit: Literal["auto", "folds", "train"] = "auto"
     # Decoupled weight decay (AdamW) and label smoothing of the head phase; 0 = plain Adam
     # and cross-entropy. The search tunes both.
     weight_decay: float = Field(0.0, ge=0, lt=1)
@@ -153,6 +159,11 @@ class TrainConfig(_Strict):
             raise ValueError("augment_passes: cached augmented passes run without --distribute only")
         if self.augment_passes and not self.augment.active:
             raise ValueError("augment_passes: augmentation is off (augment.enabled: false or preset none)")
+        if self.ensemble_fit == "folds" and self.fine_tune.unfreeze_layers:
+            raise ValueError(
+                "ensemble_fit: folds trains the heads on the validation images that fine-tuning "
+                "then stops on; use train (or auto) with fine_tune.unfreeze_layers"
+            )
         if self.val_fraction + self.test_fraction >= 0.8:
             raise ValueError("val_fraction + test_fraction leave too little data to train on")
         return self

@@ -3,10 +3,13 @@
 On a few hundred validation images the search's best trials cannot be told apart (its
 spread says so: training/search.py), so picking the single best one picks among equals
 by chance. With K > 1 the run keeps the K best trials instead, ranked on validation only
-as the search ranks them. The best trial's head is trained by Keras as a single head
-would be; the others keep the weights their trials ended with (the same head, optimiser
-and early stopping in training/fast_head.py), so they cost no further training. The saved
-model runs the backbone once and averages the heads' logits in front of the one
+as the search ranks them. How their heads train (`ensemble_fit`, training/folds.py):
+- "train": the best trial's head is trained by Keras as a single head would be; the
+  others keep the weights their trials ended with (the same head, optimiser and early
+  stopping in training/fast_head.py), so they cost no further training;
+- "folds" (cross-fitted): head i trains on train + validation less fold i and stops on
+  fold i, the first by Keras, the others in NumPy; K - 1 more head fits.
+The saved model runs the backbone once and averages the heads' logits in front of the one
 temperature and softmax (`training.model.build_ensemble_head`: stock layers). The
 fine-tuning phase and temperature scaling then work on the averaged output. What it gains
 on the CIFAR-10 row, and what it costs: docs/benchmarks.md."""
@@ -15,15 +18,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import keras
 import mlflow
 import numpy as np
+from threadpoolctl import threadpool_limits
 
-from training import features
+from training import features, search
 from training.calibrate import negative_log_likelihood, softmax
 from training.config import HeadConfig, TrainConfig
+from training.fast_head import fit_trial, pool
 from training.features import FeatureCache
+from training.folds import FitChoice, Folds, OutOfFold
 from training.model import ensemble_members
 from training.search import SearchOutcome, Trial
 
@@ -41,6 +48,15 @@ def heads(chosen: list[tuple[Trial, TrainConfig]]) -> list[HeadConfig]:
     return [config.head for _, config in chosen]
 
 
+@dataclass
+class Fitted:
+    """The first head's Keras history (the run's curves) and, when the heads were
+    cross-fitted (training/folds.py), every labelled image's held-out logits."""
+
+    history: dict
+    out_of_fold: OutOfFold | None = None
+
+
 def fit_members(
     model: keras.Model,
     cache: FeatureCache,
@@ -48,57 +64,107 @@ def fit_members(
     class_weight,
     compile_model: Callable,
     callbacks: list,
-) -> dict:
-    """The member heads of `model`: the first (the best trial's) trained by Keras on the
-    cached features with `callbacks` (its history is the run's); the others take the
-    weights their trials ended the search with (training/fast_head.py trains the same
-    head with the same optimiser, at its restored best epoch), so they cost nothing more.
-    Returns the first member's history.
+    choice: FitChoice,
+) -> Fitted:
+    """The member heads of `model`, best trial first.
+
+    `choice.mode == "train"`: the first head is trained by Keras on the cached features
+    with `callbacks` (its history is the run's); the others take the weights their trials
+    ended the search with (training/fast_head.py trains the same head with the same
+    optimiser, at its restored best epoch), so they cost nothing more.
+    `"folds"`: head i trains on the folds other than i of train + validation and stops on
+    fold i; the first by Keras with `callbacks`, the others in NumPy (fast_head), each
+    with its trial's configuration.
     """
     heads_of_model = ensemble_members(model)
+    folds = Folds.stratified(cache, len(chosen), chosen[0][1].seed) if choice.mode == "folds" else None
+    views = [folds.cache(cache, i) for i in range(len(chosen))] if folds else [cache]
     first, config = heads_of_model[0], chosen[0][1]
     classifier = keras.Sequential(
         [keras.Input(shape=cache.feature_shape), first, keras.layers.Activation("softmax", dtype="float32")],
         name=f"train_{first.name}",
     )
     compile_model(classifier, config.learning_rate, config.weight_decay, config.label_smoothing)
-    history = features.fit_head(classifier, cache, config, class_weight, callbacks)
-    for member, (trial, _) in zip(heads_of_model[1:], chosen[1:], strict=True):
-        member.set_weights(trial.fit.weights)
-    return history
+    history = features.fit_head(classifier, views[0], config, class_weight, callbacks)
+    if folds is None:
+        for member, (trial, _) in zip(heads_of_model[1:], chosen[1:], strict=True):
+            member.set_weights(trial.fit.weights)
+        return Fitted(history)
+    classes, schedule = model.output_shape[-1], search.schedule(config)
+    with threadpool_limits(limits=1):  # small matrices: one BLAS thread, as in the search
+        for member, (trial, _), view in zip(heads_of_model[1:], chosen[1:], views[1:], strict=True):
+            p = trial.params
+            passes = [(pool(x, p.pooling), y) for x, y in zip(view.train_x, view.train_y, strict=True)]
+            held_out = (pool(view.val_x, p.pooling), view.val_y)
+            fit = fit_trial(passes, held_out, classes, p, schedule, class_weight, config.seed + trial.number)
+            member.set_weights(fit.weights)
+    out_of_fold = OutOfFold(folds, cache, classes)
+    for i, (member, view) in enumerate(zip(heads_of_model, views, strict=True)):
+        out_of_fold.add(i, _logits(member, view.val_x))
+    return Fitted(history, out_of_fold)
 
 
-def log_ensemble(model: keras.Model, cache: FeatureCache, chosen: list[tuple[Trial, TrainConfig]]) -> None:
-    """The ensemble's and each member's validation figures (metrics, a table, one line)."""
-    head = model.get_layer("head")
-    probs = np.asarray(head(cache.val_x, training=False), dtype=np.float64)
-    alone = [softmax(np.asarray(member(cache.val_x, training=False))) for member in ensemble_members(model)]
-    metrics = {
-        "ensemble_members": len(chosen),
-        "ensemble_val_accuracy": _accuracy(probs, cache.val_y),
-        "ensemble_val_loss": negative_log_likelihood(probs, cache.val_y),
-    }
-    for i, member_probs in enumerate(alone):
-        metrics[f"ensemble_member_{i}_val_accuracy"] = _accuracy(member_probs, cache.val_y)
+def _logits(member: keras.Model, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    chunks = np.array_split(x, max(1, -(-len(x) // batch)))
+    return np.concatenate([np.asarray(member(chunk, training=False), dtype=np.float64) for chunk in chunks])
+
+
+def log_ensemble(
+    model: keras.Model,
+    cache: FeatureCache,
+    chosen: list[tuple[Trial, TrainConfig]],
+    fitted: Fitted,
+    choice: FitChoice,
+) -> None:
+    """The ensemble's and each member's validation figures (metrics, a table, one line).
+
+    Heads trained on the training split are scored on validation, alone and averaged.
+    Cross-fitted heads trained on most of it: each is scored on its own held-out fold, and
+    the ensemble's figure is out-of-fold (each validation image from the head that held it out).
+    """
+    mlflow.set_tag("ensemble.fit", f"{choice.mode}: {choice.reason}")
+    metrics: dict[str, float] = {"ensemble_members": len(chosen)}
+    if fitted.out_of_fold is None:
+        probs = np.asarray(model.get_layer("head")(cache.val_x, training=False), dtype=np.float64)
+        metrics["ensemble_val_accuracy"] = _accuracy(probs, cache.val_y)
+        metrics["ensemble_val_loss"] = negative_log_likelihood(probs, cache.val_y)
+        for i, member in enumerate(ensemble_members(model)):
+            member_probs = softmax(np.asarray(member(cache.val_x, training=False)))
+            metrics[f"ensemble_member_{i}_val_accuracy"] = _accuracy(member_probs, cache.val_y)
+        column, key = "val accuracy", "ensemble_member_{}_val_accuracy"
+    else:
+        oof = fitted.out_of_fold
+        logits, labels = oof.validation()
+        metrics["ensemble_out_of_fold_val_accuracy"] = _accuracy(logits, labels)
+        metrics["ensemble_out_of_fold_val_loss"] = negative_log_likelihood(softmax(logits), labels)
+        for i in range(len(chosen)):
+            metrics[f"ensemble_member_{i}_held_out_accuracy"] = oof.fold_accuracy(i)
+        column, key = "held-out fold accuracy", "ensemble_member_{}_held_out_accuracy"
     mlflow.log_metrics(metrics)
     rows = [
-        "| member | trial | pooling | units | dropout | learning rate | weight decay | label smoothing | val accuracy |"
+        f"| member | trial | pooling | units | dropout | learning rate | weight decay | label smoothing | {column} |"
     ]
     rows.append("|---|---|---|---|---|---|---|---|---|")
     for i, (trial, _) in enumerate(chosen):
-        p, accuracy = trial.params, metrics[f"ensemble_member_{i}_val_accuracy"]
+        p, accuracy = trial.params, metrics[key.format(i)]
         rows.append(
             f"| {i} | {trial.number} | {p.pooling} | {p.units} | {p.dropout:.3f} | {p.learning_rate:.3g} | "
             f"{p.weight_decay:.3g} | {p.label_smoothing:.3f} | {accuracy:.4f} |"
         )
-    mlflow.log_text("\n".join(rows) + "\n", "search/ensemble.md")
-    log.info(
-        "ensemble: the %d best trials (%s) averaged, val accuracy %.4f (the best trial's head alone %.4f)",
-        len(chosen),
-        ", ".join(str(trial.number) for trial, _ in chosen),
-        metrics["ensemble_val_accuracy"],
-        metrics["ensemble_member_0_val_accuracy"],
-    )
+    table = "\n".join(rows) + f"\n\nHow the heads trained: {choice.mode}: {choice.reason}\n"
+    mlflow.log_text(table, "search/ensemble.md")
+    trials = ", ".join(str(trial.number) for trial, _ in chosen)
+    if fitted.out_of_fold is None:
+        log.info(
+            "ensemble: the %d best trials (%s) averaged, val accuracy %.4f (the best trial's head alone %.4f)",
+            len(chosen), trials, metrics["ensemble_val_accuracy"], metrics["ensemble_member_0_val_accuracy"],
+        )  # fmt: skip
+    else:
+        log.info(
+            "ensemble: the %d best trials (%s) averaged, cross-fitted on %s; out-of-fold val accuracy %.4f "
+            "(each validation image from the head that held it out)",
+            len(chosen), trials, choice.reason.split(": ", 1)[-1], metrics["ensemble_out_of_fold_val_accuracy"],
+        )  # fmt: skip
 
 
 def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float:

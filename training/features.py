@@ -34,8 +34,10 @@ FEATURE_CACHE_BUDGET_BYTES = 3 * 1024**3
 class FeatureCache:
     """Backbone feature maps (n, h, w, c) of each training pass, and of validation.
 
-    `train_x[k]`/`train_y[k]` are pass k (its own order); one clean pass when the run does
-    not augment. `seconds` is the wall-clock time of the backbone passes.
+    `train_x[k]`/`train_y[k]` are pass k; one clean pass when the run does not augment.
+    The passes share one order when the splits give it (`Splits.train_in_order`): row r of
+    every pass is then the same image (`aligned`). `seconds` is the wall-clock time of the
+    backbone passes.
     """
 
     train_x: list[np.ndarray]
@@ -43,6 +45,7 @@ class FeatureCache:
     val_x: np.ndarray
     val_y: np.ndarray
     seconds: float
+    aligned: bool = False
 
     @property
     def passes(self) -> int:
@@ -128,11 +131,13 @@ def compute_cache(
     augmentation = model.get_layer("augmentation") if config.augment.active else None
     passes = _affordable_passes(config.augment_passes, train_images * val_x[0].nbytes) if augmentation else 1
     train_x, train_y = [], []
+    in_order = splits.train_in_order
     for _ in range(passes):
-        x, y = backbone_features(extractor, splits.train, augmentation)
+        x, y = backbone_features(extractor, splits.train if in_order is None else in_order, augmentation)
         train_x.append(x)
         train_y.append(y)
-    cache = FeatureCache(train_x, train_y, val_x, val_y, time.perf_counter() - start)
+    aligned = in_order is not None or passes == 1
+    cache = FeatureCache(train_x, train_y, val_x, val_y, time.perf_counter() - start, aligned)
     log.info(
         "cached backbone features: train %d x %s, val %s (%.1f s)",
         passes,

@@ -284,13 +284,15 @@ def _simple_cnn_layers(x, num_classes: int):
     return x
 
 
-def head_summary(model: keras.Model, blocks: str) -> str | None:
+def head_summary(model: keras.Model, blocks: str, cross_fitted: bool = False) -> str | None:
     """The classifier on the backbone in words, for the model card: "5 heads averaged on
-    the last two blocks"; None without a backbone (simple_cnn)."""
+    the last two blocks" ("5 cross-fitted heads ...": training/folds.py); None without a
+    backbone (simple_cnn)."""
     if "backbone" not in [layer.name for layer in model.layers]:
         return None
     members = len(ensemble_members(model))
-    heads = f"{members} heads averaged" if members else "one dense head"
+    kind = "cross-fitted heads" if cross_fitted else "heads"
+    heads = f"{members} {kind} averaged" if members else "one dense head"
     return f"{heads} on the {'last two blocks' if blocks == 'last_two' else 'last block'}"
 
 

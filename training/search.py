@@ -107,6 +107,13 @@ def searched_params(config: TrainConfig) -> dict[str, str]:
     return {key: flat[key] for key in SEARCHED_FIELDS}
 
 
+def schedule(config: TrainConfig) -> Schedule:
+    """The head phase's epochs, batch, early stopping and plateau, for fast_head's fits."""
+    return Schedule(
+        config.epochs, config.batch_size, config.early_stopping_patience, config.reduce_lr_patience
+    )
+
+
 def search_head(cache: FeatureCache, config: TrainConfig, classes: int, class_weight) -> SearchOutcome:
     """Run config.search trials on `cache` inside the active MLflow run (nested runs)."""
     import optuna
@@ -139,9 +146,7 @@ class _Objective:
 
     def __init__(self, cache: FeatureCache, config: TrainConfig, classes: int, class_weight):
         self.cache, self.config, self.classes, self.class_weight = cache, config, classes, class_weight
-        self.schedule = Schedule(
-            config.epochs, config.batch_size, config.early_stopping_patience, config.reduce_lr_patience
-        )
+        self.schedule = schedule(config)
         self.pooled: dict[str, tuple[list, tuple]] = {}
         self.trials: list[Trial] = []
 

@@ -21,7 +21,7 @@ import numpy as np
 from imgcls.images import PREPROCESSING_VERSION
 from imgcls.modelcard import ModelCard
 from imgcls.settings import TrackingSettings
-from training import augment, calibrate, ensemble, features, search, tracking
+from training import augment, calibrate, ensemble, features, folds, search, tracking
 from training import evaluate as ev
 from training.config import TrainConfig
 from training.data import DatasetScan, load_split, scan_dataset, split_view
@@ -60,11 +60,14 @@ class TrainResult:
 
 @dataclass
 class Splits:
-    """Batched tf.data datasets of raw pixels and int labels."""
+    """Batched tf.data datasets of raw pixels and int labels. `train_in_order`: the training
+    images in one fixed order every time (the cached backbone passes read it, so row r of
+    every pass is the same image); None = `train`'s own order."""
 
     train: object
     val: object
     test: object
+    train_in_order: object = None
 
 
 def train(config: TrainConfig, settings: TrackingSettings | None = None) -> TrainResult:
@@ -142,15 +145,18 @@ def _run(config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_i
         compile_model(model, config.learning_rate, config.weight_decay, config.label_smoothing)
     params = _log_architecture(model)
     with strategy.scope():  # every compile and fit, phase 2 and the cached head included
-        history, seconds = fit_model(model, splits, config, scan, cache, members)
+        history, seconds, held_out = fit_model(model, splits, config, scan, cache, members)
     n = len(scan.class_names)
     member_configs = [c for _, c in members] if members else None
     out_of_fold = functools.partial(calibrate.out_of_fold_logits, model, splits, config, n, member_configs)
-    val_logits = None
-    if cache is not None and not config.fine_tune.unfreeze_layers:  # the cached features still hold
+    val_logits, images = None, "validation images"
+    if held_out is not None:  # cross-fitted heads trained on validation: their held-out logits
+        val_logits, images = held_out.validation(), "validation images (each from the head that held it out)"
+        out_of_fold = functools.partial(_cross_fitted, held_out)
+    elif cache is not None and not config.fine_tune.unfreeze_layers:  # the cached features still hold
         val_logits = calibrate.head_logits(model, cache.val_x), cache.val_y
     calibrated = calibrate.calibrate(
-        model, splits.val, splits.test, scan.class_names, out_of_fold, val_logits
+        model, splits.val, splits.test, scan.class_names, out_of_fold, val_logits, images
     )
     model, evaluation = calibrated.model, calibrated.test
     metrics = evaluation.metrics()
@@ -166,10 +172,16 @@ def _run(config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_i
         dataset_fingerprint=scan.fingerprint,
         preprocessing=PREPROCESSING_VERSION,  # the resize its training images went through
         temperature=calibrated.report.temperature,
-        head=head_summary(model, config.backbone_blocks),
+        head=head_summary(model, config.backbone_blocks, cross_fitted=held_out is not None),
     )
     model_uri = tracking.log_keras_model(model, card, first_test_image)
     return TrainResult(run_id, model_uri, card, metrics, evaluation, history, scan, model, params, seconds)
+
+
+def _cross_fitted(held_out: folds.OutOfFold):
+    """Every labelled image's held-out logits, for calibration's out-of-fold fallback."""
+    logits, labels = held_out.labelled()
+    return logits, labels, f"the ensemble's {held_out.folds.count} cross-fitted heads, each on its own fold"
 
 
 def load_splits(scan: DatasetScan, config: TrainConfig, view_dir: Path) -> Splits:
@@ -185,10 +197,14 @@ def load_splits(scan: DatasetScan, config: TrainConfig, view_dir: Path) -> Split
     if _split_bytes(scan, "train", size) <= budget:
         # Cache unbatched, then reshuffle per epoch: decode once, not once per epoch.
         n = len(scan.files["train"])
-        train = train.unbatch().cache().shuffle(n, seed=config.seed).batch(batch)
+        decoded = train.unbatch().cache()  # filled once, in one order: the in-order view reads it too
         # unbatch() forgets the length; Keras would find it by running out of data.
-        train = train.apply(tf.data.experimental.assert_cardinality(-(-n // batch)))
+        length = tf.data.experimental.assert_cardinality(-(-n // batch))
+        train = decoded.shuffle(n, seed=config.seed).batch(batch).apply(length)
+        in_order = decoded.batch(batch).apply(length)
         budget -= _split_bytes(scan, "train", size)
+    else:
+        in_order = load_split(scan, "train", view_dir, size, batch)
     splits = [train]
     for split in ("val", "test"):
         dataset = load_split(scan, split, view_dir, size, batch)
@@ -196,6 +212,7 @@ def load_splits(scan: DatasetScan, config: TrainConfig, view_dir: Path) -> Split
             dataset = dataset.cache()
             budget -= _split_bytes(scan, split, size)
         splits.append(dataset)
+    splits.append(in_order)
     return Splits(*(d.prefetch(tf.data.AUTOTUNE) for d in splits))
 
 
@@ -288,10 +305,11 @@ def fit_model(
     `members`, training/ensemble.py) then optional fine-tuning.
 
     Call it inside the tf.distribute strategy's scope. Returns the merged per-epoch
-    history and the wall-clock seconds of each epoch (epoch 1 of a cached head includes
-    the backbone passes that made the cache).
+    history, the wall-clock seconds of each epoch (epoch 1 of a cached head includes the
+    backbone passes that made the cache) and, for cross-fitted heads (training/folds.py),
+    their held-out logits (else None).
     """
-    timer = EpochTimer()
+    timer, held_out = EpochTimer(), None
     extractor = feature_extractor(model)
     class_weight = _class_weights(scan, config)
     if extractor is None:
@@ -300,7 +318,8 @@ def fit_model(
             model, splits, config, class_weight, [*validation, timer], offset=0, validate=validate
         )
     elif cache is not None and members:
-        history = _fit_ensemble_on_cached_features(model, cache, members, class_weight, timer)
+        fitted = _fit_ensemble_on_cached_features(model, cache, members, class_weight, timer)
+        history, held_out = fitted.history, fitted.out_of_fold
     elif cache is not None:
         history = _fit_head_on_cached_features(model, cache, config, class_weight, timer)
     else:
@@ -311,7 +330,7 @@ def fit_model(
     if config.fine_tune.unfreeze_layers and extractor is not None:
         tuned = _fine_tune(model, splits, config, class_weight, timer, len(history["loss"]))
         history = _merge(history, tuned)
-    return history, timer.seconds
+    return history, timer.seconds, held_out
 
 
 def _fit_full(model, splits, config, class_weight, callbacks, offset, validate=True, epochs=None):
@@ -347,14 +366,16 @@ def _fit_head_on_cached_features(model, cache, config, class_weight, timer):
     return history
 
 
-def _fit_ensemble_on_cached_features(model, cache, members, class_weight, timer):
-    """The best trial's head trained on the cached features (timed and logged per epoch:
-    the run's curves), the other members from their trials (training/ensemble.py)."""
+def _fit_ensemble_on_cached_features(model, cache, members, class_weight, timer) -> ensemble.Fitted:
+    """The best trial's head trained by Keras on the cached features (timed and logged per
+    epoch: the run's curves), the other members in NumPy or from their trials, on the
+    training split or cross-fitted on train + validation (training/ensemble.py, folds.py)."""
+    choice = folds.choose(members[0][1], len(members), cache)
     callbacks = [timer, *_standard_callbacks(members[0][1], 0)]
-    history = ensemble.fit_members(model, cache, members, class_weight, compile_model, callbacks)
-    ensemble.log_ensemble(model, cache, members)
+    fitted = ensemble.fit_members(model, cache, members, class_weight, compile_model, callbacks, choice)
+    ensemble.log_ensemble(model, cache, members, fitted, choice)
     timer.seconds[0] += cache.seconds
-    return history
+    return fitted
 
 
 def _fine_tune(model, splits, config, class_weight, timer, offset):
