@@ -141,9 +141,8 @@ def log_ensemble(
             metrics[f"ensemble_member_{i}_held_out_accuracy"] = oof.fold_accuracy(i)
         column, key = "held-out fold accuracy", "ensemble_member_{}_held_out_accuracy"
     mlflow.log_metrics(metrics)
-    rows = [
-        f"| member | trial | pooling | units | dropout | learning rate | weight decay | label smoothing | {column} |"
-    ]
+    columns = ["member", "trial", "pooling", "units", "dropout", "learning rate", "weight decay"]
+    rows = ["| " + " | ".join([*columns, "label smoothing", column]) + " |"]
     rows.append("|---|---|---|---|---|---|---|---|---|")
     for i, (trial, _) in enumerate(chosen):
         p, accuracy = trial.params, metrics[key.format(i)]
@@ -163,7 +162,8 @@ def log_ensemble(
         log.info(
             "ensemble: the %d best trials (%s) averaged, cross-fitted on %s; out-of-fold val accuracy %.4f "
             "(each validation image from the head that held it out)",
-            len(chosen), trials, choice.reason.split(": ", 1)[-1], metrics["ensemble_out_of_fold_val_accuracy"],
+            len(chosen), trials, choice.reason.split(": ", 1)[-1],
+            metrics["ensemble_out_of_fold_val_accuracy"],
         )  # fmt: skip
 
 

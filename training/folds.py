@@ -48,23 +48,29 @@ def choose(config: TrainConfig, heads: int, cache: FeatureCache) -> FitChoice:
         return FitChoice(
             "train", "ensemble_fit: train (each head on the training split, stopped on validation)"
         )
+    folds = (
+        f"{heads} folds of train + validation: each head trains on {seen} images "
+        f"and stops early on the other {train + val - seen}"
+    )
+    if config.ensemble_fit == "folds":
+        choice = FitChoice("folds", f"ensemble_fit: folds ({folds})")
+    elif config.fine_tune.unfreeze_layers:
+        return FitChoice(
+            "train", "auto: fine-tuning stops on the validation split, so the heads must not train on it"
+        )
+    elif seen <= train:
+        return FitChoice(
+            "train",
+            f"auto: {heads} folds would leave each head {seen} images, "
+            f"no more than the training split's {train}",
+        )
+    else:
+        choice = FitChoice("folds", f"auto: {folds} (the training split alone holds {train})")
     if not cache.aligned:
         raise ValueError(
             "ensemble_fit: folds needs the cached training passes in one order (Splits.train_in_order)"
         )
-    folds = f"{heads} folds of train + validation: each head trains on {seen} images and stops early on the other {train + val - seen}"
-    if config.ensemble_fit == "folds":
-        return FitChoice("folds", f"ensemble_fit: folds ({folds})")
-    if config.fine_tune.unfreeze_layers:
-        return FitChoice(
-            "train", "auto: fine-tuning stops on the validation split, so the heads must not train on it"
-        )
-    if seen <= train:
-        return FitChoice(
-            "train",
-            f"auto: {heads} folds would leave each head {seen} images, no more than the training split's {train}",
-        )
-    return FitChoice("folds", f"auto: {folds} (the training split alone holds {train})")
+    return choice
 
 
 @dataclass(frozen=True)
