@@ -146,8 +146,12 @@ def speed(shared: Path, work: Path, backbone: str = "vgg16", size: int = 96, epo
 DEFAULT_ROWS = ("mnist", "cifar", "cifar_search", "cifar_live", "photo", "photo_search", "photo_live")
 
 
-def defaults(shared: Path, work: Path, rows=DEFAULT_ROWS) -> dict:
-    """The issue-12 rows: each the default command on a folder, timed end to end."""
+def defaults(shared: Path, work: Path, rows=DEFAULT_ROWS, seeds=None, extra=None) -> dict:
+    """The issue-12 rows: each the default command on a folder, timed end to end.
+
+    `seeds`: each row once per seed (named `row@seed<N>`; the seed moves the split, the
+    trials and the initialisation); `extra`: config fields added to every row's options.
+    """
     from bench.train_data import mnist_subset, photo_folder
 
     weights = str(shared / "weights/vgg16_imagenet_notop.h5")
@@ -171,8 +175,12 @@ def defaults(shared: Path, work: Path, rows=DEFAULT_ROWS) -> dict:
     out = {}
     for row in rows:
         data, options = folders[row]
-        out[row] = default_command(data, options, work / "runs")
-        print(json.dumps({row: out[row]}), flush=True)
+        for seed in seeds or [None]:
+            name, run_options = row, options | (extra or {})
+            if seed is not None:
+                name, run_options = f"{row}@seed{seed}", run_options | {"seed": seed}
+            out[name] = default_command(data, run_options, work / "runs")
+            print(json.dumps({name: out[name]}), flush=True)
     return out
 
 
@@ -227,8 +235,8 @@ def defaults_table(rows: dict) -> str:
         ratio = f"{r['seconds_vs_backbone_pass']:.2f}x" if "seconds_vs_backbone_pass" in r else ""
         probe = f"{r['linear_probe_test_accuracy']:.4f}" if "linear_probe_test_accuracy" in r else ""
         target = ""
-        if name in TARGETS:
-            _, met, text = TARGETS[name]
+        if name.split("@")[0] in TARGETS:
+            _, met, text = TARGETS[name.split("@")[0]]
             target = f"{text}: {'met' if met(r) else 'missed'}"
         lines.append(
             f"| {name} | {options} | {images} | {augmentation} | {r['epochs']} | {r['test_accuracy']:.4f} "
@@ -295,6 +303,16 @@ def main() -> None:
         default=",".join(DEFAULT_ROWS),
         help=f"defaults rows, comma-separated ({', '.join(DEFAULT_ROWS)})",
     )
+    parser.add_argument(
+        "--seeds", help="defaults rows: run each once per seed, comma-separated (e.g. 42,0,1,2)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="defaults rows: a config field added to every row (e.g. ensemble_fit=train); repeatable",
+    )
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="the shared data folder")
     parser.add_argument(
         "--out", type=Path, default=ROOT / ".imgcls/bench/train_bench.json", help="JSON results file"
@@ -309,7 +327,9 @@ def main() -> None:
     if args.only in (None, "speed"):
         results["speed"] = speed(args.shared, work)
     if args.only in (None, "defaults"):
-        results["defaults"] = defaults(args.shared, work, args.rows.split(","))
+        seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else None
+        extra = dict(field.split("=", 1) for field in args.set)
+        results["defaults"] = defaults(args.shared, work, args.rows.split(","), seeds, extra)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
