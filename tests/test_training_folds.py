@@ -113,6 +113,14 @@ def test_the_auto_rule_cross_fits_when_each_head_sees_more_than_the_training_spl
     assert choice.mode == mode and words in choice.reason
 
 
+def test_too_few_images_for_the_folds_train_on_the_training_split(tmp_path):
+    cache = _cache(train=6, val=3, passes=1)
+    choice = choose(quick_config(tmp_path, **TINY_VGG), 5, cache)
+    assert choice.mode == "train" and "9 labelled images are too few for 5 folds" in choice.reason
+    with pytest.raises(ValueError, match="ensemble_fit: folds: 9 labelled images are too few for 5 folds"):
+        choose(quick_config(tmp_path, **TINY_VGG, ensemble_fit="folds"), 5, cache)
+
+
 def test_folds_refuse_passes_in_different_orders(tmp_path):
     cache = _cache()
     cache.aligned = False

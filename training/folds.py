@@ -52,8 +52,15 @@ def choose(config: TrainConfig, heads: int, cache: FeatureCache) -> FitChoice:
         f"{heads} folds of train + validation: each head trains on {seen} images "
         f"and stops early on the other {train + val - seen}"
     )
+    too_few = f"{train + val} labelled images are too few for {heads} folds (2 a fold at least)"
+    if config.ensemble_fit == "folds" and train + val < 2 * heads:
+        raise ValueError(
+            f"ensemble_fit: folds: {too_few}; use --ensemble-fit train or fewer --ensemble heads"
+        )
     if config.ensemble_fit == "folds":
         choice = FitChoice("folds", f"ensemble_fit: folds ({folds})")
+    elif train + val < 2 * heads:
+        return FitChoice("train", f"auto: {too_few}")
     elif config.fine_tune.unfreeze_layers:
         return FitChoice(
             "train", "auto: fine-tuning stops on the validation split, so the heads must not train on it"
