@@ -121,11 +121,15 @@ def test_too_few_images_for_the_folds_train_on_the_training_split(tmp_path):
         choose(quick_config(tmp_path, **TINY_VGG, ensemble_fit="folds"), 5, cache)
 
 
-def test_folds_refuse_passes_in_different_orders(tmp_path):
+def test_passes_in_different_orders_are_never_cross_fitted(tmp_path):
     cache = _cache()
     cache.aligned = False
-    with pytest.raises(ValueError, match="one order"):
-        choose(quick_config(tmp_path, **TINY_VGG), 4, cache)
+    choice = choose(quick_config(tmp_path, **TINY_VGG), 4, cache)
+    assert choice.mode == "train" and "not in one order" in choice.reason
+    with pytest.raises(
+        ValueError, match="ensemble_fit: folds: the cached training passes are not in one order"
+    ):
+        choose(quick_config(tmp_path, **TINY_VGG, ensemble_fit="folds"), 4, cache)
 
 
 def test_folds_and_fine_tuning_are_refused_together(tmp_path):
@@ -172,3 +176,13 @@ def test_a_search_run_cross_fits_its_heads_by_default(shapes_dir_shared, trackin
     table = Path(client.download_artifacts(result.run_id, "search/ensemble.md")).read_text()
     assert "held-out fold accuracy" in table and "How the heads trained: folds" in table
     assert result.metrics["accuracy"] >= 0
+
+
+def test_balanced_weights_follow_the_labels_a_head_trains_on():
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from training.folds import balanced_weights
+
+    labels = np.array([0] * 10 + [1] * 3 + [2] * 7)
+    expected = compute_class_weight("balanced", classes=np.arange(3), y=labels)
+    assert balanced_weights(labels, 3) == pytest.approx(dict(enumerate(expected)))

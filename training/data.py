@@ -350,14 +350,18 @@ def load_split(
     *,
     shuffle: bool = False,
     seed: int = 42,
+    written: bool = False,
 ):
     """A batched tf.data.Dataset of (raw RGB float32 images, int labels) for one split.
 
-    Order (unshuffled): class by class, files in manifest order.
+    Order (unshuffled): class by class, files in manifest order. `written`: the split's
+    view is on disk already (an earlier call wrote it), so it is read, not written again.
     """
     import keras
 
-    folder = write_view(scan, split, Path(view_dir) / split, image_size)
+    folder = Path(view_dir) / split
+    if not written:
+        write_view(scan, split, folder, image_size)
     return keras.utils.image_dataset_from_directory(
         folder,
         labels="inferred",

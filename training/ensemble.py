@@ -30,7 +30,7 @@ from training.calibrate import negative_log_likelihood, softmax
 from training.config import HeadConfig, TrainConfig
 from training.fast_head import fit_trial, pool
 from training.features import FeatureCache
-from training.folds import FitChoice, Folds, OutOfFold
+from training.folds import FitChoice, Folds, OutOfFold, balanced_weights
 from training.model import ensemble_members
 from training.search import SearchOutcome, Trial
 
@@ -78,30 +78,47 @@ def fit_members(
     """
     heads_of_model = ensemble_members(model)
     folds = Folds.stratified(cache, len(chosen), chosen[0][1].seed) if choice.mode == "folds" else None
-    views = [folds.cache(cache, i) for i in range(len(chosen))] if folds else [cache]
-    first, config = heads_of_model[0], chosen[0][1]
+    classes, config = model.output_shape[-1], chosen[0][1]
+    out_of_fold = OutOfFold(folds, cache, classes) if folds else None
+    history: dict = {}
+    for i, (member, (trial, _)) in enumerate(zip(heads_of_model, chosen, strict=True)):
+        if folds is None and i:  # on the training split: the trial's own weights
+            member.set_weights(trial.fit.weights)
+            continue
+        view = folds.cache(cache, i) if folds else cache  # one fold's copy at a time
+        # Balanced class weights follow the images a head trains on (train + validation).
+        weights = balanced_weights(view.train_y[0], classes) if folds and class_weight else class_weight
+        if i == 0:
+            history = _fit_by_keras(member, view, config, weights, compile_model, callbacks)
+        else:
+            _fit_in_numpy(member, view, trial, config, classes, weights)
+        if out_of_fold is not None:
+            out_of_fold.add(i, _logits(member, view.val_x))
+    return Fitted(history, out_of_fold)
+
+
+def _fit_by_keras(
+    member, view: FeatureCache, config: TrainConfig, class_weight, compile_model, callbacks
+) -> dict:
+    """The head trained by Keras on `view` with the run's callbacks: its history is the run's."""
     classifier = keras.Sequential(
-        [keras.Input(shape=cache.feature_shape), first, keras.layers.Activation("softmax", dtype="float32")],
-        name=f"train_{first.name}",
+        [keras.Input(shape=view.feature_shape), member, keras.layers.Activation("softmax", dtype="float32")],
+        name=f"train_{member.name}",
     )
     compile_model(classifier, config.learning_rate, config.weight_decay, config.label_smoothing)
-    history = features.fit_head(classifier, views[0], config, class_weight, callbacks)
-    if folds is None:
-        for member, (trial, _) in zip(heads_of_model[1:], chosen[1:], strict=True):
-            member.set_weights(trial.fit.weights)
-        return Fitted(history)
-    classes, schedule = model.output_shape[-1], search.schedule(config)
+    return features.fit_head(classifier, view, config, class_weight, callbacks)
+
+
+def _fit_in_numpy(member, view: FeatureCache, trial: Trial, config: TrainConfig, classes: int, class_weight):
+    """The head trained in NumPy with its trial's configuration on `view` (training/fast_head.py)."""
+    p = trial.params
+    passes = [(pool(x, p.pooling), y) for x, y in zip(view.train_x, view.train_y, strict=True)]
+    held_out = (pool(view.val_x, p.pooling), view.val_y)
     with threadpool_limits(limits=1):  # small matrices: one BLAS thread, as in the search
-        for member, (trial, _), view in zip(heads_of_model[1:], chosen[1:], views[1:], strict=True):
-            p = trial.params
-            passes = [(pool(x, p.pooling), y) for x, y in zip(view.train_x, view.train_y, strict=True)]
-            held_out = (pool(view.val_x, p.pooling), view.val_y)
-            fit = fit_trial(passes, held_out, classes, p, schedule, class_weight, config.seed + trial.number)
-            member.set_weights(fit.weights)
-    out_of_fold = OutOfFold(folds, cache, classes)
-    for i, (member, view) in enumerate(zip(heads_of_model, views, strict=True)):
-        out_of_fold.add(i, _logits(member, view.val_x))
-    return Fitted(history, out_of_fold)
+        fit = fit_trial(
+            passes, held_out, classes, p, search.schedule(config), class_weight, config.seed + trial.number
+        )
+    member.set_weights(fit.weights)
 
 
 def _logits(member: keras.Model, x: np.ndarray, batch: int = 256) -> np.ndarray:

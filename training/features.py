@@ -136,7 +136,7 @@ def compute_cache(
         x, y = backbone_features(extractor, splits.train if in_order is None else in_order, augmentation)
         train_x.append(x)
         train_y.append(y)
-    aligned = in_order is not None or passes == 1
+    aligned = (in_order is not None or passes == 1) and all(np.array_equal(y, train_y[0]) for y in train_y)
     cache = FeatureCache(train_x, train_y, val_x, val_y, time.perf_counter() - start, aligned)
     log.info(
         "cached backbone features: train %d x %s, val %s (%.1f s)",

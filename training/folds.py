@@ -52,32 +52,29 @@ def choose(config: TrainConfig, heads: int, cache: FeatureCache) -> FitChoice:
         f"{heads} folds of train + validation: each head trains on {seen} images "
         f"and stops early on the other {train + val - seen}"
     )
-    too_few = f"{train + val} labelled images are too few for {heads} folds (2 a fold at least)"
-    if config.ensemble_fit == "folds" and train + val < 2 * heads:
-        raise ValueError(
-            f"ensemble_fit: folds: {too_few}; use --ensemble-fit train or fewer --ensemble heads"
-        )
+    # What stands in the way of folds; an explicit `folds` is refused on it, auto trains on train.
+    obstacle = None
+    if train + val < 2 * heads:
+        obstacle = f"{train + val} labelled images are too few for {heads} folds (2 a fold at least)"
+    elif not cache.aligned:
+        obstacle = "the cached training passes are not in one order, so a fold could not hold its images out"
     if config.ensemble_fit == "folds":
-        choice = FitChoice("folds", f"ensemble_fit: folds ({folds})")
-    elif train + val < 2 * heads:
-        return FitChoice("train", f"auto: {too_few}")
-    elif config.fine_tune.unfreeze_layers:
+        if obstacle:
+            raise ValueError(f"ensemble_fit: folds: {obstacle}; use --ensemble-fit train")
+        return FitChoice("folds", f"ensemble_fit: folds ({folds})")
+    if obstacle:
+        return FitChoice("train", f"auto: {obstacle}")
+    if config.fine_tune.unfreeze_layers:
         return FitChoice(
             "train", "auto: fine-tuning stops on the validation split, so the heads must not train on it"
         )
-    elif seen <= train:
+    if seen <= train:
         return FitChoice(
             "train",
             f"auto: {heads} folds would leave each head {seen} images, "
             f"no more than the training split's {train}",
         )
-    else:
-        choice = FitChoice("folds", f"auto: {folds} (the training split alone holds {train})")
-    if not cache.aligned:
-        raise ValueError(
-            "ensemble_fit: folds needs the cached training passes in one order (Splits.train_in_order)"
-        )
-    return choice
+    return FitChoice("folds", f"auto: {folds} (the training split alone holds {train})")
 
 
 @dataclass(frozen=True)
@@ -113,6 +110,13 @@ class Folds:
         val_x = np.concatenate([cache.train_x[0][~keep_t], cache.val_x[~keep_v]])
         val_y = np.concatenate([cache.train_y[0][~keep_t], cache.val_y[~keep_v]])
         return FeatureCache(train_x, train_y, val_x, val_y, 0.0, aligned=True)
+
+
+def balanced_weights(labels: np.ndarray, classes: int) -> dict[int, float]:
+    """scikit-learn's "balanced" class weights, n / (classes present * count), of `labels`."""
+    counts = np.bincount(labels, minlength=classes)
+    present = np.flatnonzero(counts)
+    return {int(c): float(len(labels) / (len(present) * counts[c])) for c in present}
 
 
 class OutOfFold:

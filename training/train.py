@@ -203,8 +203,8 @@ def load_splits(scan: DatasetScan, config: TrainConfig, view_dir: Path) -> Split
         train = decoded.shuffle(n, seed=config.seed).batch(batch).apply(length)
         in_order = decoded.batch(batch).apply(length)
         budget -= _split_bytes(scan, "train", size)
-    else:
-        in_order = load_split(scan, "train", view_dir, size, batch)
+    else:  # the same files, unshuffled (a second reader, not a second copy)
+        in_order = load_split(scan, "train", view_dir, size, batch, written=True)
     splits = [train]
     for split in ("val", "test"):
         dataset = load_split(scan, split, view_dir, size, batch)
