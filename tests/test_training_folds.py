@@ -186,3 +186,33 @@ def test_balanced_weights_follow_the_labels_a_head_trains_on():
     labels = np.array([0] * 10 + [1] * 3 + [2] * 7)
     expected = compute_class_weight("balanced", classes=np.arange(3), y=labels)
     assert balanced_weights(labels, 3) == pytest.approx(dict(enumerate(expected)))
+
+
+def test_the_default_command_cross_fits_copies_of_its_head(shapes_dir_shared, tracking):
+    config = quick_config(shapes_dir_shared, **TINY_VGG, **{"augment.enabled": False})  # no search
+    result = train(config, tracking)
+    client = MlflowClient(tracking.resolved_tracking_uri())
+    run = client.get_run(result.run_id)
+    assert run.data.tags["ensemble.fit"].startswith("folds: auto: 5 folds of train + validation")
+    members = ensemble_members(result.model)
+    assert len(members) == 5 == run.data.metrics["ensemble_members"]
+    assert all([w.shape[-1] for w in m.trainable_weights] == [256, 256, 3, 3] for m in members)  # the head
+    assert result.card.head == "5 cross-fitted heads averaged on the last two blocks"
+    table = Path(client.download_artifacts(result.run_id, "ensemble.md")).read_text()
+    assert "How the heads trained: folds" in table
+    assert "search_trials" not in run.data.metrics
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"search_ensemble": 1},  # one head asked for
+        {"head.dense_units": [32, 16]},  # two dense layers: fast_head trains one at most
+        {"ensemble_fit": "train"},  # copies on one training split would be alike
+    ],
+)
+def test_one_head_without_a_search_when_copies_would_not_differ(shapes_dir_shared, tracking, overrides):
+    config = quick_config(shapes_dir_shared, **TINY_VGG, **{"augment.enabled": False}, **overrides)
+    result = train(config, tracking)
+    assert ensemble_members(result.model) == []
+    assert result.card.head == "one dense head on the last two blocks"

@@ -69,7 +69,8 @@ TRAIN_OPTIONS: dict[str, tuple[str, dict]] = {
             "type": int,
             "metavar": "K",
             "help": "with --search: average the heads of its K best trials (on validation), each "
-            "trained with its own configuration, in the saved model (default 5; 1: the best alone)",
+            "trained with its own configuration, in the saved model; without: K cross-fitted copies "
+            "of the configured head where --ensemble-fit picks folds (default 5; 1: one head)",
         },
     ),
     "--ensemble-fit": (

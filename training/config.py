@@ -110,7 +110,8 @@ class TrainConfig(_Strict):
     search: int = Field(0, ge=0, le=500)
     # With a search: the heads of its best K trials (on validation), each trained with its
     # own configuration, are averaged in the saved model (training/ensemble.py); 1 = the
-    # best trial alone.
+    # best trial alone. Without a search: K copies of the configured head, cross-fitted
+    # (ensemble_fit below; one head where folds do not apply).
     search_ensemble: int = Field(5, ge=1, le=50)
     # How those heads are trained (training/folds.py): "folds" splits train + validation
     # into K folds, and head i trains on the others and stops early on fold i; "train"

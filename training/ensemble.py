@@ -28,9 +28,9 @@ from threadpoolctl import threadpool_limits
 from training import features, search
 from training.calibrate import negative_log_likelihood, softmax
 from training.config import HeadConfig, TrainConfig
-from training.fast_head import fit_trial, pool
+from training.fast_head import HeadParams, fit_trial, pool
 from training.features import FeatureCache
-from training.folds import FitChoice, Folds, OutOfFold, balanced_weights
+from training.folds import FitChoice, Folds, OutOfFold, balanced_weights, choose
 from training.model import ensemble_members
 from training.search import SearchOutcome, Trial
 
@@ -41,6 +41,25 @@ def members(outcome: SearchOutcome, config: TrainConfig) -> list[tuple[Trial, Tr
     """The K best trials (best first) and the run config each one's head trains with."""
     k = min(config.search_ensemble, len(outcome.ranked))
     return [(trial, outcome.apply(config, trial)) for trial in outcome.ranked[:k]]
+
+
+def copies(config: TrainConfig, cache: FeatureCache) -> list[tuple[Trial, TrainConfig]] | None:
+    """Without a search: `search_ensemble` copies of the configured head, to cross-fit
+    (each on its own folds, so they differ), or None for the single head: one asked for,
+    a head of more than one dense layer (fast_head trains one at most), or the folds rule
+    saying train (training/folds.py: copies on the same training split would be alike)."""
+    head, k = config.head, config.search_ensemble
+    if k < 2 or len(head.dense_units) > 1 or choose(config, k, cache).mode != "folds":
+        return None
+    params = HeadParams(
+        pooling=head.pooling,
+        units=head.dense_units[0] if head.dense_units else 0,
+        dropout=head.dropout,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        label_smoothing=config.label_smoothing,
+    )
+    return [(Trial(i, params, fit=None, seconds=0.0), config) for i in range(k)]
 
 
 def heads(chosen: list[tuple[Trial, TrainConfig]]) -> list[HeadConfig]:
@@ -168,9 +187,16 @@ def log_ensemble(
             f"{p.weight_decay:.3g} | {p.label_smoothing:.3f} | {accuracy:.4f} |"
         )
     table = "\n".join(rows) + f"\n\nHow the heads trained: {choice.mode}: {choice.reason}\n"
-    mlflow.log_text(table, "search/ensemble.md")
+    searched = chosen[0][0].fit is not None  # trials of a search, or copies of the configured head
+    mlflow.log_text(table, "search/ensemble.md" if searched else "ensemble.md")
     trials = ", ".join(str(trial.number) for trial, _ in chosen)
-    if fitted.out_of_fold is None:
+    if not searched:
+        log.info(
+            "ensemble: %d copies of the configured head averaged, cross-fitted on %s; out-of-fold val "
+            "accuracy %.4f (each validation image from the head that held it out)",
+            len(chosen), choice.reason.split(": ", 1)[-1], metrics["ensemble_out_of_fold_val_accuracy"],
+        )  # fmt: skip
+    elif fitted.out_of_fold is None:
         log.info(
             "ensemble: the %d best trials (%s) averaged, val accuracy %.4f (the best trial's head alone %.4f)",
             len(chosen), trials, metrics["ensemble_val_accuracy"], metrics["ensemble_member_0_val_accuracy"],

@@ -56,6 +56,8 @@ def choose(config: TrainConfig, heads: int, cache: FeatureCache) -> FitChoice:
     obstacle = None
     if train + val < 2 * heads:
         obstacle = f"{train + val} labelled images are too few for {heads} folds (2 a fold at least)"
+    elif config.distribute != "none":
+        obstacle = "under --distribute the replicas split each held-out fold's batches unevenly"
     elif not cache.aligned:
         obstacle = "the cached training passes are not in one order, so a fold could not hold its images out"
     if config.ensemble_fit == "folds":

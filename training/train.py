@@ -134,14 +134,17 @@ def _run(config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_i
             mlflow.log_params(search.searched_params(config))
             members = ensemble.members(outcome, config)
             members = members if len(members) > 1 else None  # one trial: the single head
+        elif cache is not None:  # copies of the configured head, cross-fitted (or None)
+            members = ensemble.copies(config, cache)
+        if config.search or members:
             # The cached features came from the first backbone: the new model takes its weights
             # (not the weights file again, nor new random ones).
             unloaded = config.model_copy(update={"weights": "none"})
-            searched = build_model(
+            rebuilt = build_model(
                 unloaded, len(scan.class_names), ensemble.heads(members) if members else None
             )
-            searched.get_layer("backbone").set_weights(model.get_layer("backbone").get_weights())
-            model = searched
+            rebuilt.get_layer("backbone").set_weights(model.get_layer("backbone").get_weights())
+            model = rebuilt
         compile_model(model, config.learning_rate, config.weight_decay, config.label_smoothing)
     params = _log_architecture(model)
     with strategy.scope():  # every compile and fit, phase 2 and the cached head included
