@@ -9,6 +9,8 @@ as the search ranks them. How their heads train (`ensemble_fit`, training/folds.
   stopping in training/fast_head.py), so they cost no further training;
 - "folds" (cross-fitted): head i trains on train + validation less fold i and stops on
   fold i, the first by Keras, the others in NumPy; K - 1 more head fits.
+Without a search, `copies` makes K copies of the configured head to cross-fit (each on its
+own folds, so they differ), wherever the folds rule applies; elsewhere one head.
 The saved model runs the backbone once and averages the heads' logits in front of the one
 temperature and softmax (`training.model.build_ensemble_head`: stock layers). The
 fine-tuning phase and temperature scaling then work on the averaged output. What it gains
