@@ -5,7 +5,8 @@
 Trains on the CIFAR-10 subset in ../shared with the default command (`imgcls train`'s
 defaults but `--data` and `--backbone`): `simple_cnn` at 32x32, and VGG16 at 96x96 with the
 shared ImageNet weights file and `--augment none` (the head trains on cached features: one
-backbone pass per split). T is fitted on the validation split; the table shows the test
+backbone pass per split). T is fitted on the validation split (with cross-fitted heads, the
+default there, on their out-of-fold validation logits); the table shows the test
 split before and after, read from the run's `calibration.*` metrics. Prints a Markdown
 table and writes JSON.
 """
