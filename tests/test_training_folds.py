@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import keras
@@ -135,6 +136,41 @@ def test_passes_in_different_orders_are_never_cross_fitted(tmp_path):
 def test_folds_and_fine_tuning_are_refused_together(tmp_path):
     with pytest.raises(ConfigError, match="ensemble_fit: folds trains the heads on the validation images"):
         quick_config(tmp_path, **TINY_VGG, ensemble_fit="folds", **{"fine_tune.unfreeze_layers": 2})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"backbone": "simple_cnn"}, "simple_cnn has no frozen backbone"),
+        ({"cache_features": False}, "cached backbone features (cache_features: true)"),
+        ({"augment_passes": 0}, "live augmentation (augment_passes: 0)"),
+        ({"distribute": "mirrored"}, "under --distribute"),
+        ({"search_ensemble": 1}, "one head (search_ensemble 1 or search 1)"),
+        ({"search": 1}, "one head (search_ensemble 1 or search 1)"),
+        ({"head.dense_units": [32, 16]}, "one dense layer at most (head.dense_units)"),
+    ],
+)
+def test_an_explicit_folds_that_could_not_cross_fit_is_refused_naming_the_field(tmp_path, overrides, words):
+    """Where a run would quietly train one head on the training split, `folds` says why."""
+    options = TINY_VGG | {"ensemble_fit": "folds"} | overrides
+    if options["backbone"] == "simple_cnn":
+        options.pop("weights")
+    with pytest.raises(ConfigError, match=r"ensemble_fit: folds: .*" + re.escape(words)):
+        quick_config(tmp_path, **options)
+    quick_config(tmp_path, **(options | {"ensemble_fit": "auto"}))  # auto trains one head there
+
+
+def test_a_cache_too_large_to_copy_per_fold_trains_on_the_training_split(tmp_path, monkeypatch):
+    from training import folds
+
+    cache = _cache(train=40, val=20, passes=2)
+    monkeypatch.setattr(folds, "FOLD_COPY_BUDGET_BYTES", folds.cache_bytes(cache) - 1)
+    choice = choose(quick_config(tmp_path, **TINY_VGG), 4, cache)
+    assert choice.mode == "train" and "each fold's copy of the cached features would take" in choice.reason
+    with pytest.raises(ValueError, match="ensemble_fit: folds: each fold's copy"):
+        choose(quick_config(tmp_path, **TINY_VGG, ensemble_fit="folds"), 4, cache)
+    monkeypatch.setattr(folds, "FOLD_COPY_BUDGET_BYTES", folds.cache_bytes(cache))
+    assert choose(quick_config(tmp_path, **TINY_VGG), 4, cache).mode == "folds"
 
 
 def test_cross_fitted_heads_are_scored_on_the_fold_they_never_trained_on(tmp_path, tracking):

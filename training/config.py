@@ -165,9 +165,28 @@ class TrainConfig(_Strict):
                 "ensemble_fit: folds trains the heads on the validation images that fine-tuning "
                 "then stops on; use train (or auto) with fine_tune.unfreeze_layers"
             )
+        if self.ensemble_fit == "folds" and (obstacle := self._no_folds()):
+            raise ValueError(f"ensemble_fit: folds: {obstacle}; use auto or train")
         if self.val_fraction + self.test_fraction >= 0.8:
             raise ValueError("val_fraction + test_fraction leave too little data to train on")
         return self
+
+    def _no_folds(self) -> str | None:
+        """What keeps a run of this config from cross-fitting its heads, known before the
+        data is read (training/folds.py checks the rest on the cached features)."""
+        if self.backbone == "simple_cnn":
+            return "simple_cnn has no frozen backbone whose cached features the heads could share"
+        if not self.cache_features:
+            return "the heads train on cached backbone features (cache_features: true)"
+        if self.augment_passes == 0 and self.augment.active:
+            return "live augmentation (augment_passes: 0) has no cached features"
+        if self.distribute != "none":
+            return "under --distribute the replicas split each held-out fold's batches unevenly"
+        if self.search_ensemble < 2 or self.search == 1:
+            return "one head (search_ensemble 1 or search 1) has nothing to cross-fit"
+        if not self.search and len(self.head.dense_units) > 1:
+            return "the copies' trainer takes one dense layer at most (head.dense_units)"
+        return None
 
     @property
     def input_size(self) -> tuple[int, int]:

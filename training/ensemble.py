@@ -115,6 +115,7 @@ def fit_members(
             _fit_in_numpy(member, view, trial, config, classes, weights)
         if out_of_fold is not None:
             out_of_fold.add(i, _logits(member, view.val_x))
+        del view  # before the next fold's copy is made: the cache and one copy at a time
     return Fitted(history, out_of_fold)
 
 

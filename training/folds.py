@@ -27,7 +27,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from training.config import TrainConfig
-from training.features import FeatureCache
+from training.features import FEATURE_CACHE_BUDGET_BYTES, FeatureCache
+
+# A head trains on its fold's own copy of the cached features (Folds.cache), made beside
+# the cache while it trains: at most this much, the cache's own budget (features.py).
+FOLD_COPY_BUDGET_BYTES = FEATURE_CACHE_BUDGET_BYTES
+
+
+def cache_bytes(cache: FeatureCache) -> int:
+    """The bytes of the cached features: every training pass and validation."""
+    return sum(x.nbytes for x in cache.train_x) + cache.val_x.nbytes
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,11 @@ def choose(config: TrainConfig, heads: int, cache: FeatureCache) -> FitChoice:
         obstacle = "under --distribute the replicas split each held-out fold's batches unevenly"
     elif not cache.aligned:
         obstacle = "the cached training passes are not in one order, so a fold could not hold its images out"
+    elif (copy := cache_bytes(cache)) > FOLD_COPY_BUDGET_BYTES:
+        obstacle = (
+            f"each fold's copy of the cached features would take {copy / 1024**3:.1f} GiB beside them "
+            f"(at most {FOLD_COPY_BUDGET_BYTES / 1024**3:.0f} GiB)"
+        )
     if config.ensemble_fit == "folds":
         if obstacle:
             raise ValueError(f"ensemble_fit: folds: {obstacle}; use --ensemble-fit train")
