@@ -26,6 +26,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Why heads are not cross-fitted under tf.distribute (here and in training/folds.py).
+DISTRIBUTED_FOLDS = "under --distribute the replicas split each held-out fold's batches unevenly"
+
+
 class AugmentConfig(_Strict):
     """Random augmentation layers inside the graph (active only while training).
 
@@ -181,7 +185,7 @@ class TrainConfig(_Strict):
         if self.augment_passes == 0 and self.augment.active:
             return "live augmentation (augment_passes: 0) has no cached features"
         if self.distribute != "none":
-            return "under --distribute the replicas split each held-out fold's batches unevenly"
+            return DISTRIBUTED_FOLDS
         if self.search_ensemble < 2 or self.search == 1:
             return "one head (search_ensemble 1 or search 1) has nothing to cross-fit"
         if not self.search and len(self.head.dense_units) > 1:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.config import TrainConfig
+from training.config import DISTRIBUTED_FOLDS, TrainConfig
 from training.features import FEATURE_CACHE_BUDGET_BYTES, FeatureCache
 
 # A head trains on its fold's own copy of the cached features (Folds.cache), made beside
@@ -66,7 +66,7 @@ def choose(config: TrainConfig, heads: int, cache: FeatureCache) -> FitChoice:
     if train + val < 2 * heads:
         obstacle = f"{train + val} labelled images are too few for {heads} folds (2 a fold at least)"
     elif config.distribute != "none":
-        obstacle = "under --distribute the replicas split each held-out fold's batches unevenly"
+        obstacle = DISTRIBUTED_FOLDS
     elif not cache.aligned:
         obstacle = "the cached training passes are not in one order, so a fold could not hold its images out"
     elif (copy := cache_bytes(cache)) > FOLD_COPY_BUDGET_BYTES:
