@@ -7,6 +7,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgcls import parity
+
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # case -> (backbone, input size); the demo model is the course CNN `imgcls demo` trains.
 CASES = {"resnet50": ("resnet50", 224), "demo": ("simple_cnn", 32)}
@@ -81,5 +83,6 @@ def bento_copy(name: str, version: str, card, work: Path) -> tuple[str, Path]:
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=dest))
     keras_file = next(iter(sorted(local.rglob("*.keras"))))
     labels = {REGISTERED_LABEL: name, ALIAS_LABEL: ALIAS}
-    tag = save_to_bento_store(keras_file, card, name=name, version=version, extra_labels=labels)
+    tag = save_to_bento_store(keras_file, card, name=name, version=version, extra_labels=labels,
+                              parity_path=parity.find(local))  # fmt: skip
     return tag, keras_file

@@ -56,3 +56,17 @@ def bench_home(prefix: str, logs: Path | None):
         log_dir = logs or work
         log_dir.mkdir(parents=True, exist_ok=True)
         yield work, log_dir
+
+
+# The flags that decide what a compiled runtime can use (issue 20): bf16 and AMX.
+COMPUTE_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def cpu_flags() -> str:
+    """The CPU's vector and matrix flags from /proc/cpuinfo that a runtime may pick from."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in COMPUTE_FLAGS if f in have) or "none of " + " ".join(COMPUTE_FLAGS)
+    return "unknown"

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgcls import parity
 from registry.register import download_keras_file, version_card
 from registry.settings import RegistrySettings
 
@@ -24,11 +25,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Download:
-    """A registry version's `.keras` file and card, fetched ahead of the alias move."""
+    """A registry version's `.keras` file, card and parity set, fetched ahead of the alias move."""
 
     version: str
     keras_path: Path
     card: object  # imgcls.modelcard.ModelCard
+    parity_path: Path | None = None  # None: registered before parity sets were stored
 
 
 @contextlib.contextmanager
@@ -36,7 +38,8 @@ def downloaded(settings: RegistrySettings, version: str) -> Iterator[Download]:
     """Fetch registry `version` into a temporary folder for the block."""
     card = version_card(settings, version)
     with tempfile.TemporaryDirectory(prefix="imgcls-bento-") as tmp:
-        yield Download(version, download_keras_file(settings, version, Path(tmp)), card)
+        keras_path = download_keras_file(settings, version, Path(tmp))
+        yield Download(version, keras_path, card, parity.find(Path(tmp)))
 
 
 def save_champion(settings: RegistrySettings, download: Download) -> str:
@@ -49,6 +52,7 @@ def save_champion(settings: RegistrySettings, download: Download) -> str:
         name=settings.bento_model_name,
         version=download.version,
         extra_labels={REGISTERED_LABEL: settings.model_name, ALIAS_LABEL: settings.alias},
+        parity_path=download.parity_path,
     )
 
 

@@ -47,6 +47,7 @@ class Summary:
     seconds: float
     version: str
     abstained: int = 0
+    runtime: str = "keras f32"  # what computed it: runtime and precision
 
 
 def list_files(inputs: list[Path]) -> list[Path]:
@@ -98,7 +99,10 @@ def predict_files(
             skipped += sum(1 for row in rows if row.error)
             abstained += sum(1 for row in rows if row.abstained)
             progress.update(task, completed=done)
-    return Summary(done - skipped, skipped, time.perf_counter() - start, predictor.version, abstained)
+    runtime = f"{predictor.runtime.name} {predictor.runtime.precision}"
+    return Summary(
+        done - skipped, skipped, time.perf_counter() - start, predictor.version, abstained, runtime
+    )
 
 
 def _abstained(row: Row, min_confidence: float | None) -> bool | None:

@@ -47,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--version", help="serve this registry version and never follow (pin)")
     p.add_argument("--cache-dir", help="local copies of loaded versions (default .imgcls/serve-cache)")
+    add_runtime_options(p)
     p.add_argument("--top-k", type=int, help="default number of labels per prediction (3)")
     p.add_argument(
         "--min-confidence",
@@ -188,13 +189,24 @@ def _api_keys(settings) -> tuple[str, ...] | None:
     return keys
 
 
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
+    """--runtime and --precision, shared by `imgcls serve` and `imgcls predict`."""
+    p.add_argument("--runtime", choices=["auto", "keras", "openvino"],
+                   help="what computes predictions: auto (default) serves each version's OpenVINO "
+                   "build once it matches Keras on the version's parity set, else Keras; "
+                   "keras: no build")  # fmt: skip
+    p.add_argument("--precision", choices=["auto", "f32", "bf16"],
+                   help="precision of the OpenVINO build: auto (default) tries bf16 where the CPU "
+                   "reports it, then f32")  # fmt: skip
+
+
 def settings_env(args: argparse.Namespace) -> dict[str, str]:
     """IMGCLS_SERVE_* variables for the options given on the command line."""
     names = [
         "port", "host", "source", "model_name", "alias", "bento_tag", "top_k", "batching",
         "max_batch_size", "max_wait_ms", "max_latency_ms", "max_upload_bytes", "max_pixels",
         "max_batch_images", "gpu", "front_workers", "model_workers", "poll_interval_s",
-        "version", "cache_dir", "max_concurrent_requests", "max_concurrent_explains",
+        "version", "cache_dir", "runtime", "precision", "max_concurrent_requests", "max_concurrent_explains",
         "api_keys_file", "protect_probes", "graceful_timeout_s", "min_confidence", "one_process",
     ]  # fmt: skip
     values = {name: getattr(args, name, None) for name in names}

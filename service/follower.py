@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from service.compiled import falling_back
 from service.predictor import Predictor
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,10 @@ class Source(Protocol):
 
     def load(self, key: str) -> Predictor:
         """The model behind `key`, with its card and registry version (not warmed up)."""
+
+    def compile(self, key: str, predictor: Predictor) -> None:
+        """Give the loaded model its verified compiled build, kept per version (optional:
+        a source without it serves Keras)."""
 
 
 @dataclass(frozen=True)
@@ -76,9 +81,14 @@ def check_model(predictor: Predictor) -> None:
         )
 
 
-def prepare(predictor: Predictor) -> Predictor:
-    """Check a freshly loaded model against its card and warm it up; the model to serve."""
+def prepare(predictor: Predictor, source: Any = None, key: str | None = None) -> Predictor:
+    """Check a freshly loaded model against its card, give it the compiled build its
+    source keeps for `key` (checked against it) and warm it up; the model to serve."""
     check_model(predictor)
+    compile_build = getattr(source, "compile", None)
+    if compile_build is not None:
+        with falling_back(predictor):
+            compile_build(key, predictor)
     predictor.warm_up()
     return predictor
 
@@ -130,7 +140,7 @@ class Follower:
             return False
         started = time.monotonic()
         try:
-            predictor = prepare(self.source.load(key))
+            predictor = prepare(self.source.load(key), self.source, key)
         except Exception as exc:  # noqa: BLE001 - a bad version is never served
             self._record_failure(key, failures + 1, now, exc)
             return False

@@ -32,8 +32,10 @@ def observe_prediction(best: dict) -> None:
 
 
 class FollowerMetrics:
-    """`imgcls_served_model_info{model,version}` (1 while a worker serves it), and counters
-    of swaps and of versions that failed to load or to pass the checks."""
+    """`imgcls_served_model_info{model,version}` and `imgcls_runtime_info{runtime,precision}`
+    (1 while a worker serves it), and counters of swaps, of versions that failed to load or
+    to pass the checks, and of versions that serve Keras because their compiled build
+    could not (`/metadata` says why)."""
 
     def __init__(self) -> None:
         import prometheus_client
@@ -48,12 +50,23 @@ class FollowerMetrics:
         self.failures = prometheus_client.Counter(
             "imgcls_model_load_failures", "Versions that failed to load or to pass the checks"
         )
+        self.runtime = prometheus_client.Gauge(
+            "imgcls_runtime_info", "What computes the served version's predictions (1 = in use)",
+            ["runtime", "precision"], multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.fallbacks = prometheus_client.Counter(
+            "imgcls_compiled_fallbacks", "Versions served by Keras because their compiled build could not"
+        )
 
     def served(self, predictor: Any) -> None:
         self.info.labels(model=predictor.name, version=predictor.version).set(1)
+        self.runtime.labels(runtime=predictor.runtime.name, precision=predictor.runtime.precision).set(1)
+        if predictor.runtime.fallback:
+            self.fallbacks.inc()
 
     def swapped(self, old: Any, new: Any) -> None:
         self.info.labels(model=old.name, version=old.version).set(0)
+        self.runtime.labels(runtime=old.runtime.name, precision=old.runtime.precision).set(0)
         self.served(new)
         self.swaps.inc()
 

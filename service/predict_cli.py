@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from service.batch_predict import Summary, list_files, predict_files
+from service.cli import add_runtime_options
 
 
 def register(subparsers) -> None:
@@ -26,6 +27,7 @@ def register(subparsers) -> None:
                    help="the BentoML model store (default) or the MLflow registry")  # fmt: skip
     p.add_argument("--model-name", help="registered model name (default image-classifier)")
     p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write (predictions.csv)")
+    add_runtime_options(p)
     p.add_argument("--top-k", type=int, default=3, help="labels per image (3)")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (32)")
     p.add_argument("--min-confidence", type=float, metavar="P",
@@ -67,7 +69,8 @@ def _load(args: argparse.Namespace):
     from service.predictor import load_predictor
     from service.settings import ServiceSettings
 
-    values = {"source": args.source, "version": args.version, "model_name": args.model_name}
+    values = {"source": args.source, "version": args.version, "model_name": args.model_name,
+              "runtime": args.runtime, "precision": args.precision}  # fmt: skip
     settings = ServiceSettings(**{k: v for k, v in values.items() if v is not None})
     which = f"version {settings.version}" if settings.version else "the champion"
     try:
@@ -91,7 +94,8 @@ def _is_not_found(exc: BaseException) -> bool:
 def print_summary(summary: Summary, out: Path) -> None:
     """The result on the terminal: counts, speed, where the CSV is."""
     rate = summary.images / summary.seconds if summary.seconds else 0.0
-    print(f"classified {summary.images} image(s) with version {summary.version} in {summary.seconds:.1f} s "
+    print(f"classified {summary.images} image(s) with version {summary.version} ({summary.runtime}) "
+          f"in {summary.seconds:.1f} s "
           f"({rate:.1f} images/s): {out}")  # fmt: skip
     if summary.abstained:
         print(f"abstained on {summary.abstained} image(s) below the --min-confidence threshold")

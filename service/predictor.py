@@ -24,6 +24,7 @@ from imgcls.images import (
 from imgcls.modelcard import ModelCard
 
 from . import gradcam
+from .compiled import KERAS, Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ class Predictor:
     version: str
     name: str = "image-classifier"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # The verified compiled build that computes probabilities (service/compiled.py), or
+    # None: Keras does. The Keras model stays loaded for Grad-CAM and as the fallback.
+    engine: Any = field(default=None, repr=False)
+    runtime: Runtime = KERAS
     _split: gradcam.ConvSplit | None = field(default=None, init=False, repr=False)
 
     def preprocess(self, data: bytes) -> np.ndarray:
@@ -61,6 +66,8 @@ class Predictor:
         batch = np.asarray(batch, dtype=np.float32)
         if len(batch) == 0:
             return np.zeros((0, len(self.card.class_names)), np.float32)
+        if self.engine is not None:
+            return self.engine(batch)
         padded = _pad_batch(batch)
         out = self.model.predict_on_batch(padded)
         return np.asarray(out, dtype=np.float32)[: len(batch)]
@@ -110,8 +117,9 @@ class Predictor:
             )  # fmt: skip
 
     def metadata(self) -> dict[str, Any]:
-        """What /metadata shows: name, version and the model card."""
-        return {"model": self.name, "version": self.version, **self.card.to_metadata()}
+        """What /metadata shows: name, version, what computes it and the model card."""
+        return {"model": self.name, "version": self.version, "runtime": self.runtime.describe(),
+                **self.card.to_metadata()}  # fmt: skip
 
 
 # Largest batch warmed up on JAX: the service's default max_batch_size.

@@ -49,6 +49,8 @@ def _origin(predictor: Predictor) -> dict[str, Any]:
     return {
         "model": predictor.name,
         "version": predictor.version,
+        "runtime": predictor.runtime.name,
+        "precision": predictor.runtime.precision,
         "class_names": list(card.class_names),
         "image_size": list(card.image_size),
     }

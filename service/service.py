@@ -322,13 +322,16 @@ class ImageClassifier:
         return answers
 
 
+ORIGIN = ("model", "version", "runtime", "precision")
+
+
 def _origin(reply: dict) -> dict:
-    return {"model": reply["model"], "version": reply["version"]}
+    return {k: reply[k] for k in ORIGIN}
 
 
 def _without_origin(answer: dict) -> dict:
     """One result of /predict_batch: its predictions (and abstention), not the shared origin."""
-    return {k: v for k, v in answer.items() if k not in ("model", "version")}
+    return {k: v for k, v in answer.items() if k not in ORIGIN}
 
 
 install_error_handlers(PAGE)

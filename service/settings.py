@@ -62,6 +62,16 @@ class ServiceSettings(BaseSettings):
         description="Local copies of the versions loaded from MLflow, served after a restart "
         "while MLflow is unreachable; default: <IMGCLS_HOME>/serve-cache.",
     )
+    # auto: the OpenVINO build in the best precision that matched Keras on the version's
+    # parity set here (service/compiled.py); keras: Keras computes, no build.
+    runtime: Literal["auto", "keras", "openvino"] = Field(
+        "auto", description="What computes predictions: auto (a verified OpenVINO build), keras, openvino."
+    )
+    precision: Literal["auto", "f32", "bf16"] = Field(
+        "auto",
+        description="Precision of the compiled build: auto (bf16 where the CPU has it and it "
+        "matches Keras, else f32), f32, bf16.",
+    )
     top_k: int = Field(3, ge=1, description="Default number of labels per prediction.")
     # Off by default: a threshold is a product decision (what a wrong answer costs the
     # client), not something a default can know (service/abstain.py).

@@ -20,7 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from imgcls import parity
 from imgcls.modelcard import ModelCard
+from service.compiled import build_folder, compile_verified
 from service.follower import Follower, Served, prepare
 from service.predictor import Predictor
 
@@ -36,10 +38,12 @@ class MlflowSource:
 
     kind = "mlflow"
 
-    def __init__(self, name: str, alias: str, cache_dir: Path, pinned: str | None = None, max_pixels=None):
+    def __init__(self, name: str, alias: str, cache_dir: Path, pinned: str | None = None, max_pixels=None,
+                 runtime: str = "auto", precision: str = "auto"):  # fmt: skip
         self.name, self.alias, self.pinned = name, alias, pinned
         self.cache = ModelCache(cache_dir / _safe(name))
         self._max_pixels = max_pixels
+        self.runtime, self.precision = runtime, precision
 
     def champion(self) -> str:
         if self.pinned:
@@ -57,8 +61,14 @@ class MlflowSource:
         card = ModelCard.from_metadata(mlflow.models.get_model_info(uri).metadata)
         with tempfile.TemporaryDirectory(prefix="imgcls-model-") as tmp:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-            keras_file = self.cache.put(key, _find_keras_file(local), card)
+            keras_file = self.cache.put(key, _find_keras_file(local), card, parity.find(local))
         return self._predictor(load_keras(keras_file), card, key)
+
+    def compile(self, key: str, predictor: Predictor) -> None:
+        """The version's build, kept in its cache folder (pruned with it)."""
+        folder = self.cache.root / _safe(key)
+        compile_verified(predictor, self.runtime, self.precision, build_folder(folder),
+                         parity.load(folder / parity.PARITY_FILE))  # fmt: skip
 
     def load_cached(self) -> Predictor | None:
         """The last champion this cache saw (None if it holds nothing usable)."""
@@ -81,9 +91,13 @@ class BentoSource:
     kind = "bentoml"
 
     def __init__(self, bento_name: str, alias: str, registered: str, tag: str | None = None,
-                 pinned: str | None = None, max_pixels=None):  # fmt: skip
+                 pinned: str | None = None, max_pixels=None, cache_dir: Path | None = None,
+                 runtime: str = "auto", precision: str = "auto"):  # fmt: skip
         self.bento_name, self.alias, self.registered = bento_name, alias, registered
         self.tag, self.pinned, self._max_pixels = tag, pinned, max_pixels
+        self.runtime, self.precision = runtime, precision
+        # The store keeps the models; the builds of its entries live in the serve cache.
+        self.builds = None if cache_dir is None else Path(cache_dir) / "bentoml" / _safe(bento_name)
 
     def champion(self) -> str:
         import bentoml
@@ -106,27 +120,50 @@ class BentoSource:
         extra = {} if self._max_pixels is None else {"max_pixels": self._max_pixels}
         return Predictor(model, card, version, name=self.registered, **extra)
 
+    def compile(self, key: str, predictor: Predictor) -> None:
+        """The entry's build, kept per entry under the serve cache (the last two entries)."""
+        import bentoml
+
+        folder = None
+        if self.builds is not None:
+            folder = self.builds / _safe(key.rsplit(":", 1)[-1])
+            folder.mkdir(parents=True, exist_ok=True)
+            os.utime(folder)  # the newest is kept by _prune
+            _prune(self.builds, keep=folder.name)
+        entry = Path(bentoml.models.get(key).path_of(parity.PARITY_FILE))
+        built = None if folder is None else build_folder(folder)
+        compile_verified(predictor, self.runtime, self.precision, built, parity.load(entry))
+
 
 class ModelCache:
-    """Loaded versions on local disk: `<root>/<version>/{model.keras,card.json}`."""
+    """Loaded versions on local disk: `<root>/<version>/{model.keras,card.json,parity.npz}`,
+    with the version's compiled build beside them (`openvino-<release>/`)."""
 
     def __init__(self, root: Path):
         self.root = root
 
-    def put(self, version: str, keras_file: Path, card: ModelCard) -> Path:
-        """Keep a copy of `keras_file` as `version` and mark it the champion; its path."""
+    def put(self, version: str, keras_file: Path, card: ModelCard, parity_file: Path | None = None) -> Path:
+        """Keep a copy of `keras_file` (and the version's parity set) as `version` and mark
+        it the champion; its path."""
         final = self.root / _safe(version)
         if not (final / "model.keras").exists():
             self.root.mkdir(parents=True, exist_ok=True)
             partial = Path(tempfile.mkdtemp(prefix=f".{_safe(version)}-", dir=self.root))
             shutil.copyfile(keras_file, partial / "model.keras")
             (partial / "card.json").write_text(card.model_dump_json())
+            if parity_file is not None:
+                shutil.copyfile(parity_file, partial / parity.PARITY_FILE)
             try:
                 os.replace(partial, final)  # atomic: another worker may have cached it first
             except OSError:
                 shutil.rmtree(partial, ignore_errors=True)
+        elif parity_file is not None and not (final / parity.PARITY_FILE).exists():
+            # cached before parity sets were stored
+            tmp = final / f".{parity.PARITY_FILE}.{os.getpid()}"
+            shutil.copyfile(parity_file, tmp)
+            os.replace(tmp, final / parity.PARITY_FILE)
         self._point_at(version)
-        self._prune(keep=version)
+        _prune(self.root, keep=_safe(version))
         return final / "model.keras"
 
     def champion(self, version: str | None = None) -> tuple[str, Path, ModelCard] | None:
@@ -144,11 +181,13 @@ class ModelCache:
         tmp.write_text(json.dumps({"version": version}))
         os.replace(tmp, self.root / CHAMPION_FILE)
 
-    def _prune(self, keep: str) -> None:
-        folders = [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        folders.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in [p for p in folders if p.name != _safe(keep)][CACHED_VERSIONS - 1 :]:
-            shutil.rmtree(old, ignore_errors=True)
+
+def _prune(root: Path, keep: str) -> None:
+    """Keep `keep` and the newest other folder of `root` (a rollback); delete the rest."""
+    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    folders.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in [p for p in folders if p.name != keep][CACHED_VERSIONS - 1 :]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def build_follower(settings: Any, metrics: Any = None) -> Follower:
@@ -161,7 +200,7 @@ def build_follower(settings: Any, metrics: Any = None) -> Follower:
     interval = 0.0 if (settings.version or settings.bento_tag) else settings.poll_interval_s
     try:
         key = source.champion()
-        served = Served(prepare(source.load(key)), key, source.kind)
+        served = Served(prepare(source.load(key), source, key), key, source.kind)
     except Exception as exc:
         if not isinstance(source, MlflowSource):
             raise
@@ -176,20 +215,22 @@ def _from_cache(source: MlflowSource, exc: Exception) -> Served:
     logger.warning(
         "the registry cannot be reached (%s): serving the cached version %s until it can", exc, cached.version
     )
-    return Served(prepare(cached), cached.version, "cache")
+    return Served(prepare(cached, source, cached.version), cached.version, "cache")
 
 
 def make_source(settings: Any):
     """The source the settings name: MLflow registry or BentoML store."""
-    if settings.source == "mlflow":
-        from imgcls.settings import TrackingSettings
+    from imgcls.settings import TrackingSettings
 
+    cache = Path(settings.cache_dir or TrackingSettings().home / "serve-cache")
+    compiled = {"runtime": settings.runtime, "precision": settings.precision}
+    if settings.source == "mlflow":
         _connect_mlflow(TrackingSettings().resolved_tracking_uri())
-        cache = settings.cache_dir or TrackingSettings().home / "serve-cache"
-        return MlflowSource(settings.model_name, settings.alias, Path(cache), settings.version,
-                            settings.max_pixels)  # fmt: skip
+        return MlflowSource(settings.model_name, settings.alias, cache, settings.version,
+                            settings.max_pixels, **compiled)  # fmt: skip
     return BentoSource(settings.bento_model_name or settings.model_name, settings.alias,
-                       settings.model_name, settings.bento_tag, settings.version, settings.max_pixels)  # fmt: skip
+                       settings.model_name, settings.bento_tag, settings.version, settings.max_pixels,
+                       cache, **compiled)  # fmt: skip
 
 
 def _connect_mlflow(uri: str) -> None:

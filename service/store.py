@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imgcls.modelcard import ModelCard
+from imgcls.parity import PARITY_FILE
 
 if TYPE_CHECKING:
     import keras
@@ -34,8 +35,9 @@ def save_to_bento_store(
     name: str = "image-classifier",
     version: str | int | None = None,
     extra_labels: dict[str, str] | None = None,
+    parity_path: str | Path | None = None,
 ) -> str:
-    """Copy a `.keras` file into the BentoML model store; returns the new tag.
+    """Copy a `.keras` file (and its parity set) into the BentoML model store; the new tag.
 
     `version` is the MLflow registry version, kept as the `registry_version` label;
     the store's current BENTOML_HOME is used.
@@ -46,6 +48,8 @@ def save_to_bento_store(
     labels.update({k: str(v) for k, v in (extra_labels or {}).items()})
     with bentoml.models.create(name, labels=labels, metadata=card.to_metadata()) as bento:
         shutil.copyfile(keras_path, bento.path_of(MODEL_FILE))
+        if parity_path is not None:
+            shutil.copyfile(parity_path, bento.path_of(PARITY_FILE))
     logger.info("saved %s (registry version %s) to the BentoML store", bento.tag, version)
     return str(bento.tag)
 

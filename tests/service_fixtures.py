@@ -78,6 +78,21 @@ def colour_image(colour: str, size: tuple[int, int] = (48, 40), seed: int = 0) -
     return pixels
 
 
+def parity_set(size: tuple[int, int] = SIZE, per_colour: int = 20) -> np.ndarray:
+    """Parity images (service/compiled.py) a red/green/blue model labels without a near tie."""
+    return np.stack([colour_image(c, size, seed=i) for i in range(per_colour) for c in CLASSES])
+
+
+def log_parity(model_id: str, images: np.ndarray, folder: Path) -> None:
+    """Store `images` as the parity set of an MLflow logged model, as training does."""
+    import mlflow
+
+    from imgcls import parity
+
+    path = parity.save(images, folder / parity.PARITY_FILE)
+    mlflow.MlflowClient().log_model_artifact(model_id, str(path))
+
+
 def encode(pixels: np.ndarray, fmt: str, **params) -> bytes:
     """`pixels` encoded by Pillow in `fmt` (PNG, JPEG, GIF...)."""
     out = io.BytesIO()

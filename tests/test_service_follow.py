@@ -13,7 +13,16 @@ import pytest
 from imgcls.modelcard import ModelCard
 from imgcls.processes import ServerProcess, free_port
 from service.cli import serve_command
-from tests.service_fixtures import Clients, build_tiny_model, colour_image, encode, service_env, tiny_card
+from tests.service_fixtures import (
+    Clients,
+    build_tiny_model,
+    colour_image,
+    encode,
+    log_parity,
+    parity_set,
+    service_env,
+    tiny_card,
+)
 
 pytestmark = pytest.mark.slow
 NAME = "follow-clf"
@@ -41,8 +50,9 @@ def build_wide_model():
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
-    """An SQLite MLflow registry with v1 (3 classes, 32x32), v2 (4 classes, 40x40) and v3
-    (its card names 5 classes for a 3-class model: it must never be served)."""
+    """An SQLite MLflow registry with v1 (3 classes, 32x32), v2 (4 classes, 40x40), both
+    with parity sets (served compiled), and v3 (its card names 5 classes for a 3-class
+    model: it must never be served)."""
     import mlflow
 
     root = tmp_path_factory.mktemp("follow")
@@ -52,13 +62,15 @@ def registry(tmp_path_factory):
     mlflow.set_experiment(experiment_id=mlflow.create_experiment("follow", (root / "art").as_uri()))
     wide = ModelCard(class_names=V2_CLASSES, image_size=(40, 40), backbone="wide-cnn")
     broken = tiny_card().model_copy(update={"class_names": list("abcde")})
-    for model, card in (
-        (build_tiny_model(), tiny_card()),
-        (build_wide_model(), wide),
-        (build_tiny_model(), broken),
+    for model, card, parity in (
+        (build_tiny_model(), tiny_card(), parity_set()),
+        (build_wide_model(), wide, parity_set((40, 40))),
+        (build_tiny_model(), broken, None),
     ):
         with mlflow.start_run():
             info = mlflow.keras.log_model(model, name="model", metadata=card.to_metadata())
+        if parity is not None:
+            log_parity(info.model_id, parity, root)
         mlflow.register_model(info.model_uri, NAME)
     client = mlflow.MlflowClient()
     client.set_registered_model_alias(NAME, "champion", "1")
@@ -114,16 +126,27 @@ def test_a_running_service_follows_promotion_rollback_and_a_bad_version(registry
         assert clients.failures == [], clients.failures[:5]
         assert len(clients.answers) > 50
         assert_no_answer_mixes_versions(clients.answers)
+        assert {(body["runtime"], body["precision"]) for _, _, body in clients.answers} == {
+            ("openvino", "f32")
+        }
         assert meta["version"] == "1" and meta["following"]["failed_loads"] >= 1
         assert "5 classes" in meta["following"]["last_error"]
         after = httpx.get(f"{url}/metadata").json()
         assert after["class_names"] == V2_CLASSES and after["image_size"] == [40, 40]
         assert after["following"]["class_set_changes"][-1]["added"] == V2_CLASSES
         assert after["origin"] == "mlflow" and after["loaded_at"]
+        assert (
+            after["runtime"]["name"] == "openvino"
+            and "matched Keras on 60 parity images" in after["runtime"]["reason"]
+        )
         metrics = _metrics_once(url, lambda m: _value(m, "imgcls_model_swaps_total") >= 6)  # 3 x 2 workers
         assert _value(metrics, "imgcls_model_load_failures_total") >= 2
         assert 'imgcls_served_model_info{model="follow-clf",version="2"} 1.0' in metrics
         assert 'imgcls_served_model_info{model="follow-clf",version="1"} 0.0' in metrics
+        runtimes = [line for line in metrics.splitlines() if line.startswith("imgcls_runtime_info{")]
+        assert [r for r in runtimes if r.endswith(" 1.0")] == [
+            next(r for r in runtimes if 'runtime="openvino"' in r and 'precision="f32"' in r)
+        ], runtimes
 
 
 def test_one_process_follows_a_promotion_under_load(registry):
@@ -148,10 +171,14 @@ def test_a_restart_while_mlflow_is_down_serves_the_cached_champion(registry):
     with serve(registry, dead, "cached.log", poll_interval_s=POLL_S) as srv:
         url = srv.url
         meta = httpx.get(f"{url}/metadata").json()
-        assert meta["version"] == "2" and meta["origin"] == "cache"
+        assert meta["version"] == "2" and meta["origin"] == "cache" and meta["runtime"]["name"] == "openvino"
         red = encode(colour_image("red", size=(60, 50)), "JPEG")
         body = httpx.post(f"{url}/predict", files={"image": ("red.jpg", red)}, timeout=30).json()
-        assert body["version"] == "2" and body["predictions"][0]["label"] == "rot"
+        assert (
+            body["version"] == "2"
+            and body["predictions"][0]["label"] == "rot"
+            and body["runtime"] == "openvino"
+        )
         time.sleep(3 * POLL_S)
         assert "cannot read the champion" in httpx.get(f"{url}/metadata").json()["following"]["last_error"]
 

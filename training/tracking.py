@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import subprocess
+import tempfile
 from pathlib import Path
 
 import keras
 import mlflow
 import numpy as np
 
+from imgcls import parity
 from imgcls.modelcard import ModelCard
 from imgcls.redact import redact_uri
 from imgcls.settings import TrackingSettings
@@ -153,8 +155,9 @@ class EpochMetricsLogger(keras.callbacks.Callback):
         mlflow.log_metrics(values, step=self.offset + epoch)
 
 
-def log_keras_model(model: keras.Model, card: ModelCard, example: np.ndarray) -> str:
-    """Log the model with signature, input example, requirements and its card; returns its URI."""
+def log_keras_model(model: keras.Model, card: ModelCard, example: np.ndarray, parity_images=None) -> str:
+    """Log the model with signature, input example, requirements, its card and its parity
+    set (`parity.npz` in the model's artifacts, downloaded with every version); its URI."""
     from mlflow.models import infer_signature
 
     example = example.astype("float32")
@@ -169,6 +172,10 @@ def log_keras_model(model: keras.Model, card: ModelCard, example: np.ndarray) ->
             metadata=card.to_metadata(),
         )
     mlflow.log_dict(card.to_metadata(), "model_card.json")
+    if parity_images is not None and len(parity_images):
+        with tempfile.TemporaryDirectory(prefix="imgcls-parity-") as tmp:
+            path = parity.save(parity_images, Path(tmp) / parity.PARITY_FILE)
+            mlflow.MlflowClient().log_model_artifact(info.model_id, str(path))
     return info.model_uri
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import keras
 import mlflow
 import numpy as np
 
+from imgcls import parity
 from imgcls.images import PREPROCESSING_VERSION
 from imgcls.modelcard import ModelCard
 from imgcls.settings import TrackingSettings
@@ -177,8 +179,19 @@ def _run(config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_i
         temperature=calibrated.report.temperature,
         head=head_summary(model, config.backbone_blocks, cross_fitted=held_out is not None),
     )
-    model_uri = tracking.log_keras_model(model, card, first_test_image)
+    model_uri = tracking.log_keras_model(model, card, first_test_image, _parity_images(splits))
     return TrainResult(run_id, model_uri, card, metrics, evaluation, history, scan, model, params, seconds)
+
+
+def _parity_images(splits: Splits) -> np.ndarray:
+    """Up to 200 model inputs for the version's parity set: its test images first, then
+    validation, then training ones (a compiled build is checked on them, service/compiled.py)."""
+    sources = [
+        splits.test,
+        splits.val,
+        splits.train if splits.train_in_order is None else splits.train_in_order,
+    ]
+    return parity.gather(itertools.chain.from_iterable(iter(s) for s in sources))
 
 
 def _cross_fitted(held_out: folds.OutOfFold):
