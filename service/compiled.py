@@ -63,7 +63,7 @@ class Runtime:
         return {"name": self.name, "precision": self.precision, "reason": self.reason}
 
 
-KERAS = Runtime("keras", "f32", "--runtime keras")
+KERAS = Runtime("keras", "f32", "--runtime keras, or --gpu with --runtime auto")
 
 
 class CompiledModel:
@@ -132,7 +132,7 @@ def _build_and_check(predictor, precision: str, folder: Path | None, parity) -> 
         refusals = []
         for choice in wanted:
             with _locked(where / ".lock"):
-                compiled = core.compile_model(core.read_model(str(xml)), "CPU", _config(choice, where))
+                compiled = core.compile_model(core.read_model(str(xml)), "CPU", config(choice, where))
             engine = CompiledModel(compiled)
             refusal = _disagreement(choice, reference, _batched(engine, x))
             if refusal is None:
@@ -183,7 +183,7 @@ def _disagreement(choice: str, reference: np.ndarray, got: np.ndarray) -> str | 
     return None
 
 
-def _config(precision: str, folder: Path) -> dict[str, Any]:
+def config(precision: str, folder: Path) -> dict[str, Any]:
     """LATENCY: the batcher runs one batch at a time, so one stream on every core (THROUGHPUT
     on 2 cores would run 2 single-thread streams)."""
     return {

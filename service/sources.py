@@ -223,7 +223,9 @@ def make_source(settings: Any):
     from imgcls.settings import TrackingSettings
 
     cache = Path(settings.cache_dir or TrackingSettings().home / "serve-cache")
-    compiled = {"runtime": settings.runtime, "precision": settings.precision}
+    # The OpenVINO build runs on the CPU: with a GPU declared, auto leaves Keras on the GPU.
+    runtime = "keras" if settings.gpu and settings.runtime == "auto" else settings.runtime
+    compiled = {"runtime": runtime, "precision": settings.precision}
     if settings.source == "mlflow":
         _connect_mlflow(TrackingSettings().resolved_tracking_uri())
         return MlflowSource(settings.model_name, settings.alias, cache, settings.version,

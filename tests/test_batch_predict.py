@@ -9,6 +9,7 @@ import io
 import pytest
 from PIL import Image
 
+from imgcls import parity
 from imgcls.cli import build_parser
 from service.predictor import Predictor
 from service.store import save_to_bento_store
@@ -17,6 +18,7 @@ from tests.service_fixtures import (
     colour_image,
     encode,
     exif_rotated_jpeg,
+    parity_set,
     save_tiny_model,
     tiny_card,
 )
@@ -55,7 +57,9 @@ def photos(tmp_path):
 def bento_champion(tmp_path):
     """The tiny model in the (per-session) BentoML store as registry version 4, champion."""
     labels = {"alias": "champion", "registered_model": "image-classifier"}
-    return save_to_bento_store(save_tiny_model(tmp_path), tiny_card(), "image-classifier", 4, labels)
+    images = parity.save(parity_set(), tmp_path / parity.PARITY_FILE)  # as training stores it
+    return save_to_bento_store(save_tiny_model(tmp_path), tiny_card(), "image-classifier", 4, labels,
+                               parity_path=images)  # fmt: skip
 
 
 def test_a_folder_is_classified_into_a_csv_with_bad_files_listed(photos, tmp_path, bento_champion, capsys):
@@ -88,7 +92,21 @@ def test_a_folder_is_classified_into_a_csv_with_bad_files_listed(photos, tmp_pat
     expected = Predictor(build_tiny_model(), tiny_card(), "4").predict_bytes([single.read_bytes()], k=2)[0]
     assert float(rows[str(single)]["probability_1"]) == pytest.approx(expected[0]["probability"], abs=1e-5)
     printed = capsys.readouterr().out
-    assert "classified 5 image(s) with version 4" in printed and "skipped 3 file(s)" in printed
+    assert "classified 5 image(s) with version 4 (openvino f32)" in printed and "skipped 3 file(s)" in printed
+
+
+def test_the_compiled_build_and_keras_give_the_same_labels(photos, tmp_path, bento_champion, capsys):
+    compiled, keras_run = tmp_path / "compiled.csv", tmp_path / "keras.csv"
+    assert _predict("--data", str(photos), "--out", str(compiled)) == 0
+    assert "(openvino f32)" in capsys.readouterr().out
+    assert _predict("--data", str(photos), "--out", str(keras_run), "--runtime", "keras") == 0
+    assert "(keras f32)" in capsys.readouterr().out
+    by_path = {r["path"]: r for r in _rows(keras_run)}
+    for row in _rows(compiled):
+        same = by_path[row["path"]]
+        assert (row["label_1"], row["error"]) == (same["label_1"], same["error"])
+        if not row["error"]:
+            assert float(row["probability_1"]) == pytest.approx(float(same["probability_1"]), abs=1e-4)
 
 
 @pytest.fixture

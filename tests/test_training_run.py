@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from imgcls import parity
 from imgcls.images import PREPROCESSING_VERSION, load_image
 from tests.conftest import quick_config, run_artifacts
 from training.config import ConfigError
@@ -56,7 +57,7 @@ def test_run_records_config_curves_metrics_pictures_and_model(shapes_dir_shared,
     assert run.inputs.dataset_inputs[0].dataset.digest == result.scan.fingerprint
 
 
-def test_logged_model_reloads_with_its_card_and_predicts_the_same(shapes_dir_shared, tracking):
+def test_logged_model_reloads_with_its_card_and_predicts_the_same(shapes_dir_shared, tracking, tmp_path):
     result = train(quick_config(shapes_dir_shared, epochs=2, **NO_AUGMENT), tracking)
     mlflow.set_tracking_uri(tracking.resolved_tracking_uri())
     info = mlflow.models.get_model_info(result.model_uri)
@@ -70,6 +71,12 @@ def test_logged_model_reloads_with_its_card_and_predicts_the_same(shapes_dir_sha
     np.testing.assert_allclose(
         reloaded.predict_on_batch(pixels), result.model.predict_on_batch(pixels), atol=1e-6
     )
+    # The parity set a compiled build is checked on: every image of this tiny set (< 200),
+    # the test split first, as the model's uint8 inputs.
+    folder = mlflow.artifacts.download_artifacts(artifact_uri=result.model_uri, dst_path=str(tmp_path))
+    images = parity.load(parity.find(folder))
+    assert images.dtype == np.uint8 and images.shape == (sum(map(len, result.scan.files.values())), 32, 32, 3)
+    np.testing.assert_array_equal(images[: len(pixels)], pixels.astype(np.uint8))
 
 
 @pytest.mark.slow
