@@ -6,8 +6,12 @@ One model (random weights + the product's dense head, `training.model.build_mode
 same uint8 inputs for every runtime, median latency of repeated calls at batch 1 and
 images/s at batch 32, and each runtime's largest probability difference from Keras and its
 top-1 agreement. OpenVINO runs in f32 and, where the CPU reports BF16 among its
-optimisation capabilities, in bf16. Prints the CPU model and flags. Issue 20 chose the
-served runtime from these figures (docs/benchmarks.md).
+optimisation capabilities, in bf16, compiled with the service's own settings
+(service/compiled.py `config`). Also: OpenVINO's import, export and compile times (cold and
+from its blob cache), the first call of each new batch size against later ones and against
+padding to a power of two, and its batch-1 latency right after a Keras call (TensorFlow
+stays in the model process for /explain). Prints the CPU model and flags. Issue 20 chose
+the served runtime from these figures (docs/benchmarks.md). `make bench-runtime`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import cpu_flags, machine, quiet_environment  # noqa: E402
+from service.compiled import config, export_build, openvino  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed(call, x, repeats: int) -> float:
@@ -39,24 +46,53 @@ def timed(call, x, repeats: int) -> float:
     return statistics.median(times)
 
 
-def runtimes(model, work: Path) -> dict:
-    """name -> predict(batch) for every runtime that loads here."""
+def batch_shapes(call, x, repeats: int) -> list[dict]:
+    """ms of a new batch size's first call and of later ones, dynamic and padded to 2^k."""
+    rows = []
+    for batch in (3, 5, 12, 17, 25):
+        start = time.perf_counter()
+        call(x[:batch])
+        first = time.perf_counter() - start
+        padded = 1 << (batch - 1).bit_length()
+        rows.append({"batch": batch, "first_ms": 1000 * first, "padded_to": padded,
+                     "steady_ms": 1000 * timed(call, x[:batch], max(3, repeats // 3)),
+                     "padded_ms": 1000 * timed(call, x[:padded], max(3, repeats // 3))})  # fmt: skip
+    return rows
+
+
+def interleaved(keras_call, call, x, repeats: int) -> float:
+    """Median ms of `call(x)` each right after a `keras_call(x)`: do TensorFlow's threads,
+    still spinning after their work, slow the compiled model sharing the cores?"""
+    times = []
+    for _ in range(repeats):
+        keras_call(x)
+        start = time.perf_counter()
+        call(x)
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def runtimes(model, work: Path, seconds: dict) -> dict:
+    """name -> predict(batch) for every runtime that loads here; `seconds` gets OpenVINO's
+    import, export and compile times (cold, then from its blob cache, as a restart loads)."""
     import numpy as np
 
     calls = {"keras": lambda x: np.asarray(model.predict_on_batch(x))}
-    import openvino as ov
-
-    core = ov.Core()
-    xml = str(work / "model.xml")
-    model.export(xml, format="openvino", verbose=False)
+    start = time.perf_counter()
+    core = openvino().Core()
+    seconds["openvino import + Core"] = time.perf_counter() - start
+    start = time.perf_counter()
+    xml = str(export_build(model, work))
+    seconds["export to IR"] = time.perf_counter() - start
     precisions = ["f32"] + (
         ["bf16"] if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else []
     )
-    threads = os.cpu_count() or 1
-    for precision in precisions:
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision,
-                  "INFERENCE_NUM_THREADS": threads}  # fmt: skip
-        compiled = core.compile_model(core.read_model(xml), "CPU", config)
+    threads = len(os.sched_getaffinity(0))
+    for precision in precisions:  # the service's own settings (LATENCY hint, every core)
+        for when in ("cold", "cached"):
+            start = time.perf_counter()
+            compiled = core.compile_model(core.read_model(xml), "CPU", config(precision, work))
+            seconds[f"compile {precision} ({when})"] = time.perf_counter() - start
         request = compiled.create_infer_request()
         calls[f"openvino-{precision}"] = lambda x, r=request: r.infer([x])[0].copy()
     try:
@@ -82,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--out", type=Path, default=Path("runtime_bench.json"))
+    parser.add_argument("--out", type=Path, default=ROOT / ".imgcls/bench/runtime_bench.json")
     args = parser.parse_args(argv)
     import numpy as np
 
@@ -92,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         model = build_predictor(args.backbone, args.image_size, Path(tmp)).model
         rng = np.random.default_rng(0)
         x32 = rng.integers(0, 256, (32, args.image_size, args.image_size, 3)).astype(np.float32)
-        calls = runtimes(model, Path(tmp))
+        seconds: dict[str, float] = {}
+        calls = runtimes(model, Path(tmp), seconds)
         reference = calls["keras"](x32)
         rows = []
         for name, call in calls.items():
@@ -104,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                 "max_abs_prob_diff": float(np.abs(out - reference).max()),
                 "top1_agreement": float((out.argmax(1) == reference.argmax(1)).mean()),
             })  # fmt: skip
+        shapes = batch_shapes(calls["openvino-f32"], x32, args.repeats)
+        after_keras = interleaved(calls["keras"], calls["openvino-f32"], x32[:1], args.repeats)
     keras_rate = rows[0]["batch32_images_per_s"]
     info = machine() | {"cpu_flags": cpu_flags(), "model": f"{args.backbone} at {args.image_size}"}
     print(f"\n{info['cpu']}, {info['cores']} cores; {info['model']}; flags: {info['cpu_flags']}\n")
@@ -113,7 +152,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['runtime']} | {r['batch1_ms']:.1f} | {r['batch32_images_per_s']:.1f} | "
               f"{r['batch32_images_per_s'] / keras_rate:.2f}x | {r['max_abs_prob_diff']:.1e} | "
               f"{r['top1_agreement']:.3f} |")  # fmt: skip
-    args.out.write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+    print(
+        "\nopenvino-f32 on the batch sizes the batcher forms: a new shape's first call, then steady, "
+        "against padding to the next power of two (what the JAX path does)\n"
+    )
+    print("| batch | first call (ms) | steady (ms) | padded to | padded steady (ms) |")
+    print("|---|---|---|---|---|")
+    for r in shapes:
+        print(f"| {r['batch']} | {r['first_ms']:.1f} | {r['steady_ms']:.1f} | {r['padded_to']} | "
+              f"{r['padded_ms']:.1f} |")  # fmt: skip
+    print(
+        f"\nopenvino-f32 batch 1 right after a Keras call (TensorFlow's threads just busy): "
+        f"{after_keras:.1f} ms, alone {rows[1]['batch1_ms']:.1f} ms"
+    )
+    print("\nOpenVINO load times: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
+    out = {"machine": info, "rows": rows, "shapes": shapes, "openvino_f32_b1_after_keras_ms": after_keras}
+    out["seconds"] = seconds
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
     return 0
 
 
