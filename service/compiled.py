@@ -48,6 +48,8 @@ F32_BOUND = 1e-4
 BF16_AGREEMENT = 0.99
 BF16_MIN_INPUTS = 200
 BUILD_FILE = "model.xml"
+# training/model.py's name for the augmentation block (identity at inference).
+AUGMENTATION = "augmentation"
 
 
 @dataclass(frozen=True)
@@ -220,13 +222,30 @@ def export_build(model, folder: Path) -> Path:
     partial = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
     try:
         with _quiet_export():
-            model.export(str(partial / BUILD_FILE), format="openvino", verbose=False)
+            inference_graph(model).export(str(partial / BUILD_FILE), format="openvino", verbose=False)
         os.replace(partial / "model.bin", folder / "model.bin")
         os.replace(partial / BUILD_FILE, xml)  # last: the .xml says the build is whole
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     logger.info("exported the OpenVINO build to %s in %.1f s", folder, time.monotonic() - started)
     return xml
+
+
+def inference_graph(model):
+    """The model without its augmentation block: identity at inference, but its random
+    image ops (ImageProjectiveTransformV3, StatelessRandom*) have no OpenVINO conversion.
+    The product's models are a chain of top-level layers; like any build, the result is
+    checked against the Keras model on the parity set."""
+    if AUGMENTATION not in [layer.name for layer in model.layers]:
+        return model
+    import keras
+
+    inputs = keras.Input(shape=model.input_shape[1:], name=model.layers[0].name)
+    x = inputs
+    for layer in model.layers[1:]:
+        if layer.name != AUGMENTATION:
+            x = layer(x)
+    return keras.Model(inputs, x, name=model.name)
 
 
 @contextlib.contextmanager

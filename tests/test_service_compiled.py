@@ -99,6 +99,20 @@ def test_a_version_without_parity_serves_keras_with_one_log_line(registry, monke
     assert len(lines) == 1 and "version 2 serves Keras" in lines[0], lines
 
 
+def test_a_model_trained_with_augmentation_serves_compiled(tmp_path):
+    # The augmentation block's random image ops have no OpenVINO conversion: the build
+    # leaves the block out (identity at inference) and still matches Keras.
+    from training.config import load_config
+    from training.model import build_model
+
+    config = load_config(None, data=tmp_path, backbone="simple_cnn", image_size=32)
+    model = build_model(config, 3)
+    assert config.augment.active and "augmentation" in [layer.name for layer in model.layers]
+    predictor = Predictor(model, tiny_card(), "1")
+    compile_verified(predictor, "auto", "f32", tmp_path / "build", parity_set())
+    assert predictor.runtime.name == "openvino", predictor.runtime.reason
+
+
 def test_a_corrupted_build_is_refused_and_keras_serves(tmp_path):
     predictor = _tiny()
     export_build(predictor.model, tmp_path)
