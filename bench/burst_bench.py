@@ -24,11 +24,11 @@ if __package__ in (None, ""):  # `python bench/burst_bench.py`
 
 from bench import loadgen  # noqa: E402
 from bench.cases import CASES, register_case  # noqa: E402
-from bench.inprocess import raw_predict  # noqa: E402
+from bench.inprocess import compiled_engines, raw_predict  # noqa: E402
 from bench.machine import bench_home, machine, quiet_environment  # noqa: E402
 from bench.photos import photo_jpegs  # noqa: E402
 from bench.serve_bench import FRONT_WORKERS, stop_on_signals  # noqa: E402
-from bench.servers import service_server  # noqa: E402
+from bench.servers import service_runtime, service_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Requests per level: a c=1 level of 48 gives a steady p50; 8 per client at c=32.
@@ -47,14 +47,18 @@ def bench_case(key: str, jpegs: list[bytes], args: argparse.Namespace, work: Pat
 
     case = register_case(key, work)
     inputs = np.stack([load_image(data, (case.size, case.size)) for data in jpegs])
-    raw, _ = raw_predict(case, inputs, lambda batch: 48)
-    own = next(r for r in raw if r["method"] == "predict_on_batch" and r["batch"] == 1)["p50_ms"]
+    raw, _ = raw_predict(case, inputs, lambda batch: 48, compiled_engines(case, work / f"{key}-build"))
     levels = [c for _ in range(args.rounds) for c in (1, BURST)] + [1]
     rows = []
+    args.cache_dir = work / "serve-cache"  # the service's compiled builds, dropped after
     with (
         service_server(case, True, args, args.log_dir / f"{key}-burst.log") as srv,
         loadgen.http_client(BURST, 60) as client,
     ):
+        # The reference: the model's own batch-1 p50 with what the service computes with.
+        runtime = service_runtime(client, srv.url)
+        method = f"openvino-{runtime['precision']}" if runtime["name"] == "openvino" else "predict_on_batch"
+        own = next(r for r in raw if r["method"] == method and r["batch"] == 1)["p50_ms"]
         send = loadgen.service_sender(client, srv.url, jpegs)
         loadgen.run_level(send, 4 * BURST, BURST, 120, stop)  # warm every batch size
         for c in levels:
@@ -64,7 +68,7 @@ def bench_case(key: str, jpegs: list[bytes], args: argparse.Namespace, work: Pat
                 f"  {key} c={c}: p50 {rows[-1]['p50_ms']:.1f} ms, {rows[-1]['images_per_s']:.1f} img/s",
                 flush=True,
             )
-    return {"model": case.name, "own_batch1_p50_ms": own, "levels": rows}
+    return {"model": case.name, "runtime": runtime, "own_batch1_p50_ms": own, "levels": rows}
 
 
 def render(results: dict) -> str:
@@ -80,8 +84,10 @@ def render(results: dict) -> str:
                          f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['errors']} | {added} |")  # fmt: skip
         lone = [r["p50_ms"] - own for r in result["levels"] if r["concurrency"] == 1]
         ok = all(x <= MAX_ADDED_MS for x in lone)
+        runtime = result.get("runtime", {"name": "keras", "precision": "f32"})
         verdicts.append(f"{'PASS' if ok else 'FAIL'} {key}: every c=1 p50 within {MAX_ADDED_MS:g} ms of the "
-                        f"model's own batch-1 p50 {own:.1f} ms: {', '.join(f'{x:+.1f}' for x in lone)} ms")  # fmt: skip
+                        f"model's own batch-1 p50 {own:.1f} ms ({runtime['name']} {runtime['precision']}): "
+                        f"{', '.join(f'{x:+.1f}' for x in lone)} ms")  # fmt: skip
     return "\n".join(lines + [""] + verdicts)
 
 

@@ -1,5 +1,6 @@
 """The serving benchmarks' models: untrained classifiers registered in a temporary MLflow
-store (alias `champion`) and copied into a temporary BentoML store."""
+store (alias `champion`) with a parity set of the benchmark's photos, and copied into a
+temporary BentoML store."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 # case -> (backbone, input size); the demo model is the course CNN `imgcls demo` trains.
 CASES = {"resnet50": ("resnet50", 224), "demo": ("simple_cnn", 32)}
 ALIAS = "champion"
+# ../shared: the CIFAR-10 photos the benchmarks send (bench/photos.py), if it has them.
+SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 @dataclass
@@ -48,10 +51,24 @@ def build_case_model(key: str, work: Path):
     return build_model(config, len(CLASSES))
 
 
-def register_case(key: str, work: Path, name: str | None = None) -> Case:
+def parity_images(size: int, shared: Path = SHARED, count: int = parity.PARITY_IMAGES):
+    """`count` of the benchmark's photos (bench/photos.py) as the model's uint8 inputs at
+    `size`: a parity set as training stores one, so the service may serve a compiled
+    build (200 images: enough for bf16, service/compiled.py BF16_MIN_INPUTS)."""
+    import numpy as np
+
+    from bench.photos import photo_jpegs
+    from imgcls.images import model_input
+
+    jpegs, _source = photo_jpegs(shared, count)
+    return np.stack([model_input(data, (size, size)) for data in jpegs])
+
+
+def register_case(key: str, work: Path, name: str | None = None, parity_set=None) -> Case:
     """Log, register (as `name`, default `serve-bench-KEY`), alias `champion` and copy into
-    the BentoML store one case's model. Called again with the same name, it registers
-    the next version and moves the alias to it."""
+    the BentoML store one case's model, with `parity_set` (uint8 inputs; default:
+    `parity_images`). Called again with the same name, it registers the next version
+    and moves the alias to it."""
     import mlflow
     import numpy as np
 
@@ -65,7 +82,7 @@ def register_case(key: str, work: Path, name: str | None = None) -> Case:
     model = build_case_model(key, work)
     example = np.zeros((1, size, size, 3), np.float32)
     with tracked_run(tracking_settings(work), run_name=f"serve-bench-{key}"):
-        uri = log_keras_model(model, card, example)
+        uri = log_keras_model(model, card, example, parity_images(size) if parity_set is None else parity_set)
     name = name or f"serve-bench-{key}"
     version = str(mlflow.register_model(uri, name).version)
     mlflow.MlflowClient().set_registered_model_alias(name, ALIAS, version)

@@ -1,19 +1,51 @@
-"""(a) and (a'): the model's own speed, in this process, on the inputs the service sees."""
+"""(a) and (a'): the model's own speed, in this process, on the inputs the service sees:
+Keras, and its OpenVINO build built as the LitServe peer builds it (bench.peers.work)."""
 
 from __future__ import annotations
 
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from bench.cases import ALIAS, Case
 from bench.loadgen import percentiles
 
 RAW_BATCHES = (1, 8, 32)
+# The compiled build: batch 1 (a lone request) and 32 (a full batch).
+COMPILED_BATCHES = (1, 32)
 
 
-def raw_predict(case: Case, inputs, requests: Callable[[int], int]) -> tuple[list[dict], object]:
-    """(a) `model.predict` and (a') `predict_on_batch` at batch 1, 8, 32; also probabilities."""
+def openvino_capabilities() -> list[str]:
+    """What OpenVINO reports the CPU can compute in (FP32, BF16, ...); none where it cannot load."""
+    from service.compiled import Unavailable, openvino
+
+    try:
+        return list(openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    except Unavailable as exc:
+        print(f"    no compiled build: {exc}", flush=True)
+        return []
+
+
+def compiled_engines(case: Case, folder: Path) -> dict[str, Callable]:
+    """`openvino-f32`, and `openvino-bf16` where OpenVINO reports BF16 -> the case's build
+    in that precision (exported into `folder` once); none where OpenVINO cannot load."""
+    from bench.peers.work import compiled_model
+    from service.store import load_keras
+
+    capabilities = openvino_capabilities()
+    if not capabilities:
+        return {}
+    model = load_keras(case.keras_file)
+    precisions = ["f32"] + (["bf16"] if "BF16" in capabilities else [])
+    return {f"openvino-{p}": compiled_model(model, p, folder) for p in precisions}
+
+
+def raw_predict(
+    case: Case, inputs, requests: Callable[[int], int], engines: dict[str, Callable] | None = None
+) -> tuple[list[dict], object]:
+    """(a) `model.predict` and (a') `predict_on_batch` at batch 1, 8, 32, then each compiled
+    engine (its name as method) at batch 1 and 32; also Keras's probabilities."""
     from service.store import load_from_mlflow
 
     model, _card, _version = load_from_mlflow(f"models:/{case.name}@{ALIAS}")
@@ -22,6 +54,11 @@ def raw_predict(case: Case, inputs, requests: Callable[[int], int]) -> tuple[lis
         _raw_batch_level(method, call, inputs, batch, requests(batch))
         for method, call in calls.items()
         for batch in RAW_BATCHES
+    ]
+    rows += [
+        _raw_batch_level(method, call, inputs, batch, requests(batch))
+        for method, call in (engines or {}).items()
+        for batch in COMPILED_BATCHES
     ]
     probabilities = model.predict_on_batch(inputs[:4])
     del model, calls
@@ -60,19 +97,25 @@ def _raw_batch_level(method: str, call, inputs, batch: int, requests: int) -> di
     return row | percentiles(latencies) | {"load": os.getloadavg()[0]}
 
 
-def batch1_sender(case: Case, inputs):
-    """A load-generator sender that runs the model itself, in this process: request `i` is
-    `predict_on_batch` on input `i` alone (the model's own batch-1 latency, measured in the
-    same rounds as the servers, so a busy spell of the machine falls on both)."""
-    from bench.loadgen import Answer
+def keras_engine(case: Case) -> Callable:
+    """`predict_on_batch` of the registered version's own `.keras` file."""
     from service.store import load_keras
 
-    model = load_keras(case.keras_file)
+    return load_keras(case.keras_file).predict_on_batch
+
+
+def batch1_sender(engine: Callable, inputs):
+    """A load-generator sender that runs the model itself, in this process: request `i` is
+    `engine` (Keras `predict_on_batch` or a compiled build) on input `i` alone (the
+    model's own batch-1 latency, measured in the same rounds as the servers, so a busy
+    spell of the machine falls on both)."""
+    from bench.loadgen import Answer
+
     for _ in range(2):
-        model.predict_on_batch(inputs[:1])  # trace this shape
+        engine(inputs[:1])  # trace this shape
 
     def send(i: int) -> Answer:
-        model.predict_on_batch(inputs[i % len(inputs)][None])
+        engine(inputs[i % len(inputs)][None])
         return Answer(200)
 
     return send
@@ -94,16 +137,15 @@ def preprocess_ms(jpegs: list[bytes], size: int) -> float:
 
 def follower_load_s(case: Case, cache_dir) -> float:
     """Seconds the follower's own swap path takes here, on a quiet process: resolve and
-    download the registered version, load the `.keras` file, check it against its card
-    and warm it up (service.sources.MlflowSource.load, then service.follower.prepare)."""
-    from pathlib import Path
-
+    download the registered version, load the `.keras` file, check it against its card,
+    build and verify its compiled build, and warm it up (service.sources.MlflowSource.load,
+    then service.follower.prepare)."""
     from service.follower import prepare
     from service.sources import MlflowSource
 
     source = MlflowSource(case.name, ALIAS, Path(cache_dir))
     start = time.perf_counter()
-    predictor = prepare(source.load(case.version))
+    predictor = prepare(source.load(case.version), source, case.version)
     seconds = time.perf_counter() - start
     del predictor
     import keras

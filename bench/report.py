@@ -1,28 +1,48 @@
 """The serving report: Markdown tables, targets and the printed summary, as pure functions
 over its results dict (the JSON `bench.serve_bench` writes).
 
-`results` maps a case ("resnet50", "demo") to: "a", the in-process rows (`method` predict
-or predict_on_batch, `batch`); "rounds", one row per server, round and step
-(bench.rounds: `server`, `round`, `step`, `concurrency`, bench.loadgen.measured_level's
-keys, and for the service its access-log columns); "max_prob_gap" per server.
+`results` maps a case ("resnet50", "demo") to: "a", the in-process rows (`method` predict,
+predict_on_batch, or a compiled engine such as openvino-f32, `batch`); "rounds", one row
+per server, round and step (bench.rounds: `server`, `round`, `step`, `concurrency`,
+bench.loadgen.measured_level's keys, and for the service its access-log columns; the
+model's own rows with `before`); "max_prob_gap" per server; "runtime", what computes each
+server's answers (/metadata "runtime": name, precision, reason).
 """
 
 from __future__ import annotations
 
 import statistics
 
-# The peers the targets compare with (mlflow is shown beside them, not raced).
+# The peers serving the Keras model, as their users do: issue 10's targets compare with
+# them (mlflow is shown beside them, not raced); issue 20's with LitServe on Keras and on
+# the same compiled build.
 PEERS = ("litserve", "ray")
-# The service as `imgcls serve` runs it: two processes (the default) and `--one-process`.
-SERVICES = ("imgcls", "imgcls-1p")
-# The rows of the model itself in process (batch 1, at the c=1 steps of each round).
+KERAS_PEER = "litserve"
+COMPILED_PEER = "litserve-ov"
+# The service as `imgcls serve` runs it: the default (two processes, `--runtime auto`),
+# the compiled build in f32, Keras (the path before issue 20), `--one-process`.
+SERVICES = ("imgcls", "imgcls-f32", "imgcls-keras", "imgcls-1p")
+# The rows of the model itself in process (batch 1, at the c=1 steps of each round), with
+# Keras; with a compiled build, `model openvino-f32` and so on (`model_name`).
 MODEL = "model"
+KERAS = "keras"
 # CPU per image columns of the breakdown, in this order.
 GROUPS = ("client", "front", "model", "server")
 # Issue 10's bounds: what the service may add to a lone request, and its share of the
 # model's own throughput at batch 32.
 MAX_ADDED_MS = 5.0
 MIN_SHARE_OF_MODEL = 0.95
+# Issue 20's bounds, on medians over rounds. The f32 build: images/s at COMPILED_LEVELS at
+# least F32_SPEEDUP x LitServe on Keras and SHARE_OF_COMPILED_PEER x LitServe on the same
+# build; its c=1 p50 at most F32_LONE_SHARE x LitServe's on Keras. bf16: images/s at c=32
+# at least BF16_SPEEDUP x LitServe on Keras.
+COMPILED_LEVELS = (32, 128)
+F32_SPEEDUP = 1.3
+SHARE_OF_COMPILED_PEER = 0.9
+F32_LONE_SHARE = 0.6
+BF16_SPEEDUP = 3.0
+# The CPU flags that decide what the compiled build can use, printed with the machine.
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
 def _ms(value: float | None) -> str:
@@ -36,6 +56,25 @@ def _line(cells: list[str]) -> str:
 def in_process(result: dict, batch: int, method: str = "predict_on_batch") -> dict | None:
     """The in-process row of one method at one batch size."""
     return next((r for r in result["a"] if r["batch"] == batch and r.get("method") == method), None)
+
+
+def engine(result: dict, server: str) -> str:
+    """What computes a server's answers: `keras`, or the compiled build (`openvino-f32`,
+    `openvino-bf16`), from its recorded runtime (none recorded: Keras)."""
+    runtime = result.get("runtime", {}).get(server)
+    if not runtime or runtime["name"] == KERAS:
+        return KERAS
+    return f"{runtime['name']}-{runtime['precision']}"
+
+
+def engine_method(engine: str) -> str:
+    """The in-process rows' method of an engine: `predict_on_batch` for Keras."""
+    return "predict_on_batch" if engine == KERAS else engine
+
+
+def model_name(engine: str) -> str:
+    """The name of the model's own rows in the rounds with one engine."""
+    return MODEL if engine == KERAS else f"{MODEL} {engine}"
 
 
 def servers(result: dict) -> list[str]:
@@ -105,12 +144,14 @@ def breakdown(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, result in results.items():
-        for batch in (1, 32):
-            row = in_process(result, batch)
-            if row:
-                cpu = row.get("cpu_ms_per_image", {}).get("in-process")
-                lines.append(_line([key, "in process predict_on_batch", "-", f"batch {batch}",
-                                    *["-"] * 4, f"in process {_ms(cpu)}"]))  # fmt: skip
+        methods = dict.fromkeys(r["method"] for r in result["a"] if r.get("method") != "predict")
+        for method in methods:
+            for batch in (1, 32):
+                row = in_process(result, batch, method)
+                if row:
+                    cpu = row.get("cpu_ms_per_image", {}).get("in-process")
+                    lines.append(_line([key, f"in process {method}", "-", f"batch {batch}",
+                                        *["-"] * 4, f"in process {_ms(cpu)}"]))  # fmt: skip
         for server in servers(result):
             for step, concurrency in steps(result):
                 rows = rows_of(result, server, step)
@@ -150,6 +191,13 @@ def server_cpu_ms(result: dict, server: str, concurrency: int) -> float | None:
     return statistics.median(values) if values else None
 
 
+def peer_stage(result: dict, server: str, peer: str, concurrency: int, cores: int) -> str:
+    """CPU ms per image of each process group of a server and a peer, and what it allows."""
+    return (f"CPU ms/image {server} {_cpu_text(_cpu(result, server, concurrency))}; "
+            f"{peer} {_cpu_text(_cpu(result, peer, concurrency))}"
+            f"{ceiling_text(result, (server, peer), concurrency, cores)}")  # fmt: skip
+
+
 def ceiling_text(result: dict, servers: tuple[str, str], concurrency: int, cores: int) -> str:
     """Server CPU per image of two servers and the images/s it would allow on `cores` cores
     with nothing else running: the comparison a busy shared machine does not blur."""
@@ -162,13 +210,21 @@ def ceiling_text(result: dict, servers: tuple[str, str], concurrency: int, cores
 
 
 def own_batch1_ms(result: dict, number: int, step: int, server: str = "imgcls") -> float | None:
-    """The model's own batch-1 p50 in process just before `server`'s level at one round and
-    step (bench.serve_bench's `model` rows), else the in-process figure taken before the rounds."""
-    rows = [r for r in rows_of(result, MODEL, step) if r["round"] == number]
+    """The model's own batch-1 p50 in process, with the engine `server` computes with, just
+    before `server`'s level at one round and step (bench.serve_bench's `model` rows), else
+    the in-process figure of that engine taken before the rounds."""
+    used = engine(result, server)
+    rows = [r for r in rows_of(result, model_name(used), step) if r["round"] == number]
     row = next((r for r in rows if r.get("before") == server), rows[0] if rows else None)
     if row is None:
-        row = in_process(result, 1)
+        row = in_process(result, 1, engine_method(used))
     return None if row is None else row["p50_ms"]
+
+
+def own_median_ms(result: dict, server: str) -> float | None:
+    """The median over rounds of the model's own batch-1 p50 taken just before `server`'s levels."""
+    values = [r["p50_ms"] for r in result["rounds"] if r.get("before") == server and r["p50_ms"] is not None]
+    return statistics.median(values) if values else None
 
 
 def lone_target(key: str, result: dict, server: str = "imgcls") -> list[tuple[bool | None, str]]:
@@ -182,17 +238,18 @@ def lone_target(key: str, result: dict, server: str = "imgcls") -> list[tuple[bo
     ok = max(added) <= MAX_ADDED_MS
     text = ", ".join(f"r{r['round']}s{r['step']} {a:+.1f}" for (r, _), a in zip(pairs, added, strict=True))
     own_text = "/".join(f"{own:.1f}" for _, own in pairs)
+    used = engine(result, server)
     checks: list[tuple[bool | None, str]] = [
         (ok, f"{key}: {server} c=1 p50 within {MAX_ADDED_MS:g} ms of the model's own batch-1 p50 just "
-             f"before ({own_text} ms), every round (r) and step (s): {text} ms"),
+             f"before ({used}: {own_text} ms), every round (r) and step (s): {text} ms"),
     ]  # fmt: skip
     if not ok:
         worst, own = max(pairs, key=lambda pair: pair[0]["p50_ms"] - pair[1])
-        checks.append((None, f"{key}:   stage: {lone_stages(worst, own)}"))
+        checks.append((None, f"{key}:   stage: {lone_stages(worst, own, engine_method(used))}"))
     return checks
 
 
-def lone_stages(row: dict, own_ms: float) -> str:
+def lone_stages(row: dict, own_ms: float, method: str = "predict_on_batch") -> str:
     """Where a lone request's time over the model's own goes: client and HTTP, the front
     (decode, resize, the call to the model process), the model process (queue, batch)."""
     front, model = row.get("front_predict_ms_p50"), row.get("model_classify_ms_p50")
@@ -200,16 +257,17 @@ def lone_stages(row: dict, own_ms: float) -> str:
         return f"client p50 {row['p50_ms']:.1f} ms (no access-log times)"
     head = f"round {row['round']} step {row['step']}: client+HTTP {row['p50_ms'] - front:+.1f} ms"
     if model is None:  # one process: no /classify of its own in the access log
-        return f"{head}, server (decode, batch, answer) beyond predict_on_batch {front - own_ms:+.1f} ms"
+        return f"{head}, server (decode, batch, answer) beyond {method} {front - own_ms:+.1f} ms"
     return (f"{head}, front decode + call to the model {front - model:+.1f} ms, "
-            f"model process beyond predict_on_batch {model - own_ms:+.1f} ms")  # fmt: skip
+            f"model process beyond {method} {model - own_ms:+.1f} ms")  # fmt: skip
 
 
 def throughput_targets(
     key: str, result: dict, concurrency: int, cores: int = 2, server: str = "imgcls"
 ) -> list[tuple[bool | None, str]]:
     """At `concurrency`: the service's median images/s >= the best peer's and >=
-    MIN_SHARE_OF_MODEL x in-process predict_on_batch at batch 32; stages when not."""
+    MIN_SHARE_OF_MODEL x its engine's own in process at batch 32 (Keras: predict_on_batch);
+    stages when not."""
     mine = median_of(result, server, concurrency, "images_per_s")
     if mine is None:
         return []
@@ -221,14 +279,13 @@ def throughput_targets(
         checks.append((ok, f"{key}: {server} c={concurrency} {mine:.1f} images/s >= best peer {best} "
                            f"{peers[best]:.1f} ({mine / peers[best]:.2f}x)"))  # fmt: skip
         if not ok:
-            checks.append((None, f"{key}:   stage: CPU ms/image {server} {_cpu_text(_cpu(result, server, concurrency))}; "
-                                 f"{best} {_cpu_text(_cpu(result, best, concurrency))}"
-                                 f"{ceiling_text(result, (server, best), concurrency, cores)}"))  # fmt: skip
-    model = in_process(result, 32)
+            checks.append((None, f"{key}:   stage: {peer_stage(result, server, best, concurrency, cores)}"))
+    method = engine_method(engine(result, server))
+    model = in_process(result, 32, method)
     if model:
         ok = mine >= MIN_SHARE_OF_MODEL * model["images_per_s"]
         checks.append((ok, f"{key}: {server} c={concurrency} {mine:.1f} images/s >= {MIN_SHARE_OF_MODEL:g}x in-process "
-                           f"predict_on_batch at batch 32 {model['images_per_s']:.1f} "
+                           f"{method} at batch 32 {model['images_per_s']:.1f} "
                            f"({mine / model['images_per_s']:.2f}x)"))  # fmt: skip
         if not ok:
             checks.append((None, f"{key}:   stage: {model_stages(result, concurrency, model, server)}"))
@@ -277,11 +334,68 @@ def tail_target(
     return checks
 
 
+def rate_target(
+    key: str, result: dict, server: str, peer: str, concurrency: int, factor: float, cores: int = 2, note=""
+) -> list[tuple[bool | None, str]]:
+    """Median images/s of `server` at `concurrency` >= `factor` x `peer`'s; the stage when not."""
+    mine = median_of(result, server, concurrency, "images_per_s")
+    theirs = median_of(result, peer, concurrency, "images_per_s")
+    if mine is None or theirs is None:
+        return []
+    ok = mine >= factor * theirs
+    checks: list[tuple[bool | None, str]] = [
+        (ok, f"{key}: {server} ({engine(result, server)}) c={concurrency} {mine:.1f} images/s >= {factor:g}x "
+             f"{peer} ({engine(result, peer)}) {theirs:.1f} ({mine / theirs:.2f}x){note}"),
+    ]  # fmt: skip
+    if not ok:
+        checks.append((None, f"{key}:   stage: {peer_stage(result, server, peer, concurrency, cores)}"))
+    return checks
+
+
+def lone_speed_target(key: str, result: dict, server: str) -> list[tuple[bool | None, str]]:
+    """Median c=1 p50 of `server` <= F32_LONE_SHARE x LitServe's on Keras; the stage when not:
+    the service's own times beside each model's own batch-1 p50."""
+    mine, theirs = median_of(result, server, 1, "p50_ms"), median_of(result, KERAS_PEER, 1, "p50_ms")
+    if mine is None or theirs is None:
+        return []
+    ok = mine <= F32_LONE_SHARE * theirs
+    checks: list[tuple[bool | None, str]] = [
+        (ok, f"{key}: {server} ({engine(result, server)}) c=1 p50 {mine:.1f} ms <= {F32_LONE_SHARE:g}x "
+             f"{KERAS_PEER} ({engine(result, KERAS_PEER)}) {theirs:.1f} ms ({mine / theirs:.2f}x)"),
+    ]  # fmt: skip
+    if not ok:
+        front = median_of(result, server, 1, "front_predict_ms_p50")
+        model = median_of(result, server, 1, "model_classify_ms_p50")
+        checks.append((None, f"{key}:   stage: {server} front /predict p50 {_ms(front)} ms, model /classify p50 "
+                             f"{_ms(model)} ms, its model's own batch-1 p50 {_ms(own_median_ms(result, server))} ms; "
+                             f"{KERAS_PEER}'s model's own {_ms(own_median_ms(result, KERAS_PEER))} ms"))  # fmt: skip
+    return checks
+
+
+def compiled_targets(key: str, result: dict, server: str, cores: int = 2) -> list[tuple[bool | None, str]]:
+    """Issue 20's targets of a service serving a compiled build (none for Keras): f32 against
+    LitServe on Keras (c=32, c=128 images/s; c=1 p50) and on the same build (images/s);
+    bf16 against LitServe on Keras at c=32."""
+    used = engine(result, server)
+    measured = {c for _, c in steps(result)}
+    if used == "openvino-bf16":
+        note = (f"; issue 20 sets the bf16 target on VGG16 with a trained head, here it is the {key} "
+                "case's untrained model")  # fmt: skip
+        return rate_target(key, result, server, KERAS_PEER, 32, BF16_SPEEDUP, cores, note)
+    if used != "openvino-f32":
+        return []
+    checks: list[tuple[bool | None, str]] = []
+    for concurrency in (c for c in COMPILED_LEVELS if c in measured):
+        checks += rate_target(key, result, server, KERAS_PEER, concurrency, F32_SPEEDUP, cores)
+        checks += rate_target(key, result, server, COMPILED_PEER, concurrency, SHARE_OF_COMPILED_PEER, cores)
+    return checks + lone_speed_target(key, result, server)
+
+
 def targets(key: str, result: dict, cores: int = 2) -> list[tuple[bool | None, str]]:
-    """Issue 10's targets for one case as (passed, line), for each way of running the
-    service that was measured (SERVICES); None marks a stage line that explains the failed
-    target before it. Also: every request answered. `cores`: the machine's, for the
-    CPU-bound ceilings of the stage lines."""
+    """Issue 10's and issue 20's targets for one case as (passed, line), for each way of
+    running the service that was measured (SERVICES); None marks a stage line that
+    explains the failed target before it. Also: every request answered. `cores`: the
+    machine's, for the CPU-bound ceilings of the stage lines."""
     checks: list[tuple[bool | None, str]] = []
     measured = {r["server"] for r in result["rounds"]}
     for server in (s for s in SERVICES if s in measured):
@@ -289,6 +403,7 @@ def targets(key: str, result: dict, cores: int = 2) -> list[tuple[bool | None, s
         for concurrency in sorted({c for _, c in steps(result) if c > 1}):
             checks += throughput_targets(key, result, concurrency, cores, server)
         checks += tail_target(key, result, server=server)
+        checks += compiled_targets(key, result, server, cores)
         failed = sum(r["errors"] for r in result["rounds"] if r["server"] == server)
         checks.append((not failed, f"{key}: {server} answers every request: {failed} failed"))
     return checks
@@ -308,13 +423,30 @@ def with_targets(report: dict) -> dict:
     }
 
 
+def flags_line(machine: dict) -> str:
+    """The CPU flags of FLAGS it has and lacks, and what OpenVINO reports it can compute in."""
+    have = set(machine.get("cpu_flags", "").split())
+    flags = ", ".join(f"{f} {'yes' if f in have else 'no'}" for f in FLAGS)
+    capabilities = " ".join(machine.get("openvino_capabilities") or ["-"])
+    return f"CPU flags: {flags}; OpenVINO CPU capabilities: {capabilities}"
+
+
+def runtime_lines(results: dict) -> list[str]:
+    """What computes each server's answers, in which precision, and why (the services:
+    their /metadata)."""
+    return [f"{key}: {server} serves {runtime['name']} {runtime['precision']} ({runtime['reason']})"
+            for key, result in results.items() for server, runtime in result.get("runtime", {}).items()]  # fmt: skip
+
+
 def render(report: dict, out: str) -> str:
     """The whole printed report: machine, both tables, per-case notes, PASS/FAIL lines
     (a failed one followed by its stage) and where the JSON went (`out`)."""
     m, settings = report["machine"], report["settings"]
     parts = [
         f"\nMachine: {m['cpu']}, {m['cores']} cores, keras {m['keras']}, mlflow {m['mlflow']}, bentoml {m['bentoml']}",
+        flags_line(m),
         f"Load average: {m['load_average_at_start']:.1f} at start, {report['load_average_at_end']:.1f} at end",
+        *runtime_lines(report["results"]),
         f"Images: {report['images']}. Rounds: {settings['rounds']} of concurrency "
         f"{', '.join(map(str, settings['levels']))} against each server in turn. mlflow: the client decodes "
         "and resizes each JPEG before timing and sends a JSON tensor (MLflow takes no image upload).\n",

@@ -8,13 +8,14 @@ alike, and a level that follows a burst shows what the burst left behind.
 Each row is bench.loadgen.measured_level's, plus `server`, `round` (1, 2, ...) and `step`
 (the level's place in the sequence, 1, 2, ...: the second c=1 is step 3). A target with
 `only` runs just those levels; a `reference` (the model in process, at c=1) runs just
-before each such level of every target.
+before each such level of every target, or of each target its own (a mapping: the model
+with the engine that server computes with).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from bench import loadgen
@@ -44,22 +45,22 @@ def run_rounds(
     levels: Sequence[int],
     cap_s: float,
     stop: threading.Event | None = None,
-    reference: Target | None = None,
+    reference: Target | Mapping[str, Target] | None = None,
 ) -> list[dict]:
     """`rounds` times: every target, in order, through every level of `levels`.
 
-    `reference` (the model itself in process) runs just before each level of `only` of
-    every target, its row marked `before` = that target: a figure taken moments before
-    the one it is compared with, after the same bursts."""
+    `reference` (the model itself in process; a mapping: target name -> its own, a target
+    missing from it has none) runs just before each level of its `only` of every target,
+    its row marked `before` = that target: a figure taken moments before the one it is
+    compared with, after the same bursts."""
     rows = []
     for number in range(1, rounds + 1):
         for target in targets:
+            own = reference.get(target.name) if isinstance(reference, Mapping) else reference
             for step, concurrency in enumerate(levels, 1):
                 mark = {"round": number, "step": step}
-                if reference is not None and concurrency in (reference.only or ()):
-                    rows.append(
-                        _measure(reference, concurrency, cap_s, stop) | mark | {"before": target.name}
-                    )
+                if own is not None and concurrency in (own.only or ()):
+                    rows.append(_measure(own, concurrency, cap_s, stop) | mark | {"before": target.name})
                 if target.only is None or concurrency in target.only:
                     rows.append(_measure(target, concurrency, cap_s, stop) | mark)
     return rows

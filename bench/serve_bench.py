@@ -1,39 +1,54 @@
-"""Serving benchmark: the service beside LitServe, Ray Serve and `mlflow models serve`,
-and against the model's own speed in process, in rounds.
+"""Serving benchmark: the service (compiled, and on Keras) beside LitServe, Ray Serve and
+`mlflow models serve`, and against the model's own speed in process, in rounds.
 
     python -m bench.serve_bench [--models resnet50] [--rounds 3] [--levels 1,32,1,128,1]
-                                [--servers imgcls,imgcls-1p,litserve,ray,mlflow] [--quick] [--out FILE]
+                                [--servers imgcls,imgcls-f32,imgcls-keras,litserve,litserve-ov,ray]
+                                [--quick] [--out FILE]
 
 One run registers an untrained model per case in a temporary MLflow store (alias
-`champion`) and copies that registered version into a temporary BentoML store: ResNet50
-at 224x224 (`weights=none`: speed does not depend on weight values; the default case) or
-the demo model (`simple_cnn` at 32x32, `--quick`), 10 classes. The same real JPEGs
-(CIFAR-10 photos from ../shared upscaled to 256x256, or generated ones) and the same load
-generator (bench.loadgen's `service_sender`: POST /predict, multipart field `image`) go to:
+`champion`), with a parity set of 200 of the benchmark's photos (so the service may serve
+its compiled build), and copies that registered version into a temporary BentoML store:
+ResNet50 at 224x224 (`weights=none`: speed does not depend on weight values; the default
+case) or the demo model (`simple_cnn` at 32x32, `--quick`), 10 classes. The same real
+JPEGs (CIFAR-10 photos from ../shared upscaled to 256x256, or generated ones) and the same
+load generator (bench.loadgen's `service_sender`: POST /predict, multipart field `image`)
+go to:
 
   (a) in process, `model.predict` and `predict_on_batch` at batch 1, 8, 32 (the model's
-      own speed; `predict_on_batch` is the call every server makes);
-  imgcls    the service (`bentoml serve`, two HTTP fronts and one model process, the
-            bounded-wait batcher of service/batching.py);
-  imgcls-1p the same service in one process (`imgcls serve --one-process`): the front
-            holds the model, no second hop;
-  litserve  LitServe 0.2.19, `max_batch_size=32, batch_timeout=0.01` (bench/peers/);
-  ray       Ray Serve 2.60, `@serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)`;
-  mlflow    `mlflow models serve --env-manager local`: it takes no image upload, so the
-            client decodes and resizes each JPEG (before timing) and sends JSON tensors.
+      own speed; `predict_on_batch` is the call every Keras server makes), and its
+      OpenVINO build (`openvino-f32`, and `openvino-bf16` where OpenVINO reports BF16)
+      at batch 1 and 32, compiled as the LitServe peer compiles it;
+  imgcls       the service as it ships (`bentoml serve`, two HTTP fronts and one model
+               process, the bounded-wait batcher of service/batching.py, `--runtime auto`:
+               the compiled build in the best precision that matched Keras on the parity
+               set; what it chose, and why, is read from /metadata and printed);
+  imgcls-f32   the same with `--precision f32` (the compiled build in f32);
+  imgcls-keras the same with `--runtime keras` (Keras computes: the path before issue 20);
+  imgcls-1p    the default service in one process (`imgcls serve --one-process`);
+  litserve     LitServe 0.2.19 on the Keras model, `max_batch_size=32, batch_timeout=0.01`
+               (bench/peers/): what its users do;
+  litserve-ov  the same LitServe serving the same OpenVINO build in f32 (`--runtime openvino`);
+  ray          Ray Serve 2.60 on the Keras model, `@serve.batch(max_batch_size=32,
+               batch_wait_timeout_s=0.01)`;
+  mlflow       `mlflow models serve --env-manager local`: it takes no image upload, so the
+               client decodes and resizes each JPEG (before timing) and sends JSON tensors.
 
-The peers decode with imgcls.images.decode_image + prepare_image and call
-`predict_on_batch` on the registered version's own `.keras` file: all do the same work.
-Every server is started once; then `--rounds` rounds each run the levels (concurrency 1,
-32, 1, 128, 1) against every server in turn (bench.rounds), the model itself in this
-process just before each c=1 level of each server (`model`: its own batch-1 latency
-moments before, the reference of the c=1 target). The report (bench.report)
-gives min / median / max across rounds per level (images/s, p50, p99), where the time goes
-per process (CPU ms per image from bench.sampling; the service's front /predict and model
-/classify times from its access log, mean batch from /metrics) and PASS/FAIL for the
-targets of issue 10, with the stage that stops a failed one; it writes JSON. Servers run
-on free loopback ports; their process groups are stopped at the end, also on errors and
-Ctrl-C. Default run: about 15 minutes on 2 cores.
+The default `--servers` leaves out imgcls-1p and mlflow (name them to add them: mlflow,
+~2 images/s on ResNet50, adds about 5 minutes, which would take the default run past 25):
+the six others take about 18 minutes on 2 cores where Keras runs ResNet50 at ~20 images/s,
+about twice that on a 2-core AVX2-only VM (~7 images/s). The peers decode with imgcls.images.decode_image + prepare_image and compute on
+the registered version's own `.keras` file: all do the same work. Every server is started
+once; then `--rounds` rounds each run the levels (concurrency 1, 32, 1, 128, 1) against
+every server in turn (bench.rounds), the model itself in this process just before each c=1
+level of each server, with the engine that server computes with (`model` for Keras,
+`model openvino-f32`, `model openvino-bf16`: its own batch-1 latency moments before, the
+reference of the c=1 target). The report (bench.report) gives the CPU's flags and what
+each server computes with, min / median / max across rounds per level (images/s, p50,
+p99), where the time goes per process (CPU ms per image from bench.sampling; the service's
+front /predict and model /classify times from its access log, mean batch from /metrics)
+and PASS/FAIL for the targets of issues 10 and 20, with the stage that stops a failed one;
+it writes JSON. Servers run on free loopback ports; their process groups are stopped at
+the end, also on errors and Ctrl-C.
 """
 
 from __future__ import annotations
@@ -53,26 +68,38 @@ if not __package__:  # `python bench/serve_bench.py` from a checkout: make `benc
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import loadgen, report, rounds, sampling  # noqa: E402
-from bench.cases import CASES, CLASSES, Case, register_case  # noqa: E402
-from bench.inprocess import batch1_sender, preprocess_ms, raw_predict  # noqa: E402
-from bench.machine import bench_home, machine, quiet_environment  # noqa: E402
+from bench.cases import CASES, CLASSES, Case, parity_images, register_case  # noqa: E402
+from bench.inprocess import (  # noqa: E402
+    batch1_sender,
+    compiled_engines,
+    keras_engine,
+    openvino_capabilities,
+    preprocess_ms,
+    raw_predict,
+)
+from bench.machine import bench_home, cpu_flags, machine, quiet_environment  # noqa: E402
 from bench.photos import PHOTO_SIZE, photo_jpegs  # noqa: E402
 from bench.servers import (  # noqa: E402
     mlflow_probabilities,
     mlflow_server,
+    peer_runtime,
     peer_server,
     server_side,
     service_probe,
+    service_runtime,
     service_server,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVERS = ("imgcls", "imgcls-1p", "litserve", "ray", "mlflow")
+SERVERS = ("imgcls", "imgcls-f32", "imgcls-keras", "imgcls-1p", "litserve", "litserve-ov", "ray", "mlflow")
+# The default run (issue 20's rows): imgcls-1p and mlflow on request only.
+DEFAULT_SERVERS = ("imgcls", "imgcls-f32", "imgcls-keras", "litserve", "litserve-ov", "ray")
 # Requests per level: (at concurrency 1, per client above it). ResNet50 at 224 runs ~20-25
-# images/s on 2 cores: 24 lone requests give a steady p50 in ~1-2 s; 4 per client (128 at
-# c=32, ~6 s; 512 at c=128, ~25 s) keep a round of one server near 40 s: three rounds of
-# four servers take ~15 minutes with start-up. `mlflow models serve` (~2 images/s there:
-# it parses a 1 MB JSON tensor a request) gets 8 lone requests and one per client.
+# images/s on 2 cores with Keras: 24 lone requests give a steady p50 in ~1-2 s; 4 per
+# client (128 at c=32, ~6 s; 512 at c=128, ~25 s) keep a round of one Keras server near
+# 40 s (a compiled one less): three rounds of the six default servers take ~18 minutes
+# with start-up. `mlflow models serve` (~2 images/s there: it parses a 1 MB JSON tensor a
+# request) gets 8 lone requests and one per client.
 REQUESTS = {"resnet50": (24, 4), "demo": (48, 2)}
 MLFLOW_REQUESTS = (8, 1)
 # Above concurrency 1, at least this many requests (a c=32 level of ResNet50 is 128).
@@ -89,7 +116,7 @@ def start_server(name: str, case: Case, args: argparse.Namespace, work: Path, st
     """One server, started and stopped with `stack`; its pid and URL."""
     log = args.log_dir / f"{case.key}-{name}.log"
     if name in report.SERVICES:
-        srv = service_server(case, True, args, log, one_process=name == "imgcls-1p")
+        srv = service_server(case, True, args, log, name)
     elif name == "mlflow":
         srv = mlflow_server(case, args, work)
     else:
@@ -139,25 +166,42 @@ def bench_case(case: Case, jpegs: list[bytes], args: argparse.Namespace, work: P
     out: dict = {"model": case.name, "version": case.version, "bento_tag": case.bento_tag}
     out["preprocess_ms_p50"] = preprocess_ms(jpegs, case.size)
     out["mlflow_body_kb"] = sum(map(len, bodies)) / len(bodies) / 1024
-    print(f"  (a) in-process model.predict and predict_on_batch, {case.key}", flush=True)
-    out["a"], reference = raw_predict(case, inputs, lambda batch: max(48, 4 * batch))
+    print(f"  (a) in-process model.predict, predict_on_batch and the OpenVINO build, {case.key}", flush=True)
+    engines = compiled_engines(case, work / f"openvino-{case.key}")
+    out["a"], reference = raw_predict(case, inputs, lambda batch: max(48, 4 * batch), engines)
+    own = model_targets(case, inputs, engines)
     with contextlib.ExitStack() as stack:
-        own = rounds.Target(
-            report.MODEL, batch1_sender(case, inputs), lambda c: REQUESTS[case.key][0], only=frozenset({1})
-        )
-        targets, out["max_prob_gap"] = [], {}
+        targets, out["max_prob_gap"], out["runtime"] = [], {}, {}
         for name in args.server_list:
             srv, log = start_server(name, case, args, work, stack)
             # Each server's levels get clients of their own, renewed per level (LevelClient).
             client = stack.enter_context(loadgen.LevelClient(max(args.level_list), args.level_timeout))
+            out["runtime"][name] = served_runtime(name, srv, client)
             out["max_prob_gap"][name] = probability_gap(name, srv, client, jpegs, bodies, reference)
             targets.append(target(name, srv, log, case, jpegs, bodies, client, args))
         for t in targets:
             loadgen.run_level(t.send, t.requests(32), 32, args.level_timeout, stop)
+        # Before each server's c=1 levels, the model itself with that server's engine.
+        references = {name: ref for name in args.server_list if (ref := own.get(report.engine(out, name)))}
         out["rounds"] = rounds.run_rounds(
-            targets, args.rounds, args.level_list, args.level_timeout, stop, reference=own
+            targets, args.rounds, args.level_list, args.level_timeout, stop, reference=references
         )
     return out
+
+
+def model_targets(case: Case, inputs, engines: dict) -> dict[str, rounds.Target]:
+    """Engine (keras, openvino-f32, ...) -> the model itself at c=1 in this process with it."""
+    lone = REQUESTS[case.key][0]
+    return {engine: rounds.Target(report.model_name(engine), batch1_sender(call, inputs), lambda c: lone,
+                                  only=frozenset({1}))
+            for engine, call in ({report.KERAS: keras_engine(case)} | engines).items()}  # fmt: skip
+
+
+def served_runtime(name: str, srv, client) -> dict:
+    """What computes a server's answers (a service: its /metadata), printed."""
+    runtime = service_runtime(client, srv.url) if name in report.SERVICES else peer_runtime(name)
+    print(f"    {name} serves {runtime['name']} {runtime['precision']}: {runtime['reason']}", flush=True)
+    return runtime
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -166,7 +210,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--models", default="resnet50", help="comma-separated cases: resnet50, demo")
     parser.add_argument(
-        "--servers", default=",".join(SERVERS), help="comma-separated, from " + ",".join(SERVERS)
+        "--servers",
+        default=",".join(DEFAULT_SERVERS),
+        help=f"comma-separated, from {','.join(SERVERS)} (default: {','.join(DEFAULT_SERVERS)})",
     )
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the levels against every server (3)")
     parser.add_argument("--levels", default=",".join(map(str, rounds.ROUND_LEVELS)),
@@ -177,7 +223,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="requests per level (default: resnet50 24 at c=1, else max(128, 4 x c); mlflow 8, else c; "
         "demo 48, else max(64, 2 x c))",
     )
-    parser.add_argument("--quick", action="store_true", help="demo model, 2 rounds (~3 minutes): a smoke run")
+    parser.add_argument("--quick", action="store_true", help="demo model, 2 rounds (~4 minutes): a smoke run")
     parser.add_argument("--level-timeout", type=float, default=60, help="hard cap in seconds per level (60)")
     parser.add_argument("--max-batch-size", type=int, help="service's largest batch (its default)")
     parser.add_argument("--max-latency-ms", type=int, help="service's queue deadline (its default)")
@@ -247,13 +293,16 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     with bench_home("imgcls-serve-bench-", args.logs) as (work, args.log_dir):
         jpegs, source = photo_jpegs(args.shared, DISTINCT_IMAGES)
-        results: dict = {"machine": machine(), "images": f"{len(jpegs)} JPEGs at {PHOTO_SIZE}: {source}"}
+        args.cache_dir = work / "serve-cache"  # the services' compiled builds, shared, dropped after
+        info = machine() | {"cpu_flags": cpu_flags(), "openvino_capabilities": openvino_capabilities()}
+        results: dict = {"machine": info, "images": f"{len(jpegs)} JPEGs at {PHOTO_SIZE}: {source}"}
         results["settings"] = {"levels": args.level_list, "rounds": args.rounds, "servers": args.server_list,
                                "level_timeout_s": args.level_timeout, "front_workers": args.front_workers}  # fmt: skip
         cases = {}
         for key in args.cases:
             print(f"{key}: registering", flush=True)
-            cases[key] = bench_case(register_case(key, work), jpegs, args, work, stop)
+            parity_set = parity_images(CASES[key][1], args.shared)
+            cases[key] = bench_case(register_case(key, work, parity_set=parity_set), jpegs, args, work, stop)
         results |= {"results": cases, "seconds": time.perf_counter() - started}
         results["load_average_at_end"] = os.getloadavg()[0]
     write_and_print(results, args)

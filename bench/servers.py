@@ -29,14 +29,26 @@ def _server(cmd: list[str], env: dict[str, str], ready_path: str, port: int, log
     return ServerProcess(cmd, ready, log, env=env, cwd=ROOT, port=port, timeout_s=READY_TIMEOUT_S)
 
 
+# Way of serving -> its `imgcls serve` options beside the benchmark's (issue 20: the default,
+# the compiled f32 build, today's Keras path; `--one-process`).
+SERVICE_OPTIONS = {
+    "imgcls": {},
+    "imgcls-f32": {"precision": "f32"},
+    "imgcls-keras": {"runtime": "keras"},
+    "imgcls-1p": {"one_process": True},
+}
+
+
 def service_server(
-    case: Case, batching: bool, args: argparse.Namespace, log: Path, one_process: bool = False
+    case: Case, batching: bool, args: argparse.Namespace, log: Path, name: str = "imgcls"
 ) -> ServerProcess:
-    """`imgcls serve`'s command and IMGCLS_SERVE_* variables, source=bentoml, exact tag;
-    `one_process`: `--one-process` with one front worker (the model in it)."""
+    """`imgcls serve`'s command and IMGCLS_SERVE_* variables, source=bentoml, exact tag, with
+    the options of `name` (SERVICE_OPTIONS; `--one-process`: one front worker, the model in
+    it); builds kept in `args.cache_dir` (if set: the benchmark's own folder)."""
     from service.cli import serve_command, settings_env
 
     port = free_port()
+    own = SERVICE_OPTIONS[name]
     options = argparse.Namespace(
         source="bentoml",
         model_name=case.name,
@@ -44,15 +56,18 @@ def service_server(
         batching=batching,
         max_batch_size=args.max_batch_size,
         max_latency_ms=args.max_latency_ms,
-        front_workers=1 if one_process else args.front_workers,
-        one_process=one_process or None,
+        front_workers=1 if own.get("one_process") else args.front_workers,
+        one_process=own.get("one_process"),
+        runtime=own.get("runtime"),
+        precision=own.get("precision"),
+        cache_dir=getattr(args, "cache_dir", None),
         max_concurrent_requests=getattr(args, "max_concurrent_requests", None),
         host=HOST,
         port=port,
     )
     env = {**os.environ, **QUIET_ENV, **settings_env(options)}
-    if one_process:
-        env["BENTOML_HOME"] = str(_own_bentoml_home(Path(env["BENTOML_HOME"]), "one-process"))
+    if name != "imgcls":
+        env["BENTOML_HOME"] = str(_own_bentoml_home(Path(env["BENTOML_HOME"]), name))
     return _server(serve_command(HOST, port), env, "/readyz", port, log)
 
 
@@ -100,18 +115,45 @@ def mlflow_server(case: Case, args: argparse.Namespace, work: Path) -> ServerPro
     return _server(cmd, env, "/ping", port, args.log_dir / f"{case.key}-mlflow.log")
 
 
-# Peer name -> its server module (bench/peers/).
-PEERS = {"litserve": "bench.peers.litserve_app", "ray": "bench.peers.ray_app"}
+# Peer name -> its server module (bench/peers/) and what computes its answers: the `.keras`
+# file, as the peers' users serve it, or its OpenVINO build in f32 (issue 20's like for like).
+PEERS = {
+    "litserve": ("bench.peers.litserve_app", "keras"),
+    "litserve-ov": ("bench.peers.litserve_app", "openvino"),
+    "ray": ("bench.peers.ray_app", "keras"),
+}
+PEER_PRECISION = "f32"
 
 
 def peer_server(kind: str, case: Case, log: Path) -> ServerProcess:
-    """A peer (LitServe or Ray Serve) serving the case's `.keras` file with dynamic
-    batching (bench/peers/); ready when its /health answers."""
+    """A peer (LitServe or Ray Serve) serving the case's `.keras` file (or its OpenVINO
+    build) with dynamic batching (bench/peers/); ready when its /health answers."""
     port = free_port()
-    cmd = [sys.executable, "-m", PEERS[kind], "--model", str(case.keras_file), "--size", str(case.size)]
+    module, runtime = PEERS[kind]
+    cmd = [sys.executable, "-m", module, "--model", str(case.keras_file), "--size", str(case.size)]
     cmd += ["--classes", ",".join(CLASSES), "--host", HOST, "--port", str(port)]
+    cmd += ["--runtime", runtime, "--precision", PEER_PRECISION]
     env = {**os.environ, **QUIET_ENV, "RAY_USAGE_STATS_ENABLED": "0"}  # no usage report from Ray
     return _server(cmd, env, "/health", port, log)
+
+
+def peer_runtime(kind: str) -> dict:
+    """What computes a peer's answers, as the service's /metadata "runtime" says it."""
+    if kind in PEERS and PEERS[kind][1] == "openvino":
+        why = f"the peer's OpenVINO build (--runtime openvino --precision {PEER_PRECISION})"
+        return {"name": "openvino", "precision": PEER_PRECISION, "reason": why}
+    return {
+        "name": "keras",
+        "precision": "f32",
+        "reason": "the peer calls predict_on_batch on the .keras file",
+    }
+
+
+def service_runtime(client, url: str) -> dict:
+    """What the service chose to compute with: /metadata "runtime" (name, precision, reason)."""
+    answer = client.get(f"{url}/metadata")
+    answer.raise_for_status()
+    return answer.json()["runtime"]
 
 
 def service_probe(client, url: str, log: Path) -> Callable[[], dict]:

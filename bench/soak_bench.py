@@ -61,6 +61,7 @@ def run_soak(args: argparse.Namespace, work: Path, jpegs: list[bytes], stop: thr
     max_upload = ServiceSettings.model_fields["max_upload_bytes"].default
     duration_s = args.minutes * 60
     loads: list[tuple[float, float]] = []
+    args.cache_dir = work / "serve-cache"  # the service's compiled build, dropped after
     with (
         service_server(case, True, args, args.log_dir / "soak-service.log") as srv,
         TreeSampler(srv.pid, interval_s=1.0, classify=per_process) as sampler,

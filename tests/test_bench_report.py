@@ -22,16 +22,28 @@ TABLE_HEADER = (
 # and 3 add 1 and 2 to every figure.
 FIGURES = {"imgcls": (42.0, 21.0, 22.0, 1600.0), "litserve": (45.0, 20.0, 20.5, 1700.0),
            "ray": (48.0, 19.0, 19.5, 1650.0)}  # fmt: skip
+# Issue 20's servers (`compiled` below): the service and LitServe on the OpenVINO f32 build.
+COMPILED_FIGURES = {"imgcls-f32": (25.0, 30.0, 31.0, 1000.0), "litserve-ov": (28.0, 29.0, 30.0, 1100.0)}
+F32 = {
+    "name": "openvino",
+    "precision": "f32",
+    "reason": "--precision f32; matched Keras on 200 parity images",
+}
+BF16 = {
+    "name": "openvino",
+    "precision": "bf16",
+    "reason": "auto: the CPU reports BF16; matched Keras on 200 parity images",
+}
 
 
 def _row(server: str, number: int, step: int, concurrency: int) -> dict:
-    lone, rate32, rate128, p99 = (x + number - 1 for x in FIGURES[server])
+    lone, rate32, rate128, p99 = (x + number - 1 for x in (FIGURES | COMPILED_FIGURES)[server])
     rate = {1: 1000 / lone, 32: rate32, 128: rate128}[concurrency]
     row = {"server": server, "round": number, "step": step, "concurrency": concurrency, "requests": 24,
            "errors": 0, "capped": False, "images_per_s": rate, "p50_ms": lone if concurrency == 1 else 1500.0,
            "p99_ms": p99 if concurrency == 32 else 2 * lone,
            "cpu_ms_per_image": {"client": 2.0, "front": 3.0, "model": 90.0 + number, "server": 0.1}}  # fmt: skip
-    if server == "imgcls":
+    if server.startswith("imgcls"):
         row |= {"front_predict_ms_p50": row["p50_ms"] - 1.5, "model_classify_ms_p50": row["p50_ms"] - 3.0,
                 "mean_batch": 1.0 if concurrency == 1 else 30.0}  # fmt: skip
     return row
@@ -60,6 +72,30 @@ def result() -> dict:
         "preprocess_ms_p50": 1.2,
         "mlflow_body_kb": 1600,
     }
+
+
+def _model_rows(name: str, before: str, p50: float) -> list[dict]:
+    """The model's own batch-1 rows in process just before each c=1 level of `before`."""
+    return [{"server": name, "before": before, "round": n, "step": step, "concurrency": 1, "requests": 24,
+             "errors": 0, "images_per_s": 1000 / p50, "p50_ms": p50, "p99_ms": p50 + 1}
+            for n in (1, 2, 3) for step in (1, 3, 5)]  # fmt: skip
+
+
+@pytest.fixture
+def compiled(result) -> dict:
+    """`result` with issue 20's servers: imgcls-f32 and litserve-ov (both the f32 build, the
+    model's own f32 batch-1 p50 23 ms before each c=1 level) and what each computes with."""
+    result["a"] += [{"method": "openvino-f32", "batch": b, "images_per_s": ips, "p50_ms": p50, "p99_ms": p50 + 1,
+                     "cpu_ms_per_image": {"in-process": 60.0}} for b, ips, p50 in ((1, 43.0, 23.0), (32, 32.0, 1000.0))]  # fmt: skip
+    result["rounds"] += [_row(s, n, step, c) for n in (1, 2, 3) for s in COMPILED_FIGURES
+                         for step, c in enumerate(rounds.ROUND_LEVELS, 1)]  # fmt: skip
+    result["rounds"] += _model_rows("model openvino-f32", "imgcls-f32", 23.0)
+    result["rounds"] += _model_rows("model openvino-f32", "litserve-ov", 24.0) + _model_rows(
+        "model", "litserve", 40.0
+    )
+    result["runtime"] = {"imgcls-f32": F32, "litserve-ov": F32 | {"reason": "the peer's OpenVINO build"},
+                         "litserve": {"name": "keras", "precision": "f32", "reason": "the peer"}}  # fmt: skip
+    return result
 
 
 def test_table_has_min_median_max_across_rounds_per_level(result):
@@ -278,3 +314,125 @@ def test_tree_sampler_sees_a_child_process_memory(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_each_server_is_compared_with_the_model_on_its_own_engine(compiled):
+    assert [report.engine(compiled, s) for s in ("imgcls", "imgcls-f32", "litserve-ov", "ray")] == [
+        "keras", "openvino-f32", "openvino-f32", "keras"]  # fmt: skip
+    # The reference just before imgcls-f32's round 2 step 3 is the f32 build's own row, not Keras's.
+    assert report.own_batch1_ms(compiled, 2, 3, "imgcls-f32") == 23.0
+    assert report.own_batch1_ms(compiled, 2, 3, "imgcls") == 40.0
+    # No row of its engine in the rounds: the in-process figure of that engine.
+    compiled["rounds"] = [r for r in compiled["rounds"] if r["server"] != "model openvino-f32"]
+    assert report.own_batch1_ms(compiled, 2, 3, "imgcls-f32") == 23.0
+    compiled["a"] = [r for r in compiled["a"] if r["method"] != "openvino-f32"]
+    assert report.own_batch1_ms(compiled, 2, 3, "imgcls-f32") is None
+
+
+def test_the_f32_build_against_litserve_on_keras_and_on_the_same_build(compiled):
+    checks = [(ok, line) for ok, line in report.targets("resnet50", compiled) if "imgcls-f32" in line]
+    lines = [line for _, line in checks]
+    assert all(ok for ok, _ in checks) and len(lines) == 12
+    assert lines[0].startswith(
+        "resnet50: imgcls-f32 c=1 p50 within 5 ms of the model's own batch-1 p50 just before "
+        f"(openvino-f32: {'/'.join(['23.0'] * 9)} ms)"
+    )
+    assert lines[0].endswith(
+        "r1s1 +2.0, r1s3 +2.0, r1s5 +2.0, r2s1 +3.0, r2s3 +3.0, r2s5 +3.0, r3s1 +4.0, r3s3 +4.0, r3s5 +4.0 ms"
+    )
+    assert (
+        "resnet50: imgcls-f32 c=32 31.0 images/s >= 0.95x in-process openvino-f32 at batch 32 32.0 (0.97x)"
+        in lines
+    )
+    assert lines[-6:-1] == [
+        "resnet50: imgcls-f32 (openvino-f32) c=32 31.0 images/s >= 1.3x litserve (keras) 21.0 (1.48x)",
+        "resnet50: imgcls-f32 (openvino-f32) c=32 31.0 images/s >= 0.9x litserve-ov (openvino-f32) 30.0 (1.03x)",
+        "resnet50: imgcls-f32 (openvino-f32) c=128 32.0 images/s >= 1.3x litserve (keras) 21.5 (1.49x)",
+        "resnet50: imgcls-f32 (openvino-f32) c=128 32.0 images/s >= 0.9x litserve-ov (openvino-f32) 31.0 (1.03x)",
+        "resnet50: imgcls-f32 (openvino-f32) c=1 p50 26.0 ms <= 0.6x litserve (keras) 46.0 ms (0.57x)",
+    ]  # fmt: skip
+    # The service on Keras gets issue 10's targets only.
+    assert not [line for _, line in report.targets("resnet50", compiled) if "imgcls (keras)" in line]
+
+
+def test_a_failed_compiled_target_names_the_stage(compiled):
+    for row in compiled["rounds"]:
+        if row["server"] == "imgcls-f32" and row["concurrency"] == 1:
+            row["p50_ms"] += 10.0
+            row["front_predict_ms_p50"] += 10.0
+            row["model_classify_ms_p50"] += 10.0
+        if row["server"] == "litserve-ov" and row["concurrency"] == 128:
+            row["images_per_s"] = 40.0
+    lines = [line for _, line in report.targets("resnet50", compiled)]
+    failed = {line for ok, line in report.targets("resnet50", compiled) if ok is False}
+    lone = "resnet50: imgcls-f32 (openvino-f32) c=1 p50 36.0 ms <= 0.6x litserve (keras) 46.0 ms (0.78x)"
+    rate = "resnet50: imgcls-f32 (openvino-f32) c=128 32.0 images/s >= 0.9x litserve-ov (openvino-f32) 40.0 (0.80x)"
+    assert {lone, rate} <= failed
+    assert lines[lines.index(lone) + 1] == (
+        "resnet50:   stage: imgcls-f32 front /predict p50 34.5 ms, model /classify p50 33.0 ms, its model's "
+        "own batch-1 p50 23.0 ms; litserve's model's own 40.0 ms"
+    )
+    assert lines[lines.index(rate) + 1].startswith(
+        "resnet50:   stage: CPU ms/image imgcls-f32 client 2.0, front 3.0, model 92.0, server 0.1; litserve-ov "
+    )
+
+
+def test_bf16_is_held_to_three_times_litserve_on_keras(compiled):
+    compiled["runtime"]["imgcls"] = BF16
+    for row in compiled["rounds"]:
+        if row.get("before") == "imgcls":
+            row["server"] = "model openvino-bf16"
+    checks = report.targets("resnet50", compiled)
+    (ok, line), (stage_ok, stage) = next(
+        (checks[i], checks[i + 1]) for i, (_, text) in enumerate(checks) if "imgcls (openvino-bf16)" in text
+    )
+    assert not ok and line.startswith(
+        "resnet50: imgcls (openvino-bf16) c=32 22.0 images/s >= 3x litserve (keras) 21.0 (1.05x); "
+        "issue 20 sets the bf16 target on VGG16 with a trained head"
+    )
+    assert stage_ok is None and stage.startswith("resnet50:   stage: CPU ms/image imgcls ")
+    assert next(text for _, text in checks).startswith(
+        "resnet50: imgcls c=1 p50 within 5 ms of the model's own batch-1 p50 just before (openvino-bf16: 40.0/"
+    )
+    for row in compiled["rounds"]:
+        if row["server"] == "imgcls" and row["concurrency"] == 32:
+            row["images_per_s"] = 64.0
+    assert any(ok and "imgcls (openvino-bf16) c=32 64.0 images/s >= 3x" in text
+               for ok, text in report.targets("resnet50", compiled))  # fmt: skip
+
+
+def test_render_shows_the_cpu_flags_and_what_each_server_computes_with(compiled):
+    machine = {"cpu": "AMD EPYC 9R14", "cores": 2, "keras": "3", "mlflow": "3", "bentoml": "1",
+               "load_average_at_start": 1.0, "cpu_flags": "avx2 avx512f avx512_vnni avx512_bf16",
+               "openvino_capabilities": ["FP32", "BF16", "INT8"]}  # fmt: skip
+    full = report.with_targets({
+        "machine": machine, "settings": {"rounds": 3, "levels": list(rounds.ROUND_LEVELS)}, "images": "32 JPEGs",
+        "results": {"resnet50": compiled}, "seconds": 900.0, "load_average_at_end": 2.0,
+    })  # fmt: skip
+    text = report.render(full, out="results.json")
+    assert (
+        "\nCPU flags: avx2 yes, avx512f yes, avx512_bf16 yes, amx_bf16 no; OpenVINO CPU capabilities: FP32 BF16 INT8\n"
+        in text
+    )
+    assert (
+        "\nresnet50: imgcls-f32 serves openvino f32 (--precision f32; matched Keras on 200 parity images)\n"
+        in text
+    )
+    assert "| resnet50 | in process openvino-f32 | - | batch 32 | - | - | - | - | in process 60.0 |" in text
+    assert "| resnet50 | model openvino-f32 | 1 | 1 |" in text
+    assert (
+        "\nPASS resnet50: imgcls-f32 (openvino-f32) c=1 p50 26.0 ms <= 0.6x litserve (keras) 46.0 ms (0.57x)\n"
+        in text
+    )
+
+
+def test_each_target_can_have_its_own_reference():
+    """A mapping: each target's reference runs before its own levels; one without none."""
+    targets = [rounds.Target(n, lambda i: loadgen.Answer(200), lambda c: 1) for n in ("a", "b", "c")]
+    refs = {name: rounds.Target(f"ref-{name}", lambda i: loadgen.Answer(200), lambda c: 1, only=frozenset({1}))
+            for name in ("a", "b")}  # fmt: skip
+    rows = rounds.run_rounds(targets, rounds=1, levels=(1, 3), cap_s=10, reference=refs)
+    assert [(r["server"], r["concurrency"], r.get("before")) for r in rows] == [
+        ("ref-a", 1, "a"), ("a", 1, None), ("a", 3, None), ("ref-b", 1, "b"), ("b", 1, None), ("b", 3, None),
+        ("c", 1, None), ("c", 3, None),
+    ]  # fmt: skip

@@ -5,7 +5,8 @@ for dynamic batching, doing the service's work on the same `.keras` file (bench.
     python -m bench.peers.ray_app      --model M.keras --size 224 --classes a,b,c --port P
 
 Each accepts the upload the service takes (POST /predict, multipart field `image`), decodes
-it with imgcls.images.decode_image + prepare_image, batches, calls `predict_on_batch` and
+it with imgcls.images.decode_image + prepare_image, batches, calls `predict_on_batch` (or,
+with `--runtime openvino`, the file's OpenVINO build compiled as the service compiles it) and
 answers `{"predictions": [{"label", "probability"}, ...]}` (the top 3), so the load
 generator's `service_sender` drives them unchanged. Pinned in bench/peers/requirements.txt
 (`make bench-serve` installs it).

@@ -20,6 +20,11 @@ def parse(description: str, argv: list[str] | None = None) -> argparse.Namespace
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE)
     parser.add_argument("--batch-timeout", type=float, default=BATCH_TIMEOUT_S, help="seconds")
+    parser.add_argument("--runtime", choices=["keras", "openvino"], default="keras",
+                        help="keras: predict_on_batch on the file (default); openvino: its OpenVINO "
+                        "build, compiled with the service's settings")  # fmt: skip
+    parser.add_argument("--precision", choices=["f32", "bf16"], default="f32",
+                        help="precision of the OpenVINO build (f32)")  # fmt: skip
     args = parser.parse_args(argv)
     args.class_names = args.classes.split(",")
     return args

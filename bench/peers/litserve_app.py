@@ -2,6 +2,7 @@
 `LitAPI(max_batch_size=..., batch_timeout=...)`, `predict` over the batch.
 
     python -m bench.peers.litserve_app --model M.keras --size 224 --classes a,b,... --port P
+                                       [--runtime keras|openvino] [--precision f32|bf16]
 
 LitServe parses the multipart form in its API server process and hands it to the
 inference worker, which decodes each upload (`decode_request`), batches and predicts.
@@ -16,23 +17,23 @@ from bench.peers import work
 
 
 class ImageAPI(ls.LitAPI):
-    def __init__(self, model_path: str, size: int, class_names: list[str], **batching):
+    def __init__(self, args, **batching):
         super().__init__(**batching)
-        self.model_path, self.size, self.class_names = model_path, size, class_names
+        self.args = args
 
     def setup(self, device) -> None:
         work.name_this_process()
-        self.model = work.load_model(self.model_path)
-        work.warm_up(self.model, self.size)
+        self.predict_batch = work.load_predict(self.args.model, self.args.runtime, self.args.precision)
+        work.warm_up(self.predict_batch, self.args.size)
 
     def decode_request(self, request):
-        return work.model_input(request["image"].file.read(), self.size)
+        return work.model_input(request["image"].file.read(), self.args.size)
 
     def batch(self, inputs):
         return list(inputs)  # predict stacks them itself
 
     def predict(self, images):
-        return work.answers(self.model, images, self.class_names)
+        return work.answers(self.predict_batch, images, self.args.class_names)
 
     def unbatch(self, output):
         return output
@@ -43,13 +44,7 @@ class ImageAPI(ls.LitAPI):
 
 def main(argv: list[str] | None = None) -> None:
     args = cli.parse(__doc__, argv)
-    api = ImageAPI(
-        args.model,
-        args.size,
-        args.class_names,
-        max_batch_size=args.max_batch_size,
-        batch_timeout=args.batch_timeout,
-    )
+    api = ImageAPI(args, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
     server = ls.LitServer(api, accelerator="cpu", timeout=120)
     server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
 

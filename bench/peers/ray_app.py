@@ -32,13 +32,13 @@ def build_app(args):
     class ImageModel:
         def __init__(self) -> None:
             work.name_this_process()
-            self.model = work.load_model(args.model)
-            work.warm_up(self.model, args.size)
+            self.predict = work.load_predict(args.model, args.runtime, args.precision)
+            work.warm_up(self.predict, args.size)
 
         @serve.batch(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_timeout)
         async def classify(self, uploads: list[bytes]) -> list[dict]:
             images = [work.model_input(data, args.size) for data in uploads]
-            return work.answers(self.model, images, args.class_names)
+            return work.answers(self.predict, images, args.class_names)
 
         async def __call__(self, request: Request) -> dict:
             if request.url.path.rstrip("/").endswith("/health"):
