@@ -13,9 +13,12 @@ the same either way: it calls a `ModelLink`.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 class ModelLink(Protocol):
@@ -29,19 +32,36 @@ class ModelLink(Protocol):
 
 
 class RemoteLink:
-    """The model process, through the BentoML client of `bentoml.depends`."""
+    """The model process, through the BentoML client of `bentoml.depends`.
+
+    The client pools keep-alive connections for 15 s (aiohttp's default) and the model
+    process's server closes an idle one after 5 s (uvicorn's): a request sent on a
+    connection just as it is closed fails with a connection error. The three calls only
+    read, so such a failure is retried once, on a fresh connection; a second one is the
+    model process down or restarting (a 503, service/limits.py)."""
 
     def __init__(self, proxy: Any):
         self._sync = proxy.to_sync
 
     def classify(self, images: list[list[np.ndarray]]) -> list[dict]:
-        return self._sync.classify(images)
+        return self._call("classify", images)
 
     def heatmap(self, image: list[np.ndarray]) -> dict:
-        return self._sync.heatmap(image)
+        return self._call("heatmap", image)
 
     def describe(self) -> dict:
-        return self._sync.describe()
+        return self._call("describe")
+
+    def _call(self, name: str, *args: Any) -> Any:
+        import aiohttp
+
+        try:
+            return getattr(self._sync, name)(*args)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            logger.info(
+                "the model process connection broke (%s: %s): sending %s again", type(exc).__name__, exc, name
+            )
+            return getattr(self._sync, name)(*args)
 
 
 class LocalLink:

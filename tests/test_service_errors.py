@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.limits import DecodeSlots, Rejected, install_error_handlers
+from service.link import RemoteLink
 
 
 def _app() -> TestClient:
@@ -51,6 +52,31 @@ def test_model_overload_and_broken_connection_are_503_json():
         assert response.status_code == 503
         assert response.headers["retry-after"] == "1"
         assert "busy or restarting" in response.json()["error"]
+
+
+class _Proxy:
+    """A model-process client whose first calls fail as a pooled connection closed under them."""
+
+    def __init__(self, failures: list[Exception]):
+        self.failures, self.calls = failures, 0
+        self.to_sync = self
+
+    def classify(self, images):
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return [{"label": "red"}] * len(images)
+
+
+def test_a_connection_closed_as_it_is_reused_is_retried_once():
+    # The keep-alive race: the model process closes an idle connection (uvicorn, 5 s) the
+    # front's pool still holds (aiohttp, 15 s). Answered on a fresh connection, not a 503.
+    proxy = _Proxy([aiohttp.ServerDisconnectedError()])
+    assert RemoteLink(proxy).classify([[1]]) == [{"label": "red"}] and proxy.calls == 2
+    proxy = _Proxy([aiohttp.ClientOSError(104, "Connection reset by peer")] * 2)
+    with pytest.raises(aiohttp.ClientOSError):  # twice: the model process is down (503)
+        RemoteLink(proxy).classify([[1]])
+    assert proxy.calls == 2
 
 
 def test_unexpected_errors_are_json_not_text():
