@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export KERAS_HOME := $(CURDIR)/.imgcls/keras
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format peers bench bench-train bench-calibration bench-serve bench-runtime bench-memory bench-burst bench-rollout bench-soak bench-explain bench-gpu-pack bench-gpu-cpu browser postgres compose-config clean
+.PHONY: help install demo test test-fast lint format peers bench bench-train bench-calibration bench-serve bench-runtime bench-predict bench-memory bench-burst bench-rollout bench-soak bench-explain bench-gpu-pack bench-gpu-cpu browser postgres compose-config clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -65,6 +65,9 @@ bench-serve: install peers ## the service beside LitServe, Ray Serve and mlflow,
 
 bench-runtime: install peers ## Keras against OpenVINO and ONNX Runtime on ResNet50 (~5 min), see docs/benchmarks.md
 	$(BIN)/python -m bench.runtime_bench
+
+bench-predict: install ## imgcls predict on a folder, Keras against the compiled build (~5 min), see docs/benchmarks.md
+	$(BIN)/python -m bench.predict_bench
 
 bench-memory: install ## HTTP fronts' memory under worst-case uploads, JPEG draft speedup, see docs/benchmarks.md
 	$(BIN)/python -m bench.memory_bench

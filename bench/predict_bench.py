@@ -3,12 +3,15 @@
     python -m bench.predict_bench [--quick] [--batch-size 32] [--out FILE]
 
 For each model (the demo's simple_cnn at 32x32 on 32x32 PNGs; ResNet50 with random
-weights on 640x480 JPEG photos, at 96x96 with --quick, else 224x224) it measures:
-- `predict_on_batch`: images/s of the model alone on inputs already in memory (the limit);
+weights on 640x480 JPEG photos, at 96x96 with --quick, else 224x224) it measures, with
+Keras (`--runtime keras`) and then with the compiled build `imgcls predict` serves by
+default (service/compiled.py, verified on 200 of the files as its parity set):
+- the model alone: images/s on inputs already in memory (the limit);
 - `imgcls predict`: images/s of `service.batch_predict.predict_files` end to end: read each
   file, decode and resize it (imgcls.images.model_input, on threads beside the model),
   batch, predict, write the CSV.
-Prints a Markdown table and writes JSON. Speed does not depend on weight values.
+Prints a Markdown table (issue 20's target: the compiled command >= 1.3x the Keras one)
+and writes JSON. Speed does not depend on weight values.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from pathlib import Path
 if not __package__:  # `python bench/predict_bench.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import machine, quiet_environment  # noqa: E402
+from bench.machine import cpu_flags, machine, quiet_environment  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [str(i) for i in range(10)]
 
 
@@ -61,16 +65,17 @@ def build_predictor(backbone: str, image_size: int, work: Path):
 
 
 def model_rate(predictor, batch_size: int, images: int) -> float:
-    """Images/s of `predict_on_batch` alone on in-memory float32 batches."""
+    """Images/s of the model alone (`Predictor.probabilities`: Keras's `predict_on_batch`
+    or the compiled build) on in-memory float32 batches."""
     import numpy as np
 
     h, w = predictor.card.image_size
     batch = np.random.default_rng(1).uniform(0, 255, (batch_size, h, w, 3)).astype(np.float32)
-    predictor.model.predict_on_batch(batch)  # this batch size traced once, not timed
+    predictor.probabilities(batch)  # this batch size traced once, not timed
     steps = max(1, images // batch_size)
     start = time.perf_counter()
     for _ in range(steps):
-        predictor.model.predict_on_batch(batch)
+        predictor.probabilities(batch)
     return steps * batch_size / (time.perf_counter() - start)
 
 
@@ -84,30 +89,40 @@ def command_rate(predictor, files: list[Path], batch_size: int, out: Path) -> fl
     return summary.images / summary.seconds
 
 
-def measure(name, backbone, image_size, file_size, fmt, count, batch_size, work: Path) -> dict:
+def measure(name, backbone, image_size, file_size, fmt, count, batch_size, work: Path) -> list[dict]:
+    """A row with Keras, then a row with the verified compiled build."""
+    import numpy as np
+
+    from imgcls.images import model_input
+    from service.compiled import compile_verified
+
     predictor = build_predictor(backbone, image_size, work)
     files = make_files(work / name, count, file_size, fmt)
-    limit = model_rate(predictor, batch_size, count)
-    command = command_rate(predictor, files, batch_size, work / f"{name}.csv")
-    return {
-        "model": name,
-        "input": f"{image_size}x{image_size}",
-        "files": f"{count} {fmt} {file_size[1]}x{file_size[0]}",
-        "predict_on_batch_images_per_s": round(limit, 1),
-        "imgcls_predict_images_per_s": round(command, 1),
-        "ratio": round(command / limit, 3),
-    }
+    parity = np.stack([model_input(f.read_bytes(), predictor.card.image_size) for f in files[:200]])
+    rows = []
+    for runtime in ("keras", "auto"):
+        compile_verified(predictor, runtime, "auto", work / f"{name}-build", parity)
+        limit = model_rate(predictor, batch_size, count)
+        command = command_rate(predictor, files, batch_size, work / f"{name}.csv")
+        rows.append({
+            "model": name, "input": f"{image_size}x{image_size}", "files": f"{count} {fmt} {file_size[1]}x{file_size[0]}",
+            "runtime": f"{predictor.runtime.name} {predictor.runtime.precision}", "reason": predictor.runtime.reason,
+            "model_images_per_s": round(limit, 1), "imgcls_predict_images_per_s": round(command, 1),
+            "ratio": round(command / limit, 3),
+            "vs_keras": round(command / rows[0]["imgcls_predict_images_per_s"], 3) if rows else 1.0,
+        })  # fmt: skip
+    return rows
 
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| model | input | files | `predict_on_batch` | `imgcls predict` | ratio |",
-        "|---|---|---|---|---|---|",
+        "| model | input | files | runtime | model alone | `imgcls predict` | of the model | vs Keras |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['model']} | {r['input']} | {r['files']} | {r['predict_on_batch_images_per_s']:,} img/s "
-            f"| {r['imgcls_predict_images_per_s']:,} img/s | {r['ratio']:.2f}x |"
+            f"| {r['model']} | {r['input']} | {r['files']} | {r['runtime']} | {r['model_images_per_s']:,} img/s "
+            f"| {r['imgcls_predict_images_per_s']:,} img/s | {r['ratio']:.2f}x | {r['vs_keras']:.2f}x |"
         )
     return "\n".join(lines)
 
@@ -117,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer files, ResNet50 at 96x96")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (32)")
-    parser.add_argument("--out", type=Path, default=Path("predict_bench.json"), help="JSON results")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / ".imgcls/bench/predict_bench.json", help="JSON results"
+    )
     args = parser.parse_args(argv)
     size = 96 if args.quick else 224
     cases = [
@@ -125,9 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         ("ResNet50", "resnet50", size, (480, 640), "JPEG", 128 if args.quick else 512),
     ]
     with tempfile.TemporaryDirectory(prefix="imgcls-predict-bench-") as tmp:
-        results = [measure(*case, args.batch_size, Path(tmp)) for case in cases]
-    args.out.write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
+        results = [row for case in cases for row in measure(*case, args.batch_size, Path(tmp))]
+    info = machine() | {"cpu_flags": cpu_flags()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": info, "results": results}, indent=1))
+    print(f"{info['cpu']}, {info['cores']} cores, flags: {info['cpu_flags']}\n")
     print(table(results))
+    for r in results:
+        print(f"{r['model']} {r['runtime']}: {r['reason']}")
     return 0
 
 
