@@ -14,6 +14,7 @@ with the engine that server computes with).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ class Target:
     server_side: Callable[[dict, dict], dict] | None = None
     only: frozenset[int] | None = None  # the concurrency levels it runs (None: all)
     before_level: Callable[[int], None] | None = None  # told each level's concurrency first
+    # hold(True) stops the server while another is measured, hold(False) resumes it: for
+    # servers whose idle workers poll (LitServe's take ~10% of a core each, doing nothing).
+    hold: Callable[[bool], None] | None = None
 
 
 def run_rounds(
@@ -57,13 +61,27 @@ def run_rounds(
     for number in range(1, rounds + 1):
         for target in targets:
             own = reference.get(target.name) if isinstance(reference, Mapping) else reference
-            for step, concurrency in enumerate(levels, 1):
-                mark = {"round": number, "step": step}
-                if own is not None and concurrency in (own.only or ()):
-                    rows.append(_measure(own, concurrency, cap_s, stop) | mark | {"before": target.name})
-                if target.only is None or concurrency in target.only:
-                    rows.append(_measure(target, concurrency, cap_s, stop) | mark)
+            with _alone(target, targets):
+                for step, concurrency in enumerate(levels, 1):
+                    mark = {"round": number, "step": step}
+                    if own is not None and concurrency in (own.only or ()):
+                        rows.append(_measure(own, concurrency, cap_s, stop) | mark | {"before": target.name})
+                    if target.only is None or concurrency in target.only:
+                        rows.append(_measure(target, concurrency, cap_s, stop) | mark)
     return rows
+
+
+@contextlib.contextmanager
+def _alone(target: Target, targets: Sequence[Target]):
+    """The other targets that can be held are stopped while `target` is measured."""
+    held = [t for t in targets if t is not target and t.hold is not None]
+    for other in held:
+        other.hold(True)
+    try:
+        yield
+    finally:
+        for other in held:
+            other.hold(False)
 
 
 def _measure(target: Target, concurrency: int, cap_s: float, stop: threading.Event | None) -> dict:

@@ -233,6 +233,20 @@ def test_each_level_of_a_target_starts_with_its_own_clients():
     assert events == ["level 1", "request", "level 3", *["request"] * 3, "level 1", "request"]
 
 
+def test_servers_that_can_be_held_are_stopped_while_another_is_measured():
+    events = []
+
+    def target(name, holdable):
+        hold = (
+            (lambda stopped: events.append(f"{'stop' if stopped else 'resume'} {name}")) if holdable else None
+        )
+        return rounds.Target(name, lambda i: events.append(f"request {name}") or loadgen.Answer(200),
+                             lambda c: 1, hold=hold)  # fmt: skip
+
+    rounds.run_rounds([target("imgcls", False), target("litserve", True)], rounds=1, levels=(1,), cap_s=10)
+    assert events == ["stop litserve", "request imgcls", "resume litserve", "request litserve"]
+
+
 def test_a_level_client_renews_its_connections():
     import http.server
 
