@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgcls import parity
-from registry.register import download_keras_file, version_card
 from registry.settings import RegistrySettings
+from registry.versions import download_keras_file, version_card
 
 log = logging.getLogger(__name__)
 

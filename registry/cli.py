@@ -162,7 +162,7 @@ def _champion_now() -> str:
     """What an interrupted command did to the alias, read back from the registry (a KeyboardInterrupt
     that reaches the CLI came before any alias move: one after it is reported as a promotion)."""
     try:
-        from registry.register import champion_version
+        from registry.versions import champion_version
 
         client, _, settings = _client()
         version = champion_version(client, settings)
@@ -208,7 +208,7 @@ def run_list(args: argparse.Namespace) -> int:
 def run_show(args: argparse.Namespace) -> int:
     """`imgcls models show N`."""
     from registry import report
-    from registry.register import RegistryError
+    from registry.versions import RegistryError
 
     client, _, settings = _client()
     try:
@@ -222,7 +222,7 @@ def run_show(args: argparse.Namespace) -> int:
 def run_promote(args: argparse.Namespace) -> int:
     """`imgcls models promote N [--force --reason ...]`."""
     from registry import promote
-    from registry.register import RegistryError
+    from registry.versions import RegistryError
     from training.data import DatasetError
 
     if args.force and not (args.reason or "").strip():
@@ -246,7 +246,7 @@ def _logged_scan(client, settings, version: str, required: bool):
     """The candidate's split, rebuilt from its run's `data/split.json`; None if gone and not required."""
     import mlflow
 
-    from registry.register import get_version
+    from registry.versions import get_version
     from training.data import DatasetError, scan_from_manifest
 
     run_id = get_version(client, settings, version).run_id
@@ -262,7 +262,7 @@ def _logged_scan(client, settings, version: str, required: bool):
 def run_rollback(args: argparse.Namespace) -> int:
     """`imgcls models rollback`."""
     from registry import promote
-    from registry.register import RegistryError
+    from registry.versions import RegistryError
 
     client, tracking, settings = _client()
     try:

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from mlflow import MlflowClient
 
 from registry.history import AliasMove, moves_of, read_history
-from registry.register import STATUS_TAG, champion_version, get_version, held_out_metrics
 from registry.settings import RegistrySettings
+from registry.versions import STATUS_TAG, champion_version, get_version, held_out_metrics
 
 log = logging.getLogger(__name__)
 

@@ -100,7 +100,7 @@ _UNKNOWN = object()
 
 def _champion_or_unknown(client, settings: RegistrySettings):
     """The champion version (None if there is none), or `_UNKNOWN` when it cannot be read."""
-    from registry.register import champion_version
+    from registry.versions import champion_version
 
     try:
         return champion_version(client, settings)

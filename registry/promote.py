@@ -18,16 +18,10 @@ from registry import steps
 from registry.gate import class_mismatch, gate_subset
 from registry.history import AliasMove
 from registry.lock import Held
-from registry.register import (
-    RegistryError,
-    get_version,
-    load_version_model,
-    set_status,
-    version_card,
-    version_metrics,
-)
+from registry.register import set_status
 from registry.settings import RegistrySettings
 from registry.steps import Force, GateEvidence, Outcome, Promote, Rollback, Snapshot
+from registry.versions import RegistryError, get_version, load_version_model, version_card, version_metrics
 from training.data import DatasetScan
 from training.evaluate import Evaluation
 

@@ -52,8 +52,9 @@ from registry.history import (
     record_move,
 )
 from registry.lock import Held, interrupts_deferred, registry_lock
-from registry.register import STATUS_TAG, champion_version, get_version, set_status, version_metrics
+from registry.register import set_status
 from registry.settings import RegistrySettings
+from registry.versions import STATUS_TAG, champion_version, get_version, version_metrics
 
 log = logging.getLogger(__name__)
 

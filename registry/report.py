@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from mlflow import MlflowClient
 
 from registry.history import AliasMove, move_details, moves_of, read_history
-from registry.register import STATUS_TAG, champion_version, get_version
 from registry.settings import RegistrySettings
+from registry.versions import STATUS_TAG, champion_version, get_version
 
 # Alias moves shown under `models list`; `models show` lists all of a version's moves.
 RECENT_MOVES = 10

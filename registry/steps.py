@@ -46,8 +46,9 @@ from registry.history import (
 )
 from registry.lock import Held, interrupts_deferred, registry_lock
 from registry.reconcile import manual_move, reconcile, reconcile_locked, settled_history
-from registry.register import champion_version, set_status
+from registry.register import set_status
 from registry.settings import RegistrySettings
+from registry.versions import champion_version
 from training.evaluate import Evaluation
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.limits import error_response
@@ -35,15 +34,6 @@ Scope = dict[str, Any]
 ALWAYS_OPEN = frozenset({"/livez", "/readyz", "/"})
 PROBES = frozenset({"/metrics"})
 CHALLENGE = 'Bearer realm="imgcls"'
-
-
-def read_keys(inline: str | None, file: Path | None) -> tuple[str, ...]:
-    """The keys from a comma-separated string and a file (one a line, `#` comments)."""
-    keys = [k.strip() for k in (inline or "").split(",")]
-    if file is not None:
-        lines = Path(file).read_text().splitlines()
-        keys += [line.strip() for line in lines if not line.strip().startswith("#")]
-    return tuple(dict.fromkeys(k for k in keys if k))
 
 
 def open_paths(protect_probes: bool) -> frozenset[str]:

@@ -2,7 +2,7 @@
 (its command-line edge is service/predict_cli.py).
 
 The same model and preprocessing as the service: the champion (or `--version N`) is
-loaded by `service.predictor.load_predictor`, each file goes through
+loaded by `service.sources.load_predictor`, each file goes through
 `Predictor.preprocess` (`imgcls.images.model_input` at the card's size) and each batch
 through `Predictor.probabilities`. Files are read and decoded on a thread pool while the
 model runs the previous batch. A file that cannot be used is not fatal: its row has an

@@ -66,8 +66,8 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace):
     """The model to predict with; LookupError when it does not exist (bad input)."""
-    from service.predictor import load_predictor
     from service.settings import ServiceSettings
+    from service.sources import load_predictor
 
     values = {"source": args.source, "version": args.version, "model_name": args.model_name,
               "runtime": args.runtime, "precision": args.precision}  # fmt: skip

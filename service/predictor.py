@@ -178,14 +178,3 @@ def keep_off_accelerators() -> None:
     imported = [name for name in ("jax", "tensorflow", "torch") if name in sys.modules]
     if imported:
         logger.warning("%s already imported: this front process may still hold a GPU", imported)
-
-
-def load_predictor(settings: Any) -> Predictor:
-    """The configured champion (BentoML store or MLflow registry), checked and warmed up.
-
-    `settings` is a `service.settings.ServiceSettings`; the running service wraps the same
-    load in a `Follower` (service/sources.py) that keeps it equal to the registry's.
-    """
-    from service.sources import build_follower
-
-    return build_follower(settings).served.predictor

@@ -163,7 +163,14 @@ class ServiceSettings(BaseSettings):
 
     def api_key_list(self) -> tuple[str, ...]:
         """The configured API keys (inline and from the file); empty: no key needed."""
-        from service.access import read_keys
-
         inline = self.api_keys.get_secret_value() if self.api_keys else None
         return read_keys(inline, self.api_keys_file)
+
+
+def read_keys(inline: str | None, file: Path | None) -> tuple[str, ...]:
+    """The keys from a comma-separated string and a file (one a line, `#` comments)."""
+    keys = [k.strip() for k in (inline or "").split(",")]
+    if file is not None:
+        lines = Path(file).read_text().splitlines()
+        keys += [line.strip() for line in lines if not line.strip().startswith("#")]
+    return tuple(dict.fromkeys(k for k in keys if k))

@@ -208,6 +208,15 @@ def build_follower(settings: Any, metrics: Any = None) -> Follower:
     return Follower(source, served, interval, metrics)
 
 
+def load_predictor(settings: Any) -> Predictor:
+    """The configured champion (BentoML store or MLflow registry), checked and warmed up.
+
+    `settings` is a `service.settings.ServiceSettings`; the running service keeps the same
+    load inside its `Follower` (`build_follower`), equal to the registry's.
+    """
+    return build_follower(settings).served.predictor
+
+
 def _from_cache(source: MlflowSource, exc: Exception) -> Served:
     cached = source.load_cached()
     if cached is None:

@@ -12,15 +12,8 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import quick_config
-from training.calibrate import (
-    expected_calibration_error,
-    fit_temperature,
-    logits_model,
-    negative_log_likelihood,
-    softmax,
-    with_temperature,
-)
-from training.evaluate import Evaluation
+from training.calibrate import fit_temperature, logits_model, softmax, with_temperature
+from training.evaluate import Evaluation, expected_calibration_error, negative_log_likelihood
 from training.model import build_model
 
 NO_AUGMENT = {"augment.enabled": False}

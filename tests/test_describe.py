@@ -123,7 +123,7 @@ def test_a_failing_description_write_never_undoes_the_move(tmp_path, monkeypatch
     from mlflow.exceptions import MlflowException
 
     from registry.promote import move_alias
-    from registry.register import champion_version
+    from registry.versions import champion_version
 
     client, _, settings = _bare_model(tmp_path, 2)
 

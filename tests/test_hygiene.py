@@ -1,8 +1,10 @@
 """Hygiene (issue 9): temporary split images under IMGCLS_HOME/tmp with stale ones swept,
-and no password of a tracking URI in anything imgcls prints or logs."""
+and no password of a tracking URI in anything imgcls prints or logs; (issue 21) no import
+circle between the project's modules."""
 
 from __future__ import annotations
 
+import ast
 import io
 import logging
 import os
@@ -21,6 +23,94 @@ from tests.conftest import quick_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "s3cret-Pa55"
+PACKAGES = ("imgcls", "training", "registry", "service")
+
+
+def _project_modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every .py file of the project's packages."""
+    modules = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _imported_modules(name: str, path: Path, modules: dict[str, Path]) -> dict[str, int]:
+    """Project modules that `name` imports -> the first line that does: every import in the
+    file (module level, inside functions, under TYPE_CHECKING), `from . import x` resolved."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: dict[str, int] = {}
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            # `from package import module` imports the module; `from module import name`, the module.
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        else:
+            continue
+        for target in targets:
+            if target in modules and target != name:
+                found[target] = min(found.get(target, node.lineno), node.lineno)
+    return found
+
+
+def _import_cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """The cycles a depth-first search of `graph` closes, each as [a, b, ..., a]; none when
+    the graph is acyclic."""
+    state: dict[str, str] = {}  # "open" while on the current path, "done" once explored
+    path: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        state[module] = "open"
+        path.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                cycles.append([*path[path.index(target) :], target])
+            elif target not in state:
+                visit(target)
+        path.pop()
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    return cycles
+
+
+def test_import_cycle_finder_sees_lazy_and_type_checking_imports(tmp_path):
+    """The checker itself, on a made-up package: a circle closed by an import inside a
+    function and under TYPE_CHECKING is found; without that import there is none."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.c import C\n"
+    )
+    (pkg / "c.py").write_text("def f():\n    from .a import x\n")
+    modules = {"pkg": pkg / "__init__.py", **{f"pkg.{m}": pkg / f"{m}.py" for m in "abc"}}
+    graph = {name: _imported_modules(name, path, modules) for name, path in modules.items()}
+    assert _import_cycles(graph) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"]]
+    del graph["pkg.c"]["pkg.a"]
+    assert _import_cycles(graph) == []
+
+
+def test_no_import_cycle_between_project_modules():
+    """Issue 21: the imports between imgcls/, training/, registry/ and service/ modules form
+    no circle, counting imports inside functions and under TYPE_CHECKING."""
+    modules = _project_modules()
+    graph = {name: _imported_modules(name, path, modules) for name, path in modules.items()}
+    cycles = [
+        " -> ".join(f"{a}:{graph[a][b]}" for a, b in zip(cycle, cycle[1:], strict=False)) + f" -> {cycle[-1]}"
+        for cycle in _import_cycles(graph)
+    ]  # module:line of the import that leads on
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
 @pytest.mark.parametrize(

@@ -52,8 +52,8 @@ def _state(env):
     from mlflow import MlflowClient
 
     from registry.history import read_history
-    from registry.register import champion_version
     from registry.settings import RegistrySettings
+    from registry.versions import champion_version
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
     settings = RegistrySettings(model_name=MODEL)

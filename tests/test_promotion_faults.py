@@ -179,7 +179,7 @@ def _assert_agree(client, settings) -> str:
     """Alias, history, status tags and BentoML labels agree; the service names the alias's
     version. Returns that version."""
     from registry.history import IN_FLIGHT_TAG, champion_lineage, read_history
-    from registry.register import champion_version
+    from registry.versions import champion_version
 
     alias = champion_version(client, settings)
     moves = read_history(client, settings)
@@ -196,7 +196,7 @@ def _after_the_fault(client, tracking, settings, step: str) -> None:
     """The checks every fault ends with: state, the next command, rollback, a normal promotion."""
     from registry.history import read_history
     from registry.promote import force_promote
-    from registry.register import champion_version
+    from registry.versions import champion_version
 
     moved = _alias_moved_at(step)
     assert champion_version(client, settings) == ("3" if moved else "2")
@@ -274,8 +274,8 @@ def test_a_pipeline_killed_after_recording_is_reconciled_and_the_next_pipeline_p
     from mlflow import MlflowClient
 
     from registry.history import read_history
-    from registry.register import champion_version
     from registry.settings import RegistrySettings
+    from registry.versions import champion_version
 
     tracking = tracking_settings(tmp_path)
     settings = RegistrySettings(model_name="faults-pipeline")
@@ -324,7 +324,8 @@ def test_a_hung_tracking_server_fails_the_locked_write_in_seconds(mlflow_server,
 
     from registry.lock import LEASE_TAG
     from registry.promote import force_promote
-    from registry.register import champion_version, connect, register_candidate
+    from registry.register import connect, register_candidate
+    from registry.versions import champion_version
     from training.train import train
 
     server, url = mlflow_server

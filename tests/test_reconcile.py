@@ -82,7 +82,7 @@ def _history(client, settings):
 
 
 def _champion(client, settings):
-    from registry.register import champion_version
+    from registry.versions import champion_version
 
     return champion_version(client, settings)
 

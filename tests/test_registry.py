@@ -62,7 +62,7 @@ def _promote(store, settings, result):
 
 
 def _champion(client, settings):
-    from registry.register import champion_version
+    from registry.versions import champion_version
 
     return champion_version(client, settings)
 
@@ -353,8 +353,8 @@ def test_bento_store_serves_the_champion_after_rollback_and_after_a_failed_move(
     """promote v1, promote v2, rollback: the service's loader picks v1; a move whose alias
     write fails leaves no BentoML entry behind."""
     from registry.promote import promote_if_better, rollback
-    from service.predictor import load_predictor
     from service.settings import ServiceSettings
+    from service.sources import load_predictor
 
     tracking, good, weak, _ = store
     settings = registry_settings(first_model_floor=0.0, margin=-1.0, max_recall_drop=1.0)

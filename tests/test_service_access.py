@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from imgcls.processes import ServerProcess, free_port
-from service.access import KeyCheck, presented_key, read_keys
+from service.access import KeyCheck, presented_key
+from service.settings import read_keys
 from tests.browser import Chromium
 from tests.service_fixtures import (
     colour_image,

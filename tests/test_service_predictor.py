@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from service import gradcam
-from service.predictor import Predictor, load_predictor, top_k
+from service.predictor import Predictor, top_k
 from service.settings import ServiceSettings
+from service.sources import load_predictor
 from service.store import load_from_bento_store, load_from_mlflow, save_to_bento_store
 from tests.service_fixtures import CLASSES, SIZE, build_tiny_model, colour_image, encode, tiny_card
 

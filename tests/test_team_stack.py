@@ -190,7 +190,8 @@ def test_many_long_class_names_promote_and_keep_their_history(team_stack, admin,
     from registry import promote
     from registry.history import read_history
     from registry.pipeline import run_pipeline
-    from registry.register import champion_version, register_candidate
+    from registry.register import register_candidate
+    from registry.versions import champion_version
 
     colours = {LONG_NAME.format(i): (i % 7 * 36, i // 7 % 7 * 36, i // 49 * 60) for i in range(100)}
     data = write_dataset(tmp_path / "many", classes=colours, per_class=4)  # 1 test, 1 val, 2 train
@@ -224,7 +225,7 @@ def test_two_pipelines_at_once_leave_one_champion(team_stack, admin, tmp_path):
     against the new champion and exits 3."""
     from registry.history import read_history
     from registry.lock import tag_lease
-    from registry.register import champion_version
+    from registry.versions import champion_version
     from tests.stack import S3_CREDENTIALS
 
     settings = registry_settings(bento_import=False)

@@ -13,10 +13,10 @@ from imgcls.cli import build_parser
 from imgcls.images import load_image
 from tests.conftest import quick_config, run_artifacts
 from training import features, search
-from training.calibrate import negative_log_likelihood
 from training.cli import config_from_args
 from training.config import ConfigError
 from training.data import scan_dataset, split_view
+from training.evaluate import negative_log_likelihood
 from training.fast_head import HeadParams, Schedule, fit_trial, pool
 from training.model import build_model, ensemble_members, feature_extractor
 from training.tracking import configure_mlflow

@@ -29,11 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from training.evaluate import ECE_BINS, evaluate_model, expected_calibration_error, negative_log_likelihood
+
 log = logging.getLogger(__name__)
 
-ECE_BINS = 15  # the usual choice since Guo et al.; fine enough for a few hundred images
-# Keras' cross-entropy clips probabilities at 1e-7 too: reported NLLs read like val_loss.
-PROBABILITY_FLOOR = 1e-7
 # T is searched on log T within these bounds: beyond them a model is broken, not miscalibrated.
 T_BOUNDS = (0.05, 20.0)
 TEMPERATURE_LAYER, PROBS_LAYER = "temperature", "probs"
@@ -51,31 +50,6 @@ class Scores:
 
     ece: float
     nll: float
-
-
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
-    """ECE: the mean |accuracy - confidence| over equal-width confidence bins (lo, hi],
-    weighted by the share of predictions in each bin."""
-    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
-    if len(labels) == 0:
-        return 0.0
-    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
-    index = np.clip(np.searchsorted(np.linspace(0, 1, bins + 1), confidence, side="left") - 1, 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        member = index == b
-        if member.any():
-            total += member.sum() * abs(correct[member].mean() - confidence[member].mean())
-    return float(total / len(labels))
-
-
-def negative_log_likelihood(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Mean -log p(true class), probabilities clipped at PROBABILITY_FLOOR (as Keras' loss)."""
-    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
-    if len(labels) == 0:
-        return 0.0
-    picked = probs[np.arange(len(labels)), labels]
-    return float(-np.log(np.clip(picked, PROBABILITY_FLOOR, 1.0)).mean())
 
 
 def scores(probs: np.ndarray, labels: np.ndarray) -> Scores:
@@ -314,8 +288,6 @@ def calibrate(
     held-out ones (an ensemble's cross-fitted heads, training/folds.py): `images` says
     which, in the reason. `out_of_fold()` may add a third element: where its logits came from.
     """
-    from training.evaluate import evaluate_model
-
     raw = logits_model(model)
     val_logits, val_labels = val_logits if val_logits is not None else predict_logits(raw, val)
     fit = fit_temperature(val_logits, val_labels, images=images)

@@ -28,8 +28,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from training import features, search
-from training.calibrate import negative_log_likelihood, softmax
+from training.calibrate import softmax
 from training.config import HeadConfig, TrainConfig
+from training.evaluate import negative_log_likelihood
 from training.fast_head import HeadParams, fit_trial, pool
 from training.features import FeatureCache
 from training.folds import FitChoice, Folds, OutOfFold, balanced_weights, choose

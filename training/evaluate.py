@@ -13,7 +13,9 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from training.calibrate import expected_calibration_error, negative_log_likelihood
+ECE_BINS = 15  # the usual choice since Guo et al.; fine enough for a few hundred images
+# Keras' cross-entropy clips probabilities at 1e-7 too: reported NLLs read like val_loss.
+PROBABILITY_FLOOR = 1e-7
 
 
 @dataclass
@@ -60,6 +62,31 @@ class Evaluation:
 
     def confusion(self) -> np.ndarray:
         return confusion_matrix(self.y_true, self.y_pred, labels=list(range(len(self.class_names))))
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE: the mean |accuracy - confidence| over equal-width confidence bins (lo, hi],
+    weighted by the share of predictions in each bin."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    if len(labels) == 0:
+        return 0.0
+    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
+    index = np.clip(np.searchsorted(np.linspace(0, 1, bins + 1), confidence, side="left") - 1, 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        member = index == b
+        if member.any():
+            total += member.sum() * abs(correct[member].mean() - confidence[member].mean())
+    return float(total / len(labels))
+
+
+def negative_log_likelihood(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean -log p(true class), probabilities clipped at PROBABILITY_FLOOR (as Keras' loss)."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    if len(labels) == 0:
+        return 0.0
+    picked = probs[np.arange(len(labels)), labels]
+    return float(-np.log(np.clip(picked, PROBABILITY_FLOOR, 1.0)).mean())
 
 
 def metric_safe(name: str) -> str:
