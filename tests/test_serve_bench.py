@@ -21,10 +21,10 @@ from bench.cases import Case
 from bench.peers import args as peer_args
 
 ROOT = Path(__file__).resolve().parents[1]
-# The slow run's servers: both ways the service runs as it ships (compiled), a peer on the
+# The slow run's servers: both ways the service runs as it ships (compiled), LitServe on the
 # compiled build and one on Keras, mlflow; the other services differ only in settings the
 # fast tests check (each server costs ~40 s of the suite).
-QUICK_SERVERS = ("imgcls", "imgcls-1p", "litserve-ov", "ray", "mlflow")
+QUICK_SERVERS = ("imgcls", "imgcls-1p", "litserve", "litserve-ov", "mlflow")
 
 
 def test_the_default_run_is_issue_20s_rows():
@@ -112,7 +112,7 @@ def test_quick_run_measures_the_service_beside_its_peers(tmp_path):
     assert "| demo | in process openvino-f32 | - | batch 32 |" in done.stdout
     assert "\nCPU flags: avx2 " in done.stdout and "\ndemo: imgcls serves openvino " in done.stdout
     # CPU per image splits into the peers' fronts and model processes too.
-    peer = next(r for r in rows if r["server"] == "ray" and r["concurrency"] == 32)
+    peer = next(r for r in rows if r["server"] == "litserve" and r["concurrency"] == 32)
     assert {"front", "model"} <= set(peer["cpu_ms_per_image"])
     for service in ("imgcls", "imgcls-1p"):
         assert f"PASS demo: {service} answers every request: 0 failed" in done.stdout
