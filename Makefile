@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export KERAS_HOME := $(CURDIR)/.imgcls/keras
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format peers bench bench-train bench-calibration bench-serve bench-runtime bench-predict bench-memory bench-burst bench-rollout bench-soak bench-explain bench-gpu-pack bench-gpu-cpu browser postgres compose-config clean
+.PHONY: help install demo test test-fast lint format docs peers bench bench-train bench-calibration bench-serve bench-runtime bench-predict bench-memory bench-burst bench-rollout bench-soak bench-explain bench-gpu-pack bench-gpu-cpu browser postgres compose-config clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -42,11 +42,15 @@ postgres: ## install Debian's PostgreSQL 15 server for the team-stack tests (nee
 demo: install ## train, register, promote and serve the digits demo, then show a prediction
 	$(BIN)/imgcls demo
 
-test: install peers browser postgres ## run the test suite (about ten minutes on 2 cores)
+test: install peers browser postgres ## run the test suite (about 20 minutes on 2 cores)
 	$(BIN)/pytest -q --durations=15
 
 test-fast: install ## the suite without the slow tests
 	$(BIN)/pytest -q -m "not slow"
+
+docs: install ## build the docs site into docs/_build/html (warnings are errors)
+	$(BIN)/sphinx-build -E -W --keep-going -n -q -b html docs docs/_build/html
+	@echo "open docs/_build/html/index.html"
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

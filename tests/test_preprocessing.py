@@ -1,5 +1,5 @@
 """Preprocessing versions: a champion trained on the old Keras resize (version 1) keeps its
-answers, within the tolerance the README states, when served with today's resize; one
+answers, within the tolerance docs/training.md states, when served with today's resize; one
 trained on version 2 (EXIF orientation ignored) gets the same pixels for every file
 without an EXIF orientation."""
 
@@ -16,7 +16,7 @@ from imgcls.modelcard import ModelCard
 from tests.conftest import draw_shape
 from tests.service_fixtures import CLASSES, SIZE, build_tiny_model, colour_image, encode, tiny_card
 
-# The README's figure: largest change of any class probability between the two resizes.
+# docs/training.md's figure ("Preprocessing"): largest change of any class probability between the two resizes.
 TOLERANCE = 0.02
 # sha256 of the model inputs (at SIZE and at 224x224) of `_test_files()`, computed with
 # version 2 of imgcls.images (before the EXIF orientation was applied): version 3 must

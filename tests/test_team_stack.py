@@ -270,7 +270,7 @@ def test_two_pipelines_at_once_leave_one_champion(team_stack, admin, tmp_path):
 
 
 def test_a_release_engineer_with_manage_may_move_the_champion(champion, team_stack, admin, monkeypatch):
-    """README's recipe: the admin grants MANAGE on the registered model; that user may move
+    """docs/teams.md's recipe: the admin grants MANAGE on the registered model; that user may move
     the alias (and put it back), where the default READ may not."""
     import secrets
 
