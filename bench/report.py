@@ -21,7 +21,7 @@ KERAS_PEER = "litserve"
 COMPILED_PEER = "litserve-ov"
 # The service as `imgcls serve` runs it: the default (two processes, `--runtime auto`),
 # the compiled build in f32, Keras (the path before issue 20), `--one-process`.
-SERVICES = ("imgcls", "imgcls-f32", "imgcls-keras", "imgcls-1p")
+SERVICES = ("imgcls", "imgcls-base", "imgcls-f32", "imgcls-keras", "imgcls-1p")
 # The rows of the model itself in process (batch 1, at the c=1 steps of each round), with
 # Keras; with a compiled build, `model openvino-f32` and so on (`model_name`).
 MODEL = "model"
@@ -251,14 +251,15 @@ def lone_target(key: str, result: dict, server: str = "imgcls") -> list[tuple[bo
 
 def lone_stages(row: dict, own_ms: float, method: str = "predict_on_batch") -> str:
     """Where a lone request's time over the model's own goes: client and HTTP, the front
-    (decode, resize, the call to the model process), the model process (queue, batch)."""
+    (the upload's check, the call to the model process), the model process (decode, queue,
+    batch)."""
     front, model = row.get("front_predict_ms_p50"), row.get("model_classify_ms_p50")
     if front is None:
         return f"client p50 {row['p50_ms']:.1f} ms (no access-log times)"
     head = f"round {row['round']} step {row['step']}: client+HTTP {row['p50_ms'] - front:+.1f} ms"
     if model is None:  # one process: no /classify of its own in the access log
         return f"{head}, server (decode, batch, answer) beyond {method} {front - own_ms:+.1f} ms"
-    return (f"{head}, front decode + call to the model {front - model:+.1f} ms, "
+    return (f"{head}, front + call to the model {front - model:+.1f} ms, "
             f"model process beyond {method} {model - own_ms:+.1f} ms")  # fmt: skip
 
 

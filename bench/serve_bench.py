@@ -25,6 +25,8 @@ go to:
   imgcls-f32   the same with `--precision f32` (the compiled build in f32);
   imgcls-keras the same with `--runtime keras` (Keras computes: the path before issue 20);
   imgcls-1p    the default service in one process (`imgcls serve --one-process`);
+  imgcls-base  the default service of another checkout (`--base-tree PATH`, e.g. a `git
+               worktree` of the commit before a change): before and after, same rounds;
   litserve     LitServe 0.2.19 on the Keras model, `max_batch_size=32, batch_timeout=0.01`
                (bench/peers/): what its users do;
   litserve-ov  the same LitServe serving the same OpenVINO build in f32 (`--runtime openvino`);
@@ -91,7 +93,17 @@ from bench.servers import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVERS = ("imgcls", "imgcls-f32", "imgcls-keras", "imgcls-1p", "litserve", "litserve-ov", "ray", "mlflow")
+SERVERS = (
+    "imgcls",
+    "imgcls-base",
+    "imgcls-f32",
+    "imgcls-keras",
+    "imgcls-1p",
+    "litserve",
+    "litserve-ov",
+    "ray",
+    "mlflow",
+)
 # The default run (issue 20's rows): imgcls-1p and mlflow on request only.
 DEFAULT_SERVERS = ("imgcls", "imgcls-f32", "imgcls-keras", "litserve", "litserve-ov", "ray")
 # Requests per level: (at concurrency 1, per client above it). ResNet50 at 224 runs ~20-25
@@ -244,6 +256,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--shared", type=Path, default=ROOT.parent / "shared", help="folder with data/ (photos)"
     )
+    parser.add_argument("--base-tree", type=Path, help="checkout that imgcls-base serves from")
     parser.add_argument("--logs", type=Path, help="keep the servers' logs in this folder (default: dropped)")
     parser.add_argument(
         "--out", type=Path, default=ROOT / ".imgcls/bench/serve_bench.json", help="JSON results file"
@@ -256,6 +269,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for what, chosen, known in (("--models", args.cases, CASES), ("--servers", args.server_list, SERVERS)):
         if not chosen or set(chosen) - set(known):
             parser.error(f"{what}: choose from {sorted(known)}")
+    if "imgcls-base" in args.server_list and not (args.base_tree and (args.base_tree / "service").is_dir()):
+        parser.error("--servers imgcls-base needs --base-tree: a checkout of this project")
     try:
         args.level_list = [int(c) for c in args.levels.split(",") if c.strip()]
     except ValueError:

@@ -22,17 +22,21 @@ ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 240
 
 
-def _server(cmd: list[str], env: dict[str, str], ready_path: str, port: int, log: Path) -> ServerProcess:
-    """`cmd` run from the checkout, ready when `ready_path` answers 200; the port is
-    checked after the stop."""
+def _server(
+    cmd: list[str], env: dict[str, str], ready_path: str, port: int, log: Path, cwd: Path = ROOT
+) -> ServerProcess:
+    """`cmd` run from the checkout (or `cwd`), ready when `ready_path` answers 200; the port
+    is checked after the stop."""
     ready = f"http://{HOST}:{port}{ready_path}"
-    return ServerProcess(cmd, ready, log, env=env, cwd=ROOT, port=port, timeout_s=READY_TIMEOUT_S)
+    return ServerProcess(cmd, ready, log, env=env, cwd=cwd, port=port, timeout_s=READY_TIMEOUT_S)
 
 
 # Way of serving -> its `imgcls serve` options beside the benchmark's (issue 20: the default,
-# the compiled f32 build, today's Keras path; `--one-process`).
+# the compiled f32 build, today's Keras path; `--one-process`; the default service of
+# another checkout, `--base-tree`: a change measured against its base in the same rounds).
 SERVICE_OPTIONS = {
     "imgcls": {},
+    "imgcls-base": {},
     "imgcls-f32": {"precision": "f32"},
     "imgcls-keras": {"runtime": "keras"},
     "imgcls-1p": {"one_process": True},
@@ -68,7 +72,11 @@ def service_server(
     env = {**os.environ, **QUIET_ENV, **settings_env(options)}
     if name != "imgcls":
         env["BENTOML_HOME"] = str(_own_bentoml_home(Path(env["BENTOML_HOME"]), name))
-    return _server(serve_command(HOST, port), env, "/readyz", port, log)
+    if name != "imgcls-base":
+        return _server(serve_command(HOST, port), env, "/readyz", port, log)
+    tree = Path(args.base_tree).resolve()
+    env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return _server(serve_command(HOST, port), env, "/readyz", port, log, cwd=tree)
 
 
 def _own_bentoml_home(home: Path, name: str) -> Path:

@@ -2,11 +2,11 @@
 model itself in the front's own process (`--one-process`).
 
 Two processes (the default) keep the fronts free of any ML framework (~110 MB each), let
-several fronts decode for one model process, so batches form in one place, and let a
+several fronts take HTTP for one model process, so batches form in one place, and let a
 model process restart while the fronts answer 503. One process saves the second hop:
 the pickled hand-over, a second HTTP request and BentoML's per-request work in the model
 process (metrics, access log): a lone request answers ~4 ms sooner. Under load it
-is slower: HTTP handling, decodes and the batch then share one interpreter and its GIL
+is slower: HTTP handling, the front's work and the batch then share one interpreter and its GIL
 (docs/benchmarks.md, "Serving beside LitServe and Ray Serve", run 3). The front's code is
 the same either way: it calls a `ModelLink`.
 """
@@ -16,17 +16,15 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
-import numpy as np
-
 logger = logging.getLogger(__name__)
 
 
 class ModelLink(Protocol):
     """The model's three calls, made from a front's worker thread."""
 
-    def classify(self, images: list[list[np.ndarray]]) -> list[dict]: ...
+    def classify(self, images: list[bytes], k: int) -> list[dict]: ...
 
-    def heatmap(self, image: list[np.ndarray]) -> dict: ...
+    def explain(self, image: bytes) -> dict: ...
 
     def describe(self) -> dict: ...
 
@@ -43,25 +41,25 @@ class RemoteLink:
     def __init__(self, proxy: Any):
         self._sync = proxy.to_sync
 
-    def classify(self, images: list[list[np.ndarray]]) -> list[dict]:
-        return self._call("classify", images)
+    def classify(self, images: list[bytes], k: int) -> list[dict]:
+        return self._call("classify", images=images, k=k)
 
-    def heatmap(self, image: list[np.ndarray]) -> dict:
-        return self._call("heatmap", image)
+    def explain(self, image: bytes) -> dict:
+        return self._call("explain", image=image)
 
     def describe(self) -> dict:
         return self._call("describe")
 
-    def _call(self, name: str, *args: Any) -> Any:
+    def _call(self, name: str, **kwargs: Any) -> Any:
         import aiohttp
 
         try:
-            return getattr(self._sync, name)(*args)
+            return getattr(self._sync, name)(**kwargs)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             logger.info(
                 "the model process connection broke (%s: %s): sending %s again", type(exc).__name__, exc, name
             )
-            return getattr(self._sync, name)(*args)
+            return getattr(self._sync, name)(**kwargs)
 
 
 class LocalLink:
@@ -73,15 +71,15 @@ class LocalLink:
     def __init__(self, model: Any):
         self.model = model
 
-    def classify(self, images: list[list[np.ndarray]]) -> list[dict]:
+    def classify(self, images: list[bytes], k: int) -> list[dict]:
         import anyio.from_thread
 
-        return anyio.from_thread.run(self.model.classify_here, images)
+        return anyio.from_thread.run(self.model.classify_here, images, k)
 
-    def heatmap(self, image: list[np.ndarray]) -> dict:
+    def explain(self, image: bytes) -> dict:
         import anyio.from_thread
 
-        return anyio.from_thread.run(self.model.heatmap_here, image)
+        return anyio.from_thread.run(self.model.explain_here, image)
 
     def describe(self) -> dict:
         return self.model.status()

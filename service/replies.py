@@ -1,81 +1,86 @@
-"""What the model process answers the HTTP front, so no answer can mix two versions.
+"""What the model process answers the HTTP front: each upload decoded once, every answer
+computed by one model and naming it.
 
-The front resizes an upload to each input size the model workers answered with lately
-(one in steady state; two while the workers of a replica, each following on its own,
-disagree for up to a poll interval) and sends those candidates. The model process reads
-the served model once per batch and answers each image from the candidate of its model's
-size, with the version, class names and input size of the model that computed it; with
-no such candidate (a swap happened meanwhile) it answers `stale` with the new size, so
-the front resizes again from the upload and retries.
+The front forwards an upload's bytes. When they arrive, the model process decodes them at
+its served model's input size, on its decode threads, while the previous batch runs. It
+reads the served model once per batch: an image decoded for a model that a swap replaced
+meanwhile (another input size) is decoded again from its bytes for the model that now
+computes the batch. A request's images stay together in one batch (service/batching.py),
+so one version answers all of them, and each answer names it: no retry, nothing stale.
 """
 
 from __future__ import annotations
 
-import time
+import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from service.predictor import Predictor
+from imgcls.images import ImageDecodeError
+from service.limits import Rejected
+from service.predictor import Predictor, top_k
+from service.uploads import Decoder, refused_status
 
 
-def fitting(predictor: Predictor, candidates: list[np.ndarray]) -> np.ndarray | None:
-    """The candidate (H, W, 3) image of the predictor's input size, if one was sent."""
+@dataclass
+class Upload:
+    """One uploaded image in the model process: its bytes, its pixels at `size`, the number
+    of labels asked for, or why it could not be decoded."""
+
+    data: bytes
+    k: int
+    pixels: np.ndarray | None = None
+    size: tuple[int, int] | None = None
+    error: dict[str, Any] | None = None
+    reply: dict[str, Any] | None = None
+
+    def decode(self, decoder: Decoder, size: tuple[int, int]) -> None:
+        """Its pixels at `size`, or its `error` reply."""
+        try:
+            self.pixels, self.size = decoder.model_input(self.data, size), size
+        except (ImageDecodeError, Rejected) as exc:
+            self.error = error_reply(exc)
+
+
+async def decode_uploads(decoder: Decoder, blobs: list[bytes], k: int, size: tuple[int, int]) -> list[Upload]:
+    """The uploads of one request, decoded side by side on the decoder's threads."""
+    loop = asyncio.get_running_loop()
+    uploads = [Upload(data, k) for data in blobs]
+    await asyncio.gather(*(loop.run_in_executor(decoder.pool, u.decode, decoder, size) for u in uploads))
+    return uploads
+
+
+def classify_uploads(predictor: Predictor, uploads: list[Upload], decoder: Decoder, step: int) -> list[dict]:
+    """One reply per upload, all computed by `predictor`, in forward passes of at most
+    `step` images: its top-k labels, or the error that kept it from being decoded."""
     size = tuple(predictor.card.image_size)
-    return next((c for c in candidates if tuple(np.shape(c)[:2]) == size), None)
+    for upload in uploads:
+        if upload.error is None and upload.size != size:  # decoded for the model a swap replaced
+            upload.decode(decoder, size)
+    fits = [u for u in uploads if u.error is None]
+    origin = model_origin(predictor)
+    for start in range(0, len(fits), step):
+        chunk = fits[start : start + step]
+        probs = predictor.probabilities(np.stack([u.pixels for u in chunk]))
+        for upload, row in zip(chunk, probs, strict=True):
+            preds = top_k(row, predictor.card.class_names, upload.k)
+            upload.reply = {**origin, "predictions": preds, "batch": len(chunk)}
+    return [u.error or u.reply for u in uploads]
 
 
-def classify_replies(predictor: Predictor, images: list[list[np.ndarray]]) -> list[dict[str, Any]]:
-    """One reply per image (its candidates at the sizes the front knows of), all computed
-    by `predictor` in one forward pass."""
-    chosen = [fitting(predictor, candidates) for candidates in images]
-    fits = [i for i, image in enumerate(chosen) if image is not None]
-    replies: list[dict[str, Any]] = [stale_reply(predictor)] * len(images)
-    if fits:
-        probs = predictor.probabilities(np.stack([chosen[i] for i in fits]))
-        origin = _origin(predictor)
-        for i, row in zip(fits, probs, strict=True):
-            replies[i] = {**origin, "probabilities": row, "batch": len(fits)}
-    return replies
+def error_reply(exc: ImageDecodeError | Rejected) -> dict[str, Any]:
+    """Why an upload was not classified, for the front to answer (service.uploads.refuse)."""
+    if isinstance(exc, Rejected):
+        return {"error": exc.message, "status": exc.status, "retry_after_s": exc.retry_after_s}
+    return {"error": str(exc), "status": refused_status(exc), "retry_after_s": None}
 
 
-def stale_reply(predictor: Predictor) -> dict[str, Any]:
-    """The answer to an image prepared for a model that is no longer served."""
-    return {"stale": True, **_origin(predictor)}
-
-
-def _origin(predictor: Predictor) -> dict[str, Any]:
-    card = predictor.card
+def model_origin(predictor: Predictor) -> dict[str, Any]:
+    """What every answer says of the model that computed it."""
     return {
         "model": predictor.name,
         "version": predictor.version,
         "runtime": predictor.runtime.name,
         "precision": predictor.runtime.precision,
-        "class_names": list(card.class_names),
-        "image_size": list(card.image_size),
     }
-
-
-def one_version(replies: list[dict[str, Any]]) -> bool:
-    """Whether every reply was computed (none stale) by the same version."""
-    return not any(r.get("stale") for r in replies) and len({r["version"] for r in replies}) == 1
-
-
-class InputSizes:
-    """The input sizes the model workers answered with lately, newest first: the sizes a
-    front prepares each upload at. A size no answer named for `keep_s` is dropped (the
-    newest is always kept)."""
-
-    def __init__(self, keep_s: float = 60.0, clock=time.monotonic):
-        self._seen: dict[tuple[int, int], float] = {}
-        self._keep_s, self._clock = keep_s, clock
-
-    def heard(self, size) -> None:
-        self._seen[(int(size[0]), int(size[1]))] = self._clock()
-
-    def current(self) -> list[tuple[int, int]]:
-        newest_first = sorted(self._seen, key=self._seen.get, reverse=True)
-        now = self._clock()
-        keep = newest_first[:1] + [s for s in newest_first[1:] if now - self._seen[s] <= self._keep_s]
-        self._seen = {s: self._seen[s] for s in keep[:2]}
-        return keep[:2]

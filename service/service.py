@@ -1,14 +1,16 @@
 """The champion behind a BentoML REST API: `bentoml serve service.service:ImageClassifier`.
 
-Two services: `ImageClassifier` answers HTTP (decodes and checks uploads, formats
-answers, serves the page) and `ClassifierModel` holds the model and batches the requests
-that arrive while it is busy (service/batching.py), so they share one forward pass.
+Two services: `ImageClassifier` answers HTTP (checks uploads and forwards their bytes,
+formats answers, serves the page) and `ClassifierModel` holds the model, decodes each
+upload once at its input size (service/replies.py) and batches the requests that arrive
+while it is busy (service/batching.py), so they share one forward pass.
 By default each runs in processes of its own; with `--one-process` the front holds the
 model itself and no model process starts (service/link.py says when that pays).
 BentoML builds both from their decorators when it imports this module, so the settings
 are read here, when the server starts; nothing else happens at import.
 """
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -21,6 +23,7 @@ from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import FileResponse, Response
 
 from imgcls.hooks import hook
+from imgcls.images import ImageDecodeError
 from imgcls.lifeline import die_with_parent
 from imgcls.redact import redact_logs
 from service import gradcam
@@ -36,8 +39,8 @@ from service.limits import (
 )
 from service.link import LocalLink, ModelLink, RemoteLink
 from service.metrics import BatchMetrics, FollowerMetrics, observe_prediction
-from service.predictor import configure_accelerator, keep_off_accelerators, top_k
-from service.replies import InputSizes, classify_replies, fitting, one_version, stale_reply
+from service.predictor import configure_accelerator, keep_off_accelerators
+from service.replies import Upload, classify_uploads, decode_uploads, error_reply, model_origin
 from service.settings import ServiceSettings
 from service.shedding import (
     BACKSTOP_S,
@@ -51,7 +54,7 @@ from service.shedding import (
     model_max_concurrency,
 )
 from service.sources import build_follower
-from service.uploads import Uploads
+from service.uploads import Decoder, read_upload, refuse
 
 logger = logging.getLogger(__name__)
 SETTINGS = ServiceSettings()
@@ -60,8 +63,6 @@ PAGE = FastAPI(title="imgcls", docs_url="/api/docs", redoc_url=None, openapi_url
 ImageField = Annotated[UploadFile, File(description="an image file (JPEG, PNG, GIF, ...)")]
 TopK = Annotated[int | None, Form(ge=1, le=1000, description="labels per image")]
 STATIC = Path(__file__).parent / "static"
-# Tries of one request when the model is swapped under it: each try sees a newer version.
-ATTEMPTS = 3
 # The model's replies, with their media type declared: BentoML 1.4.40 otherwise derives it
 # from a JSON schema it builds anew for every answer (IOMixin.mime_type), which cost the
 # model process ~3% of its CPU per image under load (py-spy, ResNet50 at concurrency 32).
@@ -74,7 +75,7 @@ Replies = Annotated[list[dict], ContentType("application/json")]
 # its own service's (`services.<name>.tracing`, Service.inject_config): a top-level
 # `tracing.excluded_urls` option never reaches the model process. A user's own
 # `services: {imgcls-model: {tracing: ...}}` in a BentoML config file still wins.
-INTERNAL_ROUTES = ["/classify", "/heatmap", "/describe"]
+INTERNAL_ROUTES = ["/classify", "/explain", "/describe"]
 
 
 def _worker_started() -> None:
@@ -109,6 +110,8 @@ class ClassifierModel:
         _worker_started()
         configure_accelerator()
         self.follower = build_follower(SETTINGS, FollowerMetrics())
+        self.decoder = Decoder(SETTINGS)  # every decode of this process: bounded memory
+        return_freed_memory_to_the_system()
         metrics = BatchMetrics()
         self.batcher = Batcher(
             self._classify_now, _batching_policy(SETTINGS), metrics.observe, on_queue=metrics.queued
@@ -127,52 +130,70 @@ class ClassifierModel:
     def stop_following(self) -> None:
         self.follower.stop()
         self.batcher.close()
+        self.decoder.close()
 
     @bentoml.api
-    async def classify(self, images: list[list[np.ndarray]]) -> Replies:
-        """Probabilities of each image (its (H, W, 3) uint8 candidates at the sizes the front
-        knows of), with the version, class names and input size of the one model that
-        computed them (see service/replies.py).
+    async def classify(self, images: list[bytes], k: int) -> Replies:
+        """The top-k labels of each upload (its bytes as received), with the version and
+        runtime of the one model that computed them, or why it was refused (see
+        service/replies.py).
 
         Calls that arrive while a batch runs are batched together (service/batching.py):
         no learned wait, so a lone request after a burst goes at once."""
-        return await self.classify_here(images)
+        return await self.classify_here(images, k)
 
-    async def classify_here(self, images: list[list[np.ndarray]]) -> list[dict]:
+    async def classify_here(self, images: list[bytes], k: int) -> list[dict]:
         """`classify` for a caller in this process (service/link.py), without BentoML's
         per-call wrapping of an API method."""
+        uploads = await decode_uploads(self.decoder, images, k, self._input_size())
+        if any(u.error for u in uploads):
+            return [u.error or {} for u in uploads]
         try:
-            return await self.batcher.submit(images)
+            return await self.batcher.submit(uploads)
         except Overloaded as exc:
             raise ServiceUnavailable(f"the model is overloaded: {exc}") from exc
 
-    def _classify_now(self, images: list[list[np.ndarray]]) -> list[dict]:
+    def _classify_now(self, uploads: list[Upload]) -> list[dict]:
         hook("model_call")  # a test seam: IMGCLS_HOOK_MODEL_CALL (imgcls/hooks.py)
-        return classify_replies(self.follower.served.predictor, images)
+        return classify_uploads(
+            self.follower.served.predictor, uploads, self.decoder, SETTINGS.max_batch_size
+        )
+
+    def _input_size(self) -> tuple[int, int]:
+        return tuple(self.follower.served.predictor.card.image_size)
 
     @bentoml.api
-    async def heatmap(self, image: list[np.ndarray]) -> dict:
-        """Grad-CAM (h, w) of one (H, W, 3) model input for its predicted class.
+    async def explain(self, image: bytes) -> dict:
+        """Grad-CAM overlay (PNG bytes) of one upload for its predicted class, with the
+        version that computed it, or why it was refused.
 
         Async only to wait for its turn: heatmaps run one at a time on a thread of their
         own (service/shedding.py), so a burst of /explain never holds the classify batches."""
-        return await self.heatmap_here(image)
+        return await self.explain_here(image)
 
-    async def heatmap_here(self, image: list[np.ndarray]) -> dict:
-        """`heatmap` for a caller in this process (service/link.py)."""
-        return await self.heatmaps.run(self._heatmap, image)
+    async def explain_here(self, image: bytes) -> dict:
+        """`explain` for a caller in this process (service/link.py). The overlay is drawn
+        on a preview of at most 1024 px, a second decode (training's pixels are the model's)."""
+        (upload,) = await decode_uploads(self.decoder, [image], 1, self._input_size())
+        if upload.error:
+            return upload.error
+        try:
+            preview = await asyncio.get_running_loop().run_in_executor(
+                self.decoder.pool, self.decoder.preview, image
+            )
+        except (ImageDecodeError, Rejected) as exc:
+            return error_reply(exc)
+        return await self.heatmaps.run(self._explain, upload, preview)
 
-    def _heatmap(self, candidates: list[np.ndarray]) -> dict:
+    def _explain(self, upload: Upload, preview: np.ndarray) -> dict:
         hook("heatmap")  # a test seam: IMGCLS_HOOK_HEATMAP (imgcls/hooks.py)
         predictor = self.follower.served.predictor
-        image = fitting(predictor, candidates)
-        if image is None:
-            return stale_reply(predictor)
-        return {
-            **stale_reply(predictor),
-            "stale": False,
-            "heatmap": predictor.heatmap(image.astype(np.float32)),
-        }
+        if upload.size != tuple(predictor.card.image_size):  # a swap changed the input size
+            upload.decode(self.decoder, tuple(predictor.card.image_size))
+        if upload.error:
+            return upload.error
+        heat = predictor.heatmap(upload.pixels.astype(np.float32))
+        return {**model_origin(predictor), "png": gradcam.overlay_png(preview, heat)}
 
     @bentoml.api
     async def describe(self) -> dict:
@@ -217,8 +238,7 @@ class ImageClassifier:
             self.model = RemoteLink(self.model_service)
         _worker_started()
         self.settings = SETTINGS
-        self._sizes = InputSizes()  # the input sizes the model workers answered with lately
-        self.uploads = Uploads(SETTINGS)  # every decode of this front: bounded memory
+        self._ready = False  # once the model answered
         return_freed_memory_to_the_system()
 
     @bentoml.on_startup
@@ -239,19 +259,19 @@ class ImageClassifier:
 
     def __is_ready__(self) -> bool:
         """Ready once the model process has loaded and warmed up the champion."""
-        if self._sizes.current():
-            return True
-        try:
-            self._sizes.heard(self.model.describe()["image_size"])
-        except Exception:  # the model process is still starting
-            return False
+        if not self._ready:
+            try:
+                self.model.describe()
+            except Exception:  # the model process is still starting
+                return False
+            self._ready = True
         return True
 
     @PAGE.post("/predict")
     def predict(self, image: ImageField, top_k: TopK = None) -> dict:
         """Top-k labels of one uploaded image (multipart field `image`)."""
-        reply = self._classify([("image", image)])[0]
-        return self._answer([reply], top_k)[0]
+        reply = self._classify([("image", image)], top_k)[0]
+        return self._answer([reply])[0]
 
     @PAGE.post("/predict_batch")
     def predict_batch(self, images: list[ImageField], top_k: TopK = None) -> dict:
@@ -259,23 +279,17 @@ class ImageClassifier:
         limit = self.settings.max_batch_images
         if len(images) > limit:
             raise Rejected(400, f"too many images: {len(images)}, at most {limit}")
-        replies = self._classify([(f"image {i}", u) for i, u in enumerate(images)])
-        results = self._answer(replies, top_k)
+        replies = self._classify([(f"image {i}", u) for i, u in enumerate(images)], top_k)
+        results = self._answer(replies)
         return {**_origin(replies[0]), "results": [_without_origin(r) for r in results]}
 
     @PAGE.post("/explain", response_class=Response)
     def explain(self, image: ImageField) -> Response:
         """Grad-CAM overlay (PNG) of one uploaded image for its predicted class."""
-        preview = self.uploads.preview(image, "image")
-        for _ in range(ATTEMPTS):
-            reply = self.model.heatmap(self._model_input(image, "image"))
-            self._sizes.heard(reply["image_size"])
-            if not reply["stale"]:
-                headers = {"X-Model-Version": str(reply["version"])}
-                return Response(
-                    gradcam.overlay_png(preview, reply["heatmap"]), media_type="image/png", headers=headers
-                )
-        raise Rejected(503, "the served model changed repeatedly during this request; try again")
+        reply = self.model.explain(read_upload(image, "image", self.settings))
+        refuse(reply, "image", image.filename)
+        headers = {"X-Model-Version": str(reply["version"])}
+        return Response(reply["png"], media_type="image/png", headers=headers)
 
     @PAGE.get("/metadata")
     def metadata(self) -> dict:
@@ -287,34 +301,19 @@ class ImageClassifier:
         """The drop-an-image page."""
         return FileResponse(STATIC / "index.html")
 
-    def _classify(self, uploads: list[tuple[str, UploadFile]]) -> list[dict]:
-        """Model replies for uploads, all from one version (decoded again for the new
-        input size and retried if the model was swapped meanwhile)."""
-        step = self.settings.max_batch_size
-        for _ in range(ATTEMPTS):
-            batch = [self._model_input(upload, what) for what, upload in uploads]
-            replies = [
-                r for i in range(0, len(batch), step) for r in self.model.classify(batch[i : i + step])
-            ]
-            for reply in replies:
-                self._sizes.heard(reply["image_size"])
-            if one_version(replies):
-                return replies
-        raise Rejected(503, "the served model changed repeatedly during this request; try again")
+    def _classify(self, uploads: list[tuple[str, UploadFile]], k: int | None) -> list[dict]:
+        """The model's replies to uploads, all from one version (service/replies.py)."""
+        blobs = [read_upload(upload, what, self.settings) for what, upload in uploads]
+        replies = self.model.classify(blobs, k or self.settings.top_k)
+        for (what, upload), reply in zip(uploads, replies, strict=True):
+            refuse(reply, what, upload.filename)
+        return replies
 
-    def _model_input(self, upload: UploadFile, what: str) -> list[np.ndarray]:
-        """The model's uint8 (H, W, 3) input at each input size the workers answered with
-        lately: one in steady state, two while the model workers disagree after a swap."""
-        if not self._sizes.current():
-            self._sizes.heard(self.model.describe()["image_size"])
-        return [self.uploads.model_input(upload, what, size) for size in self._sizes.current()]
-
-    def _answer(self, replies: list[dict], k: int | None) -> list[dict]:
+    def _answer(self, replies: list[dict]) -> list[dict]:
         """Response bodies for model replies; counts them in /metrics."""
-        k = k or self.settings.top_k
         answers = []
         for reply in replies:
-            preds = top_k(reply["probabilities"], reply["class_names"], k)
+            preds = reply["predictions"]
             observe_prediction(preds[0])
             verdict = abstention(preds, self.settings.min_confidence)  # {} unless --min-confidence
             answers.append({**_origin(reply), **verdict, "predictions": preds})

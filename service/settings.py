@@ -94,20 +94,22 @@ class ServiceSettings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1, description="Largest image (width x height).")
     max_batch_images: int = Field(32, ge=1, description="Most images per /predict_batch.")
     gpu: bool = Field(False, description="Declare one GPU for the model process.")
-    # The front decodes, resizes and answers (~5 ms of CPU per request in one process):
-    # that caps one front near 200 requests/s, below a GPU model's pace. More workers
-    # share the port; the model process stays one, so batches still form in one place.
-    front_workers: int = Field(1, ge=1, le=64, description="HTTP front processes (decode, resize, answer).")
-    # Decodes at once per front: beyond it a request waits decode_wait_s, then gets a 503.
-    # Small images decode in milliseconds, so 8 keeps two cores busy without a queue.
+    # The front parses HTTP, checks each upload's header and answers; the model process
+    # decodes. More fronts share the port; the model process stays one, so batches still
+    # form in one place.
+    front_workers: int = Field(1, ge=1, le=64, description="HTTP front processes (check uploads, answer).")
+    # Decodes at once per model process (each front worker with --one-process): beyond it
+    # a request waits decode_wait_s, then gets a 503. They run on as many threads (Pillow
+    # releases the GIL): small images decode in milliseconds, so 8 keeps two cores busy.
     max_concurrent_decodes: int = Field(
-        8, ge=1, le=256, description="Image decodes running at once per front process; beyond: 503."
+        8, ge=1, le=256, description="Image decodes running at once per model process; beyond: 503."
     )
-    # What the decodes of one front may hold together, from each image's header: 256 MiB
-    # lets one 40 MP image (160 MiB decoded) run beside small ones, and keeps four idle
-    # fronts (~110 MB each) plus their decodes under 2 GB whatever clients send.
+    # What the decodes of one model process may hold together, from each image's header:
+    # 256 MiB lets one 40 MP image (160 MiB decoded) run beside small ones.
     decode_memory_mib: int = Field(
-        256, ge=16, description="Memory the concurrent decodes of one front may hold (MiB); beyond: 503."
+        256,
+        ge=16,
+        description="Memory the concurrent decodes of one model process may hold (MiB); beyond: 503.",
     )
     # A short wait absorbs bursts of small images; a long one would only hold the
     # client's connection while big images go through.

@@ -1,12 +1,17 @@
-"""Uploads to pixels in an HTTP front: the byte limit, a decode slot, the 4xx reasons.
+"""Uploads, from bytes to pixels: checked in the HTTP front, decoded once in the model process.
 
-Every decode of a front goes through `Uploads`, so its memory stays bounded: each one
-reserves, from the image's header, what it will hold (service.limits.DecodeSlots).
+The front reads an upload's bytes (the byte limit) and checks its header (format, pixel
+count) so a bad file gets its 4xx at once; then it forwards the bytes, as received. The
+model process decodes each upload once, at its served model's input size
+(`imgcls.images.model_input`, training's own preprocessing), on a pool of threads (Pillow
+releases the GIL while it decodes and resizes, so the decodes spread over the cores), each
+within its decode slots, so its memory stays bounded: a decode reserves, from the image's
+header, what it will hold (service.limits.DecodeSlots).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from fastapi import UploadFile
@@ -16,37 +21,60 @@ from service.limits import DecodeSlots, Rejected
 from service.settings import ServiceSettings
 
 
-class Uploads:
-    """Model inputs and overlay previews of uploads, within one front's decode slots."""
+def read_upload(upload: UploadFile, what: str, settings: ServiceSettings) -> bytes:
+    """An upload's bytes, once its header passed: 413 over the byte limit, 415 for a
+    refused format, 400 for a header that is not an image's or is over the pixel limit."""
+    if upload.size is not None and upload.size > settings.max_upload_bytes:
+        raise Rejected(413, f"{what} is over the upload limit of {settings.max_upload_bytes} bytes")
+    data = upload.file.read()
+    try:
+        decode_cost(data, max_pixels=settings.max_pixels)  # reads the header, decodes nothing
+    except ImageDecodeError as exc:
+        raise rejection(exc, what, upload.filename) from exc
+    return data
+
+
+def rejection(exc: ImageDecodeError, what: str, filename: str | None) -> Rejected:
+    """The 4xx of an image that cannot be used, naming it."""
+    return Rejected(refused_status(exc), f"{what} ({filename}): {exc}")
+
+
+def refused_status(exc: ImageDecodeError) -> int:
+    """415 for a format outside the accepted ones, 400 for any other unusable image."""
+    return 415 if isinstance(exc, UnsupportedFormatError) else 400
+
+
+def refuse(reply: dict, what: str, filename: str | None) -> None:
+    """Raise the model process's refusal of an upload (service.replies.error_reply), if it
+    is one: a 4xx names the upload; a 503 (its decode slots stayed full) does not."""
+    if "error" not in reply:
+        return
+    status, message = reply["status"], reply["error"]
+    if status < 500:
+        message = f"{what} ({filename}): {message}"
+    raise Rejected(status, message, retry_after_s=reply.get("retry_after_s"))
+
+
+class Decoder:
+    """The model process's decodes: model inputs and overlay previews of uploaded bytes,
+    within its decode slots, on `max_concurrent_decodes` threads."""
 
     def __init__(self, settings: ServiceSettings) -> None:
-        self.max_bytes, self.max_pixels = settings.max_upload_bytes, settings.max_pixels
+        self.max_pixels = settings.max_pixels
         budget = settings.decode_memory_mib * 2**20
         self.slots = DecodeSlots(settings.max_concurrent_decodes, budget, settings.decode_wait_s)
+        self.pool = ThreadPoolExecutor(settings.max_concurrent_decodes, thread_name_prefix="imgcls-decode")
 
-    def model_input(self, upload: UploadFile, what: str, size: tuple[int, int]) -> np.ndarray:
-        """The model's uint8 (H, W, 3) input, as training made it (imgcls.images.model_input)."""
-        return self._decoded(
-            upload, what, lambda data: model_input(data, size, max_pixels=self.max_pixels), size
-        )
+    def model_input(self, data: bytes, size: tuple[int, int]) -> np.ndarray:
+        """The model's uint8 (H, W, 3) input, as training made it; raises ImageDecodeError,
+        or Rejected(503) when the slots stay full."""
+        with self.slots.hold(decode_cost(data, size, max_pixels=self.max_pixels)):
+            return model_input(data, size, max_pixels=self.max_pixels)
 
-    def preview(self, upload: UploadFile, what: str) -> np.ndarray:
+    def preview(self, data: bytes) -> np.ndarray:
         """A copy at most 1024 px on the long side, to draw the Grad-CAM overlay on."""
-        return self._decoded(upload, what, lambda data: decode_preview(data, max_pixels=self.max_pixels))
+        with self.slots.hold(decode_cost(data, max_pixels=self.max_pixels)):
+            return decode_preview(data, max_pixels=self.max_pixels)
 
-    def _decoded(
-        self, upload: UploadFile, what: str, decode: Callable[[bytes], np.ndarray], size=None
-    ) -> np.ndarray:
-        """`decode(bytes)` of an upload, with room reserved for it in the decode slots (503
-        when there is none); 413 over the byte limit, 415 for a refused format, 400 if
-        unusable. `size`: what `decode` shrinks to (its cost depends on it)."""
-        if upload.size is not None and upload.size > self.max_bytes:
-            raise Rejected(413, f"{what} is over the upload limit of {self.max_bytes} bytes")
-        upload.file.seek(0)  # read again when a model swap asks for another size
-        data = upload.file.read()
-        try:
-            with self.slots.hold(decode_cost(data, size, max_pixels=self.max_pixels)):
-                return decode(data)
-        except ImageDecodeError as exc:
-            status = 415 if isinstance(exc, UnsupportedFormatError) else 400
-            raise Rejected(status, f"{what} ({upload.filename}): {exc}") from exc
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -128,7 +128,7 @@ def test_targets_with_the_stage_that_stops_a_failed_one(result):
     assert not ok and "r1s1 +7.5, r1s3 +2.0" in line
     ok, stage = report.targets("resnet50", result)[1]
     assert ok is None and stage == (
-        "resnet50:   stage: round 1 step 1: client+HTTP +7.0 ms, front decode + call to the model +1.5 ms, "
+        "resnet50:   stage: round 1 step 1: client+HTTP +7.0 ms, front + call to the model +1.5 ms, "
         "model process beyond predict_on_batch -1.0 ms"
     )
 

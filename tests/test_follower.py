@@ -8,7 +8,7 @@ import pytest
 from imgcls.modelcard import ModelCard
 from service.follower import Follower, ModelRejected, Served, check_model, prepare
 from service.predictor import Predictor
-from service.replies import classify_replies, one_version
+from service.replies import Upload, classify_uploads
 from tests.service_fixtures import build_tiny_model, tiny_card
 
 
@@ -91,18 +91,34 @@ def test_check_model_compares_the_model_with_its_card(versions):
         check_model(Predictor(versions["1"].model, card, "4"))
 
 
-def test_replies_name_their_version_and_images_of_another_size_are_stale(versions):
-    images = [
-        [np.zeros((40, 40, 3), np.uint8), np.zeros((32, 32, 3), np.uint8)],
-        [np.zeros((40, 40, 3), np.uint8)],
-    ]
-    replies = classify_replies(versions["2"], images)  # candidates per image: one fits, none fits
-    assert replies[0]["version"] == "2" and replies[0]["class_names"] == ["rot", "gruen", "blau"]
-    assert replies[0]["probabilities"].shape == (3,) and replies[0]["batch"] == 1
-    assert replies[1]["stale"] and replies[1]["image_size"] == [32, 32]
-    assert not one_version(replies)
-    assert one_version(replies[:1])
-    assert not one_version([replies[0], {**replies[0], "version": "1"}])
+def test_an_upload_decoded_for_a_model_swapped_out_is_decoded_again_for_the_one_that_answers(versions):
+    """Uploads are decoded on arrival at the served size; the batch's model answers all of
+    them, decoding again from the bytes an upload prepared for another input size."""
+    from imgcls.images import model_input
+    from service.settings import ServiceSettings
+    from service.uploads import Decoder
+    from tests.service_fixtures import colour_image, encode
+
+    decoder = Decoder(ServiceSettings())
+    decodes = []
+    decode = decoder.model_input
+    decoder.model_input = lambda data, size: decodes.append(size) or decode(data, size)
+    data = encode(colour_image("red", (64, 48)), "PNG")
+    fresh, stale = Upload(data, 2), Upload(data, 3)
+    fresh.decode(decoder, (32, 32))
+    stale.decode(decoder, (40, 40))  # prepared before a swap to a 32 x 32 model
+    broken = Upload(b"not an image", 1)
+    broken.decode(decoder, (32, 32))
+    replies = classify_uploads(versions["2"], [fresh, stale, broken], decoder, step=1)
+    assert [r.get("version") for r in replies[:2]] == ["2", "2"]
+    assert [len(r["predictions"]) for r in replies[:2]] == [2, 3]
+    assert replies[0]["predictions"][0]["label"] in ["rot", "gruen", "blau"]
+    assert replies[0]["predictions"] == replies[1]["predictions"][:2]  # the same pixels again
+    assert np.array_equal(stale.pixels, model_input(data, (32, 32)))
+    assert replies[0]["batch"] == 1  # forward passes of at most `step` images
+    assert replies[2]["status"] == 400 and "error" in replies[2]
+    assert decodes == [(32, 32), (40, 40), (32, 32), (32, 32)]  # once each; the stale one again
+    decoder.close()
 
 
 def test_bentoml_source_follows_the_entry_the_registry_labels_champion(tmp_path):
@@ -125,20 +141,3 @@ def test_bentoml_source_follows_the_entry_the_registry_labels_champion(tmp_path)
     assert follow.check() is True and follow.served.predictor.version == "8"
     pinned = build_follower(ServiceSettings(source="bentoml", model_name="shapes", version="8"))
     assert pinned.served.predictor.version == "8" and pinned.poll_interval_s == 0
-
-
-def test_a_front_prepares_the_sizes_answered_lately_newest_first():
-    from service.replies import InputSizes
-
-    now = [0.0]
-    sizes = InputSizes(keep_s=60, clock=lambda: now[0])
-    sizes.heard([32, 32])
-    assert sizes.current() == [(32, 32)]
-    now[0] = 1.0
-    sizes.heard([40, 40])  # one worker swapped: both sizes while the workers disagree
-    assert sizes.current() == [(40, 40), (32, 32)]
-    now[0] = 30.0
-    sizes.heard([40, 40])
-    assert sizes.current() == [(40, 40), (32, 32)]
-    now[0] = 62.0  # no answer named 32x32 for over a minute
-    assert sizes.current() == [(40, 40)]

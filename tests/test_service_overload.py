@@ -60,7 +60,7 @@ def test_explains_beyond_the_limit_are_shed_at_once_and_predict_still_answers(se
     try:
         with ThreadPoolExecutor(MAX_EXPLAINS) as pool:
             held = [pool.submit(explain, url) for _ in range(MAX_EXPLAINS)]
-            _wait_in_progress(url, "/heatmap", MAX_EXPLAINS)  # one computing, one waiting its turn
+            _wait_in_progress(url, "/explain", MAX_EXPLAINS)  # one computing, one waiting its turn
             with ThreadPoolExecutor(8) as burst:
                 shed = list(burst.map(lambda _: explain(url), range(8)))
             answered = [predict(url) for _ in range(3)]  # the heatmap thread is held, not the batches
@@ -125,6 +125,9 @@ def test_the_model_backstop_covers_what_the_fronts_may_send():
     assert model_max_concurrency(settings) // settings.model_workers >= 3 * (10 + 2)
 
 
+MODEL_SERVICE = 'service_name="imgcls-model"'
+
+
 def _wait_in_progress(url: str, endpoint: str, n: int, timeout_s: float = 60) -> None:
     """Until the model service has `n` calls of `endpoint` in progress (held or queued)."""
     deadline = time.monotonic() + timeout_s
@@ -133,7 +136,7 @@ def _wait_in_progress(url: str, endpoint: str, n: int, timeout_s: float = 60) ->
         in_progress = sum(
             float(line.rsplit(" ", 1)[1])
             for line in lines
-            if "request_in_progress{" in line and f'endpoint="{endpoint}"' in line
+            if "request_in_progress{" in line and f'endpoint="{endpoint}"' in line and MODEL_SERVICE in line
         )
         if in_progress >= n:
             return
