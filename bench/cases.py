@@ -1,6 +1,6 @@
 """The serving benchmarks' models: untrained classifiers registered in a temporary MLflow
-store (alias `champion`) with a parity set of the benchmark's photos, and copied into a
-temporary BentoML store."""
+store (alias `champion`) with a parity set of the benchmark's photos, or one trained by the
+product itself (`vgg16`), and copied into a temporary BentoML store."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ from imgcls import parity
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # case -> (backbone, input size); the demo model is the course CNN `imgcls demo` trains.
-CASES = {"resnet50": ("resnet50", 224), "demo": ("simple_cnn", 32)}
+# vgg16 is trained (issue 20's bf16 target: a trained head on photos, ImageNet weights).
+CASES = {"resnet50": ("resnet50", 224), "demo": ("simple_cnn", 32), "vgg16": ("vgg16", 224)}
+TRAINED = ("vgg16",)
+# CIFAR-10 photos per class in the trained case's folder: 800 images, so its held-out
+# splits (test 15%, validation 30 a class) give the parity set the 200 images bf16 needs.
+TRAINED_PER_CLASS = 80
 ALIAS = "champion"
 # ../shared: the CIFAR-10 photos the benchmarks send (bench/photos.py), if it has them.
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -87,6 +92,35 @@ def register_case(key: str, work: Path, name: str | None = None, parity_set=None
     version = str(mlflow.register_model(uri, name).version)
     mlflow.MlflowClient().set_registered_model_alias(name, ALIAS, version)
     return Case(key, name, size, version, *bento_copy(name, version, card, work))
+
+
+def train_case(key: str, work: Path, shared: Path = SHARED) -> tuple[Case, list[tuple[Path, int]]]:
+    """Train the case with the product's default command (`imgcls train`'s `train`) on
+    CIFAR-10 photos upscaled to 256 px (bench/train_data.py) with the ImageNet VGG16 file
+    of ../shared, register it (alias `champion`, its own parity set) and copy it into the
+    BentoML store; also its test split as (file, label)."""
+    import mlflow
+
+    from bench.train_data import photo_folder
+    from training.config import load_config
+    from training.train import train
+
+    backbone, size = CASES[key]
+    folder = photo_folder(
+        shared / "data/cifar10-small.tar.gz", work / "photos", len(CLASSES), TRAINED_PER_CLASS
+    )
+    weights = shared / "weights" / f"{backbone}_imagenet_notop.h5"
+    config = load_config(None, data=folder, backbone=backbone, weights=str(weights), image_size=size)
+    settings = tracking_settings(work)
+    result = train(config, settings)
+    if list(result.card.class_names) != CLASSES:
+        raise RuntimeError(f"the photo folder's classes {result.card.class_names} are not {CLASSES}")
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    name = f"serve-bench-{key}"
+    version = str(mlflow.register_model(result.model_uri, name).version)
+    mlflow.MlflowClient().set_registered_model_alias(name, ALIAS, version)
+    test = [(folder / path, label) for path, label in result.scan.files["test"]]
+    return Case(key, name, size, version, *bento_copy(name, version, result.card, work)), test
 
 
 def bento_copy(name: str, version: str, card, work: Path) -> tuple[str, Path]:

@@ -41,6 +41,32 @@ def compiled_engines(case: Case, folder: Path) -> dict[str, Callable]:
     return {f"openvino-{p}": compiled_model(model, p, folder) for p in precisions}
 
 
+def test_split_quality(case: Case, test: list[tuple[Path, int]], engines: dict[str, Callable]) -> dict:
+    """Accuracy, macro-F1 and top-1 agreement with Keras on a trained case's test split, for
+    Keras and each compiled engine (issue 20: f32 and bf16 side by side)."""
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    from imgcls.images import load_image
+    from service.store import load_keras
+
+    model = load_keras(case.keras_file)
+    inputs = np.stack([load_image(path.read_bytes(), (case.size, case.size)) for path, _ in test])
+    labels = np.array([label for _, label in test])
+    calls = {"keras": model.predict_on_batch, **engines}
+    top1 = {name: np.concatenate([np.argmax(call(inputs[i : i + 32]), axis=1) for i in range(0, len(inputs), 32)])
+            for name, call in calls.items()}  # fmt: skip
+    return {
+        name: {
+            "images": len(labels),
+            "accuracy": float(np.mean(pred == labels)),
+            "macro_f1": float(f1_score(labels, pred, average="macro", zero_division=0)),
+            "agreement_with_keras": float(np.mean(pred == top1["keras"])),
+        }
+        for name, pred in top1.items()
+    }
+
+
 def raw_predict(
     case: Case, inputs, requests: Callable[[int], int], engines: dict[str, Callable] | None = None
 ) -> tuple[list[dict], object]:

@@ -9,7 +9,11 @@ One run registers an untrained model per case in a temporary MLflow store (alias
 `champion`), with a parity set of 200 of the benchmark's photos (so the service may serve
 its compiled build), and copies that registered version into a temporary BentoML store:
 ResNet50 at 224x224 (`weights=none`: speed does not depend on weight values; the default
-case) or the demo model (`simple_cnn` at 32x32, `--quick`), 10 classes. The same real
+case) or the demo model (`simple_cnn` at 32x32, `--quick`), 10 classes. `--models vgg16`
+trains instead (issue 20's bf16 target): the product's default command on 800 CIFAR-10
+photos at 224 px with ../shared's ImageNet VGG16 file; its own parity set; accuracy,
+macro-F1 and top-1 agreement with Keras on its test split for Keras, OpenVINO f32 and
+bf16 side by side. The same real
 JPEGs (CIFAR-10 photos from ../shared upscaled to 256x256, or generated ones) and the same
 load generator (bench.loadgen's `service_sender`: POST /predict, multipart field `image`)
 go to:
@@ -70,7 +74,7 @@ if not __package__:  # `python bench/serve_bench.py` from a checkout: make `benc
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import loadgen, report, rounds, sampling  # noqa: E402
-from bench.cases import CASES, CLASSES, Case, parity_images, register_case  # noqa: E402
+from bench.cases import CASES, CLASSES, TRAINED, Case, parity_images, register_case, train_case  # noqa: E402
 from bench.inprocess import (  # noqa: E402
     batch1_sender,
     compiled_engines,
@@ -78,6 +82,7 @@ from bench.inprocess import (  # noqa: E402
     openvino_capabilities,
     preprocess_ms,
     raw_predict,
+    test_split_quality,
 )
 from bench.machine import bench_home, cpu_flags, machine, quiet_environment  # noqa: E402
 from bench.photos import PHOTO_SIZE, photo_jpegs  # noqa: E402
@@ -112,10 +117,11 @@ DEFAULT_SERVERS = ("imgcls", "imgcls-f32", "imgcls-keras", "litserve", "litserve
 # 40 s (a compiled one less): three rounds of the six default servers take ~18 minutes
 # with start-up. `mlflow models serve` (~2 images/s there: it parses a 1 MB JSON tensor a
 # request) gets 8 lone requests and one per client.
-REQUESTS = {"resnet50": (24, 4), "demo": (48, 2)}
+# VGG16 costs ~4x ResNet50's compute: half the requests.
+REQUESTS = {"resnet50": (24, 4), "demo": (48, 2), "vgg16": (12, 2)}
 MLFLOW_REQUESTS = (8, 1)
 # Above concurrency 1, at least this many requests (a c=32 level of ResNet50 is 128).
-MIN_BURST = {"resnet50": 128, "demo": 64}
+MIN_BURST = {"resnet50": 128, "demo": 64, "vgg16": 64}
 DISTINCT_IMAGES = 32
 # One front process spends ~5 ms of CPU per request on one core at most: with the demo
 # model (0.1 ms per image) it, not the model, would set the pace. Two use both cores.
@@ -175,8 +181,9 @@ def probability_gap(name: str, srv, client, jpegs, bodies, reference) -> float:
     return float(np.max(gaps))
 
 
-def bench_case(case: Case, jpegs: list[bytes], args: argparse.Namespace, work: Path, stop) -> dict:
-    """The model's own speed, then every server started and measured in rounds."""
+def bench_case(case: Case, jpegs: list[bytes], args: argparse.Namespace, work: Path, stop, test=None) -> dict:
+    """The model's own speed (a trained case's: also its `test` split's quality per
+    engine), then every server started and measured in rounds."""
     import numpy as np
 
     from imgcls.images import load_image
@@ -189,6 +196,8 @@ def bench_case(case: Case, jpegs: list[bytes], args: argparse.Namespace, work: P
     print(f"  (a) in-process model.predict, predict_on_batch and the OpenVINO build, {case.key}", flush=True)
     engines = compiled_engines(case, work / f"openvino-{case.key}")
     out["a"], reference = raw_predict(case, inputs, lambda batch: max(48, 4 * batch), engines)
+    if test:
+        out["test_split"] = test_split_quality(case, test, engines)
     own = model_targets(case, inputs, engines)
     with contextlib.ExitStack() as stack:
         targets, out["max_prob_gap"], out["runtime"] = [], {}, {}
@@ -228,7 +237,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", default="resnet50", help="comma-separated cases: resnet50, demo")
+    parser.add_argument(
+        "--models",
+        default="resnet50",
+        help="comma-separated cases: resnet50, demo, vgg16 (trained; needs ../shared)",
+    )
     parser.add_argument(
         "--servers",
         default=",".join(DEFAULT_SERVERS),
@@ -323,6 +336,11 @@ def main(argv: list[str] | None = None) -> None:
                                "level_timeout_s": args.level_timeout, "front_workers": args.front_workers}  # fmt: skip
         cases = {}
         for key in args.cases:
+            if key in TRAINED:
+                print(f"{key}: training on photos, then registering", flush=True)
+                case, test = train_case(key, work, args.shared)
+                cases[key] = bench_case(case, jpegs, args, work, stop, test)
+                continue
             print(f"{key}: registering", flush=True)
             parity_set = parity_images(CASES[key][1], args.shared)
             cases[key] = bench_case(register_case(key, work, parity_set=parity_set), jpegs, args, work, stop)

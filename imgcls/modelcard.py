@@ -21,7 +21,7 @@ class ModelCard(BaseModel):
     input_format: str = "rgb_uint8_range"
     # Which resize made its training pixels (imgcls.images.PREPROCESSING_VERSION): 1, the
     # Keras bilinear resize, for cards written before the field; training writes the
-    # current one. The service serves both with today's resize (README: "Preprocessing").
+    # current one. The service serves both with today's resize (docs/training.md: "Preprocessing").
     preprocessing: int = Field(1, ge=1)
     # The temperature T its probabilities were scaled by (training/calibrate.py): already
     # inside the saved model, recorded here for people. 1: not calibrated (older cards).

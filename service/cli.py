@@ -95,7 +95,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_const",
         const=True,
         help="hold the model in the HTTP front's process (no model process, no second hop: "
-        "faster on a small CPU machine with one replica; see the README)",
+        "faster on a small CPU machine with one replica; see docs/serving.md)",
     )
     p.add_argument(
         "--max-concurrent-requests",

@@ -112,7 +112,7 @@ class Predictor:
         if self.card.preprocessing != PREPROCESSING_VERSION:
             logger.info(
                 "model %s v%s was trained with preprocessing %s and is served with %s "
-                "(within the tolerance the README states)",
+                "(within the tolerance in docs/training.md, Preprocessing)",
                 self.name, self.version, self.card.preprocessing, PREPROCESSING_VERSION,
             )  # fmt: skip
 

@@ -63,7 +63,7 @@ class Choice:
 
 
 def choose_preset(config: TrainConfig, stats: ImageStats | None, smallest_train_class: int) -> Choice:
-    """The preset for this run: the user's, or the `auto` rule (README: "Augmentation").
+    """The preset for this run: the user's, or the `auto` rule (docs/training.md: "Augmentation").
 
     Rule, in order: turned off or `none` -> none; a preset named -> that one;
     simple_cnn -> orientation_bound; mostly greyscale images -> orientation_bound; every

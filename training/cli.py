@@ -50,7 +50,7 @@ TRAIN_OPTIONS: dict[str, tuple[str, dict]] = {
             "choices": ["auto", "photo", "orientation_bound", "none"],
             "metavar": "PRESET",
             "help": "augmentation preset: auto (default: picked from the images and the backbone, "
-            "see the README), photo, orientation_bound (digits, documents: no flips) or none",
+            "see docs/training.md), photo, orientation_bound (digits, documents: no flips) or none",
         },
     ),
     "--search": (

@@ -48,7 +48,7 @@ class FitChoice:
 
 
 def choose(config: TrainConfig, heads: int, cache: FeatureCache) -> FitChoice:
-    """The `ensemble_fit` rule for `heads` heads on `cache` (written in the README)."""
+    """The `ensemble_fit` rule for `heads` heads on `cache` (written in docs/training.md)."""
     train, val = len(cache.train_y[0]), len(cache.val_y)
     seen = (train + val) * (heads - 1) // max(heads, 1)
     if heads < 2:

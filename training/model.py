@@ -40,7 +40,7 @@ class BlocksChoice:
 
 
 def choose_blocks(config: TrainConfig) -> BlocksChoice:
-    """The user's `backbone_blocks`, or the `auto` rule (README: "What the head reads").
+    """The user's `backbone_blocks`, or the `auto` rule (docs/training.md: "What the head reads").
 
     Rule: the last block's map is input size / 32 cells wide; at 3x3 or smaller (inputs
     under 128 px), each cell of it sees most of the image and the map says little about
