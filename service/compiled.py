@@ -6,7 +6,9 @@ release (`model.export(..., format="openvino")`, through TensorFlow), under a fi
 N model workers convert once; OpenVINO's own model cache (`CACHE_DIR`) keeps the compiled
 blob per precision beside it, so a restart or a second worker only imports it. The
 build is then checked against the in-process Keras model on the version's parity set
-(up to 200 of its held-out images, stored with its model: imgcls/parity.py):
+(up to 200 of its held-out images, stored with its model: imgcls/parity.py); Keras's
+probabilities there are kept beside the build, keyed by this machine's CPU and software,
+so another worker or a restart checks the build without running Keras on the set again:
 
 - f32: top-1 identical on every image and max |p_keras - p_compiled| <= F32_BOUND;
 - bf16, only where the CPU reports BF16: top-1 agreement >= BF16_AGREEMENT on at least
@@ -130,7 +132,7 @@ def _build_and_check(predictor, precision: str, folder: Path | None, parity) -> 
         with _locked(where / ".lock"):  # N workers: one export, one compile per precision
             xml = export_build(predictor.model, where)
         x = parity.astype(np.float32)
-        reference = _keras_probabilities(predictor.model, x)
+        reference = _reference(predictor.model, x, where)
         refusals = []
         for choice in wanted:
             with _locked(where / ".lock"):
@@ -200,6 +202,42 @@ def _precision_of(compiled: Any) -> str:
     """The precision the compiled model reports (INFERENCE_PRECISION_HINT), as f32/bf16."""
     value = str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
     return "bf16" if "bf16" in value or "bfloat16" in value else "f16" if "f16" in value else "f32"
+
+
+def _reference(model, x: np.ndarray, where: Path) -> np.ndarray:
+    """Keras's probabilities on the parity set `x`: computed once per build folder, parity
+    set, CPU and software (under the folder's lock, so N workers compute them once), read
+    back after that. An unreadable or mismatched file is computed again."""
+    path = where / f"reference-{_reference_key(x)}.npy"
+    with _locked(where / ".lock"):
+        with contextlib.suppress(OSError, ValueError):
+            kept = np.load(path)
+            if kept.shape[0] == len(x):
+                return kept
+        reference = _keras_probabilities(model, x)
+        partial = path.with_name(f".{path.name}")
+        with open(partial, "wb") as handle:
+            np.save(handle, reference)
+        os.replace(partial, path)
+    return reference
+
+
+def _reference_key(x: np.ndarray) -> str:
+    """A digest of the parity set, the CPU (model and flags) and the Keras stack: what
+    Keras's probabilities on it depend on."""
+    import hashlib
+
+    import keras
+
+    cpu = ""
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+    digest = hashlib.sha256(np.ascontiguousarray(x).tobytes())
+    backend = keras.backend.backend()
+    stack = f"{keras.__version__}|{backend} {getattr(sys.modules.get(backend), '__version__', '')}|{np.__version__}"
+    digest.update(f"{cpu}|{stack}".encode())
+    return digest.hexdigest()[:16]
 
 
 def _keras_probabilities(model, x: np.ndarray) -> np.ndarray:

@@ -137,6 +137,32 @@ def test_a_build_outside_the_bound_is_refused(tmp_path, monkeypatch):
     assert "f32 build: max probability difference" in predictor.runtime.reason
 
 
+def test_keras_reference_is_computed_once_per_build_folder_and_parity_set(tmp_path, monkeypatch):
+    """Another worker or a restart checks the build against the kept Keras probabilities;
+    an unreadable file, or another parity set, is computed again."""
+    model, calls = build_tiny_model(), []
+    keras_probabilities = compiled._keras_probabilities
+    monkeypatch.setattr(
+        compiled, "_keras_probabilities", lambda m, x: calls.append(len(x)) or keras_probabilities(m, x)
+    )
+
+    def serve(images) -> Predictor:
+        predictor = Predictor(model, tiny_card(), "1")
+        compile_verified(predictor, "openvino", "f32", tmp_path, images)
+        assert predictor.runtime.name == "openvino", predictor.runtime.reason
+        return predictor
+
+    serve(parity_set())
+    serve(parity_set())
+    assert calls == [len(parity_set())]
+    (kept,) = tmp_path.glob("reference-*.npy")
+    kept.write_bytes(b"not numpy")
+    serve(parity_set())
+    serve(parity_set()[:2])
+    assert calls == [len(parity_set()), len(parity_set()), 2]
+    assert len(list(tmp_path.glob("reference-*.npy"))) == 2
+
+
 def test_bf16_needs_enough_parity_images_and_a_cpu_that_has_it(tmp_path):
     predictor = _tiny()
     compile_verified(predictor, "auto", "bf16", tmp_path, parity_set())
