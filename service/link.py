@@ -20,13 +20,14 @@ logger = logging.getLogger(__name__)
 
 
 class ModelLink(Protocol):
-    """The model's three calls, made from a front's worker thread."""
+    """The model's three calls, awaited on a front's event loop (its routes are async:
+    no thread hop per request)."""
 
-    def classify(self, images: list[bytes], k: int) -> list[dict]: ...
+    async def classify(self, images: list[bytes], k: int) -> list[dict]: ...
 
-    def explain(self, image: bytes) -> dict: ...
+    async def explain(self, image: bytes) -> dict: ...
 
-    def describe(self) -> dict: ...
+    async def describe(self) -> dict: ...
 
 
 class RemoteLink:
@@ -39,47 +40,41 @@ class RemoteLink:
     model process down or restarting (a 503, service/limits.py)."""
 
     def __init__(self, proxy: Any):
-        self._sync = proxy.to_sync
+        self._async = proxy.to_async
 
-    def classify(self, images: list[bytes], k: int) -> list[dict]:
-        return self._call("classify", images=images, k=k)
+    async def classify(self, images: list[bytes], k: int) -> list[dict]:
+        return await self._call("classify", images=images, k=k)
 
-    def explain(self, image: bytes) -> dict:
-        return self._call("explain", image=image)
+    async def explain(self, image: bytes) -> dict:
+        return await self._call("explain", image=image)
 
-    def describe(self) -> dict:
-        return self._call("describe")
+    async def describe(self) -> dict:
+        return await self._call("describe")
 
-    def _call(self, name: str, **kwargs: Any) -> Any:
+    async def _call(self, name: str, **kwargs: Any) -> Any:
         import aiohttp
 
         try:
-            return getattr(self._sync, name)(**kwargs)
+            return await getattr(self._async, name)(**kwargs)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             logger.info(
                 "the model process connection broke (%s: %s): sending %s again", type(exc).__name__, exc, name
             )
-            return getattr(self._sync, name)(**kwargs)
+            return await getattr(self._async, name)(**kwargs)
 
 
 class LocalLink:
-    """The model in this process. Its batcher and heatmap lane live on the server's event
-    loop, so a front thread hands each call to that loop and waits (anyio's portal: the
-    routes are sync FastAPI routes, run on anyio worker threads); `describe` only reads
-    memory and is answered on the calling thread."""
+    """The model in this process: its batcher and heatmap lane live on the same event loop
+    as the front's routes, which await them directly."""
 
     def __init__(self, model: Any):
         self.model = model
 
-    def classify(self, images: list[bytes], k: int) -> list[dict]:
-        import anyio.from_thread
+    async def classify(self, images: list[bytes], k: int) -> list[dict]:
+        return await self.model.classify_here(images, k)
 
-        return anyio.from_thread.run(self.model.classify_here, images, k)
+    async def explain(self, image: bytes) -> dict:
+        return await self.model.explain_here(image)
 
-    def explain(self, image: bytes) -> dict:
-        import anyio.from_thread
-
-        return anyio.from_thread.run(self.model.explain_here, image)
-
-    def describe(self) -> dict:
+    async def describe(self) -> dict:
         return self.model.status()

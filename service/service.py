@@ -49,7 +49,6 @@ from service.shedding import (
     HeatmapLane,
     RouteLimitMiddleware,
     front_limits,
-    front_threads,
     heatmap_waiting_limit,
     model_max_concurrency,
 )
@@ -220,7 +219,9 @@ class ImageClassifier:
     """Public API: /predict, /predict_batch, /explain, /metadata and the page at /.
 
     FastAPI routes rather than `@bentoml.api` ones: they parse the upload themselves, so
-    every client mistake (a wrong field name included) gets a 4xx with a JSON reason. The
+    every client mistake (a wrong field name included) gets a 4xx with a JSON reason.
+    Async: they check each upload's header and await the model, on the event loop, with no
+    thread hop per request. The
     front keeps no model facts of its own: labels, version and input size come back with
     each answer, so a swap in the model process can never mix two versions in one answer.
     """
@@ -243,12 +244,8 @@ class ImageClassifier:
 
     @bentoml.on_startup
     def start(self) -> None:
-        """Threads for every admitted request; with one process, what BentoML does for a
-        model process of its own: follow the registry."""
-        import anyio.to_thread
-
-        limiter = anyio.to_thread.current_default_thread_limiter()
-        limiter.total_tokens = max(limiter.total_tokens, front_threads(SETTINGS))
+        """With one process, what BentoML does for a model process of its own: follow the
+        registry."""
         if SETTINGS.one_process:
             self.local_model.follow_the_registry()
 
@@ -257,54 +254,54 @@ class ImageClassifier:
         if SETTINGS.one_process:
             self.local_model.stop_following()
 
-    def __is_ready__(self) -> bool:
+    async def __is_ready__(self) -> bool:
         """Ready once the model process has loaded and warmed up the champion."""
         if not self._ready:
             try:
-                self.model.describe()
+                await self.model.describe()
             except Exception:  # the model process is still starting
                 return False
             self._ready = True
         return True
 
     @PAGE.post("/predict")
-    def predict(self, image: ImageField, top_k: TopK = None) -> dict:
+    async def predict(self, image: ImageField, top_k: TopK = None) -> dict:
         """Top-k labels of one uploaded image (multipart field `image`)."""
-        reply = self._classify([("image", image)], top_k)[0]
+        reply = (await self._classify([("image", image)], top_k))[0]
         return self._answer([reply])[0]
 
     @PAGE.post("/predict_batch")
-    def predict_batch(self, images: list[ImageField], top_k: TopK = None) -> dict:
+    async def predict_batch(self, images: list[ImageField], top_k: TopK = None) -> dict:
         """Top-k labels of several images (repeated field `images`), one result each, in order."""
         limit = self.settings.max_batch_images
         if len(images) > limit:
             raise Rejected(400, f"too many images: {len(images)}, at most {limit}")
-        replies = self._classify([(f"image {i}", u) for i, u in enumerate(images)], top_k)
+        replies = await self._classify([(f"image {i}", u) for i, u in enumerate(images)], top_k)
         results = self._answer(replies)
         return {**_origin(replies[0]), "results": [_without_origin(r) for r in results]}
 
     @PAGE.post("/explain", response_class=Response)
-    def explain(self, image: ImageField) -> Response:
+    async def explain(self, image: ImageField) -> Response:
         """Grad-CAM overlay (PNG) of one uploaded image for its predicted class."""
-        reply = self.model.explain(read_upload(image, "image", self.settings))
+        reply = await self.model.explain(await read_upload(image, "image", self.settings))
         refuse(reply, "image", image.filename)
         headers = {"X-Model-Version": str(reply["version"])}
         return Response(reply["png"], media_type="image/png", headers=headers)
 
     @PAGE.get("/metadata")
-    def metadata(self) -> dict:
+    async def metadata(self) -> dict:
         """Classes, backbone, input size, version, when it was loaded, and the follower's state."""
-        return self.model.describe()
+        return await self.model.describe()
 
     @PAGE.get("/", response_class=FileResponse)
     def page(self) -> FileResponse:
         """The drop-an-image page."""
         return FileResponse(STATIC / "index.html")
 
-    def _classify(self, uploads: list[tuple[str, UploadFile]], k: int | None) -> list[dict]:
+    async def _classify(self, uploads: list[tuple[str, UploadFile]], k: int | None) -> list[dict]:
         """The model's replies to uploads, all from one version (service/replies.py)."""
-        blobs = [read_upload(upload, what, self.settings) for what, upload in uploads]
-        replies = self.model.classify(blobs, k or self.settings.top_k)
+        blobs = [await read_upload(upload, what, self.settings) for what, upload in uploads]
+        replies = await self.model.classify(blobs, k or self.settings.top_k)
         for (what, upload), reply in zip(uploads, replies, strict=True):
             refuse(reply, what, upload.filename)
         return replies

@@ -116,14 +116,6 @@ def front_limits(settings: ServiceSettings) -> dict[str, int]:
     return {"predict": settings.max_concurrent_requests, "explain": settings.max_concurrent_explains}
 
 
-def front_threads(settings: ServiceSettings) -> int:
-    """Worker threads one front needs so that every request its limits admit runs at once:
-    FastAPI runs the sync routes on anyio's thread pool, 40 threads unless told, which
-    would cap a front below its limit of 64 predictions, and with it the batches the
-    model can form (one process: at most ~20 images a batch at concurrency 128)."""
-    return settings.max_concurrent_requests + settings.max_concurrent_explains + MODEL_HEADROOM
-
-
 def model_max_concurrency(settings: ServiceSettings) -> int:
     """BentoML's `max_concurrency` for the model service: everything the fronts may send at
     once, per model worker (BentoML divides it among them), plus the describe calls."""

@@ -1,8 +1,9 @@
 """Server-side failures still answer JSON: 503 with Retry-After when the model is busy or
-the front's decode slots are full."""
+the decode slots are full."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from http import HTTPStatus
 
@@ -59,9 +60,9 @@ class _Proxy:
 
     def __init__(self, failures: list[Exception]):
         self.failures, self.calls = failures, 0
-        self.to_sync = self
+        self.to_async = self
 
-    def classify(self, images, k):
+    async def classify(self, images, k):
         self.calls += 1
         if self.failures:
             raise self.failures.pop(0)
@@ -72,10 +73,10 @@ def test_a_connection_closed_as_it_is_reused_is_retried_once():
     # The keep-alive race: the model process closes an idle connection (uvicorn, 5 s) the
     # front's pool still holds (aiohttp, 15 s). Answered on a fresh connection, not a 503.
     proxy = _Proxy([aiohttp.ServerDisconnectedError()])
-    assert RemoteLink(proxy).classify([b"jpeg"], 3) == [{"label": "red"}] and proxy.calls == 2
+    assert asyncio.run(RemoteLink(proxy).classify([b"jpeg"], 3)) == [{"label": "red"}] and proxy.calls == 2
     proxy = _Proxy([aiohttp.ClientOSError(104, "Connection reset by peer")] * 2)
     with pytest.raises(aiohttp.ClientOSError):  # twice: the model process is down (503)
-        RemoteLink(proxy).classify([b"jpeg"], 3)
+        asyncio.run(RemoteLink(proxy).classify([b"jpeg"], 3))
     assert proxy.calls == 2
 
 
