@@ -1,4 +1,5 @@
-"""The HTTP fronts' memory under worst-case uploads, and the JPEG draft-decode speedup.
+"""The service's memory under worst-case uploads (the model process decodes them, the HTTP
+fronts check and forward them), and the JPEG draft-decode speedup.
 
     python -m bench.memory_bench                        # 4 fronts, 64 clients, 40 s
     python -m bench.memory_bench --fronts 1 --clients 8 --seconds 10   # a smoke run
@@ -9,7 +10,7 @@ temporary BentoML store at the default limits (20 MiB upload, 40 MP), with
 IMGCLS_SERVE_FRONT_WORKERS fronts; `--clients` threads upload the files of
 bench/hostile.py in turn (a client told 503 waits 0.2 s, as a client honouring a short
 Retry-After would), and bench.sampling.TreeSampler records the fronts' resident memory,
-summed. Prints a Markdown table and writes JSON (`--out`).
+summed, and the model process's. Prints a Markdown table and writes JSON (`--out`).
 """
 
 from __future__ import annotations
@@ -135,8 +136,10 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     files = [(name, make()) for name, make in WORST_CASES.items()]
     with server(work, args) as srv:
         time.sleep(2)
-        idle = sample_tree(srv.pid).get("front")
+        tree = sample_tree(srv.pid)
+        idle = tree.get("front")
         result = {"idle_front_rss_bytes": idle.rss_bytes, "fronts": idle.processes}
+        result["idle_model_rss_bytes"] = tree["model"].rss_bytes if "model" in tree else None
         if args.idle_only:
             return result
         with TreeSampler(srv.pid, interval_s=0.1) as sampler, http_client(args.clients, 120) as client:
@@ -151,6 +154,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
             u["front"].rss_bytes for _, u in sampler.samples if "front" in u
         ),
         "peak_mean_rss_per_front_bytes": max(per_front, default=0),
+        "peak_model_rss_bytes": sampler.peak_rss_by_role.get("model", 0),
         "requests": len(records),
         "statuses": dict(statuses),
         "answered_200_per_case": _per_case(records, files),
@@ -174,6 +178,11 @@ def render(results: dict) -> str:
             f"| peak fronts RSS summed under load | {mem['peak_front_rss_bytes'] / mb:.0f} MB (target 2048 MB: {ok}) |"
         )
         lines.append(f"| mean fronts RSS summed under load | {mem['mean_front_rss_bytes'] / mb:.0f} MB |")
+        if mem.get("idle_model_rss_bytes"):
+            lines.append(
+                f"| model process RSS, idle / peak under load (it decodes) | "
+                f"{mem['idle_model_rss_bytes'] / mb:.0f} / {mem['peak_model_rss_bytes'] / mb:.0f} MB |"
+            )
         lines.append(f"| requests, by status | {mem['requests']}: {mem['statuses']} |")
         lines.append(f"| answered 200, by file | {mem['answered_200_per_case']} |")
     if "decode" in results:
