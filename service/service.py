@@ -41,6 +41,7 @@ from service.link import LocalLink, ModelLink, RemoteLink
 from service.metrics import BatchMetrics, FollowerMetrics, observe_prediction
 from service.predictor import configure_accelerator, keep_off_accelerators
 from service.replies import Upload, classify_uploads, decode_uploads, error_reply, model_origin
+from service.schema import PublicSchemaMiddleware
 from service.settings import ServiceSettings
 from service.shedding import (
     BACKSTOP_S,
@@ -62,6 +63,7 @@ PAGE = FastAPI(title="imgcls", docs_url="/api/docs", redoc_url=None, openapi_url
 ImageField = Annotated[UploadFile, File(description="an image file (JPEG, PNG, GIF, ...)")]
 TopK = Annotated[int | None, Form(ge=1, le=1000, description="labels per image")]
 STATIC = Path(__file__).parent / "static"
+EXPLAINED = {"content": {"image/png": {}}, "description": "the Grad-CAM overlay, a PNG"}
 # The model's replies, with their media type declared: BentoML 1.4.40 otherwise derives it
 # from a JSON schema it builds anew for every answer (IOMixin.mime_type), which cost the
 # model process ~3% of its CPU per image under load (py-spy, ResNet50 at concurrency 32).
@@ -280,7 +282,7 @@ class ImageClassifier:
         results = self._answer(replies)
         return {**_origin(replies[0]), "results": [_without_origin(r) for r in results]}
 
-    @PAGE.post("/explain", response_class=Response)
+    @PAGE.post("/explain", response_class=Response, responses={200: EXPLAINED})
     async def explain(self, image: ImageField) -> Response:
         """Grad-CAM overlay (PNG) of one uploaded image for its predicted class."""
         reply = await self.model.explain(await read_upload(image, "image", self.settings))
@@ -332,9 +334,11 @@ def _without_origin(answer: dict) -> dict:
 
 install_error_handlers(PAGE)
 # Outermost first: a request ID and the error shape on every answer, the API key, the
-# per-route concurrency limits, the deadline (504), the byte limit.
+# public routes in BentoML's /schema.json, the per-route concurrency limits, the deadline
+# (504), the byte limit.
 ImageClassifier.add_asgi_middleware(ErrorShapeMiddleware)
 ImageClassifier.add_asgi_middleware(ApiKeyMiddleware, settings=SETTINGS)
+ImageClassifier.add_asgi_middleware(PublicSchemaMiddleware, page=PAGE)  # BentoML's clients
 ImageClassifier.add_asgi_middleware(RouteLimitMiddleware, limits=front_limits(SETTINGS))
 ImageClassifier.add_asgi_middleware(DeadlineMiddleware, timeout_s=SETTINGS.timeout_s)
 ImageClassifier.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_upload_bytes)

@@ -207,6 +207,40 @@ def test_predict_batch_in_order_and_bounded(server):
     assert_still_serving(server)
 
 
+def test_bentoml_clients_call_the_public_api(server, tmp_path):
+    """What a BentoML user writes works: BentoML's own sync and async clients find
+    /predict, /predict_batch and /explain, get the same answers, and our errors."""
+    import asyncio
+
+    import bentoml
+    from bentoml.exceptions import BentoMLException
+
+    files = {}
+    for colour in ("red", "green"):
+        files[colour] = tmp_path / f"{colour}.png"
+        files[colour].write_bytes(encode(colour_image(colour), "PNG"))
+    (tmp_path / "notes.txt").write_bytes(b"not an image")
+    with bentoml.SyncHTTPClient(server) as client:
+        assert {"predict", "predict_batch", "explain"} <= set(client.endpoints)
+        answer = client.predict(image=files["red"])
+        assert answer["predictions"][0]["label"] == "red" and answer["version"] == "7"
+        assert len(client.predict(image=files["green"], top_k=2)["predictions"]) == 2
+        batch = client.predict_batch(images=[files["red"], files["green"]])
+        assert [r["predictions"][0]["label"] for r in batch["results"]] == ["red", "green"]
+        overlay = client.explain(image=files["red"])
+        assert Image.open(overlay).format == "PNG"
+        with pytest.raises(BentoMLException, match="notes.txt.*not an image"):
+            client.predict(image=tmp_path / "notes.txt")
+
+    async def call_async() -> dict:
+        async with bentoml.AsyncHTTPClient(server) as client:
+            return await client.predict(image=files["green"])
+
+    assert asyncio.run(call_async())["predictions"][0]["label"] == "green"
+    documented = httpx.get(f"{server}/docs.json").json()["paths"]  # BentoML's /docs lists them
+    assert {"/predict", "/predict_batch", "/explain"} <= set(documented)
+
+
 def test_explain_returns_a_png_overlay(server):
     data = encode(colour_image("red"), "PNG")
     response = httpx.post(f"{server}/explain", files={"image": ("red.png", data)}, timeout=60)
