@@ -63,14 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_environment()
     _project_environment()
     args = build_parser().parse_args(argv)
+    log_stream = None  # sys.stderr
     if args.command in _QUIET_COMMANDS and not args.verbose:
         from imgcls import terminal
 
         terminal.hide_python_noise()
-        terminal.NativeStderrFilter().start()
-        # Prints and log lines in the order they happen, also in a CI log or a file.
-        sys.stdout.reconfigure(line_buffering=True)
+        log_stream = terminal.NativeStderrFilter().start().log_stream()
+        # Prints and log lines in the order they happen, whole, also in a CI log or a file.
+        terminal.whole_lines(sys.stdout)
     logging.basicConfig(
+        stream=log_stream,
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",

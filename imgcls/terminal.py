@@ -10,7 +10,10 @@ Only lines a user cannot act on are hidden, each by its own pattern:
 - MLflow's "Successfully registered model" / "Created version" prints (imgcls logs the
   registered version itself).
 
-Every other line, warnings about the data included, reaches the terminal unchanged.
+Every other line, warnings about the data included, reaches the terminal unchanged, and
+each line whole: `whole_lines` keeps a printed line in one write, and the log lines of
+Python's `logging` go to the terminal directly (`NativeStderrFilter.log_stream`), in the
+order they happen beside prints, not after the filter's relay.
 Called by `imgcls.cli.main`; nothing here runs at import.
 """
 
@@ -48,6 +51,16 @@ def hide_python_noise() -> None:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 
+def whole_lines(stream) -> None:
+    """Make the text `stream` (stdout) write each line in one piece, flushed at its newline.
+
+    Under PYTHONUNBUFFERED (Docker images and CI set it) a stream writes through, and
+    `print` writes its text and its newline in two writes: a line relayed to the same
+    terminal in between lands after the text ("...mlflow.db20:56:38 INFO ...").
+    """
+    stream.reconfigure(line_buffering=True, write_through=False)
+
+
 class NativeStderrFilter:
     """Route this process's fd 2 through a pipe and drop the lines matching `pattern`.
 
@@ -70,6 +83,14 @@ class NativeStderrFilter:
         self._thread.start()
         atexit.register(self.stop)
         return self
+
+    def log_stream(self):
+        """A text stream on the original stderr, for Python's log lines: they hold none of
+        the native noise, and written directly they keep their order beside stdout's lines
+        (the relay thread would deliver them a moment late, between or after later prints)."""
+        if self._original is None:
+            raise RuntimeError("log_stream: the filter is not started")
+        return os.fdopen(os.dup(self._original), "w", buffering=1, errors="backslashreplace")
 
     def stop(self) -> None:
         if self._original is None:

@@ -76,21 +76,17 @@ def predict_files(
     batch_size: int = 32,
     min_confidence: float | None = None,
 ) -> Summary:
-    """Classify `files` in batches and write the CSV `out`; a progress bar on the terminal.
+    """Classify `files` in batches and write the CSV `out`; progress on the terminal
+    or in the log (imgcls/progress.py).
 
     With `min_confidence`, rows whose top probability is below it say so in an `abstained`
     column (service/abstain.py); the labels are written either way."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from imgcls.progress import Progress
 
     start, done, skipped, abstained = time.perf_counter(), 0, 0, 0
-    columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    console = Console()
-    bar = Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
-    with open(out, "w", newline="") as file, bar as progress:
+    with open(out, "w", newline="") as file, Progress("predict", len(files), "files", log) as progress:
         writer = csv.writer(file)
         writer.writerow(csv_header(top_k, abstain=bool(min_confidence)))
-        task = progress.add_task("predict", total=len(files))
         for rows in predict_batches(predictor, files, top_k, batch_size):
             for row in rows:
                 row.abstained = _abstained(row, min_confidence)
@@ -98,7 +94,7 @@ def predict_files(
             done += len(rows)
             skipped += sum(1 for row in rows if row.error)
             abstained += sum(1 for row in rows if row.abstained)
-            progress.update(task, completed=done)
+            progress.advance(len(rows))
     runtime = f"{predictor.runtime.name} {predictor.runtime.precision}"
     return Summary(
         done - skipped, skipped, time.perf_counter() - start, predictor.version, abstained, runtime

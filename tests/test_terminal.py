@@ -32,3 +32,30 @@ def test_native_stderr_filter_drops_only_the_known_noise():
     assert "E0000 00:00:1.2   7 other.cc:1] a real native error" in lines
     assert any("heavy class imbalance" in x for x in lines) and "3 file(s) left out" in lines
     assert lines[-1] == "no newline at the end"
+
+
+def test_prints_and_log_lines_stay_whole_and_in_order():
+    """As `imgcls.cli.main` sets the terminal up, under PYTHONUNBUFFERED (Docker, CI): a log line
+    never lands inside a printed one (`make demo` showed "...mlflow.db20:56:38 INFO"), and
+    the two come out in the order they were written."""
+    script = textwrap.dedent("""
+        import logging, sys, time
+        from imgcls import terminal
+        stream = terminal.NativeStderrFilter().start().log_stream()
+        terminal.whole_lines(sys.stdout)
+        logging.basicConfig(stream=stream, level=logging.INFO, format="%(levelname)s %(message)s")
+        for i in range(40):
+            logging.getLogger("x").info("log line %d", i)
+            print(f"print line {i} in sqlite:///.imgcls/mlflow.db")
+            time.sleep(0.002)  # the filter's relay runs meanwhile, as in a real run
+    """)
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    out = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, timeout=60, cwd=os.getcwd(), env=env)  # fmt: skip
+    assert out.returncode == 0, out.stdout
+    expected = [
+        line
+        for i in range(40)
+        for line in (f"INFO log line {i}", f"print line {i} in sqlite:///.imgcls/mlflow.db")
+    ]
+    assert out.stdout.splitlines() == expected

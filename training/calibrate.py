@@ -276,6 +276,7 @@ def calibrate(
     out_of_fold=None,
     val_logits=None,
     images: str = "validation images",
+    test_images: int | None = None,
 ) -> Calibrated:
     """Fit T on the validation split's logits, and evaluate on the test split once.
 
@@ -287,6 +288,7 @@ def calibrate(
     (`head_logits` on cached features), so the backbone does not run over it again, or
     held-out ones (an ensemble's cross-fitted heads, training/folds.py): `images` says
     which, in the reason. `out_of_fold()` may add a third element: where its logits came from.
+    `test_images`: the test split's size, for the evaluation's progress (evaluate_model).
     """
     raw = logits_model(model)
     val_logits, val_labels = val_logits if val_logits is not None else predict_logits(raw, val)
@@ -294,7 +296,7 @@ def calibrate(
     if fit.errors == 0 and len(val_labels) and out_of_fold is not None:
         fit = _fit_out_of_fold(out_of_fold, fit)
     log.info("calibration: T = %.3f (%s)", fit.temperature, fit.reason)
-    test_logits = evaluate_model(raw, test, class_names)  # y_prob holds logits here
+    test_logits = evaluate_model(raw, test, class_names, total=test_images)  # y_prob holds logits here
     before, after = softmax(test_logits.y_prob), softmax(test_logits.y_prob, fit.temperature)
     evaluation = dataclasses.replace(test_logits, y_prob=after.astype("float32"))
     report = Report(
@@ -340,14 +342,15 @@ def out_of_fold_logits(model, splits, config, num_classes: int, members=None):
     each (as above: its head and learning rate, Adam, no smoothing or decay) and averages
     their logits, as the model does; K members cost K fits a fold.
     """
-    from training.features import backbone_features
+    from training.features import backbone_function, run_backbone
     from training.model import feature_extractor
 
     extractor = feature_extractor(model)
     if extractor is None:
         return None
+    forward = backbone_function(extractor)  # one graph for both splits
     features, labels = zip(
-        *(backbone_features(extractor, split) for split in (splits.train, splits.val)), strict=True
+        *(run_backbone(forward, split) for split in (splits.train, splits.val)), strict=True
     )
     x, y = np.concatenate(features), np.concatenate(labels)
     if len(y) < 2 * OUT_OF_FOLD_FOLDS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 
@@ -12,6 +13,8 @@ from sklearn.metrics import (
     f1_score,
     precision_recall_fscore_support,
 )
+
+log = logging.getLogger(__name__)
 
 ECE_BINS = 15  # the usual choice since Guo et al.; fine enough for a few hundred images
 # Keras' cross-entropy clips probabilities at 1e-7 too: reported NLLs read like val_loss.
@@ -94,22 +97,31 @@ def metric_safe(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_\-. /]", "_", name)
 
 
-def evaluate_model(model, dataset, class_names: list[str], keep_wrong: int = 24) -> Evaluation:
+def evaluate_model(
+    model, dataset, class_names: list[str], keep_wrong: int = 24, total: int | None = None
+) -> Evaluation:
     """Run `model` over a batched (images, labels) dataset; order is preserved.
 
     Calls the model directly (inference mode): no tf.distribute splitting of batches.
-    Keeps at most `keep_wrong` misclassified images, never the whole set.
+    Keeps at most `keep_wrong` misclassified images, never the whole set. `total`: the
+    dataset's images, for the progress shown on the terminal or in the log (imgcls/progress.py);
+    by default the files of a dataset read by Keras from a folder (`file_paths`), if it has them.
     """
+    from imgcls.progress import Progress
+
+    total = total if total is not None else len(getattr(dataset, "file_paths", ())) or None
     probs, labels, wrong, wrong_index, seen = [], [], [], [], 0
-    for images, batch_labels in dataset:
-        batch_probs = np.asarray(model(images, training=False))
-        batch_labels = np.asarray(batch_labels)
-        for i in np.flatnonzero(batch_probs.argmax(axis=1) != batch_labels)[: keep_wrong - len(wrong)]:
-            wrong.append(np.asarray(images[i]))
-            wrong_index.append(seen + int(i))
-        probs.append(batch_probs)
-        labels.append(batch_labels)
-        seen += len(batch_labels)
+    with Progress("evaluation", total, logger=log) as progress:
+        for images, batch_labels in dataset:
+            batch_probs = np.asarray(model(images, training=False))
+            batch_labels = np.asarray(batch_labels)
+            for i in np.flatnonzero(batch_probs.argmax(axis=1) != batch_labels)[: keep_wrong - len(wrong)]:
+                wrong.append(np.asarray(images[i]))
+                wrong_index.append(seen + int(i))
+            probs.append(batch_probs)
+            labels.append(batch_labels)
+            seen += len(batch_labels)
+            progress.advance(len(batch_labels))
     return Evaluation(
         class_names,
         np.concatenate(labels),

@@ -103,10 +103,15 @@ def uses_cache(config: TrainConfig, has_backbone: bool) -> bool:
     )
 
 
-def backbone_features(extractor: keras.Model, dataset, augmentation: keras.Layer | None = None):
-    """Backbone features and labels of a whole dataset, in one pass (so they stay aligned
-    even when the dataset reshuffles per iteration); the call is compiled once. With
-    `augmentation`, each batch goes through it (in training mode) first."""
+def backbone_function(extractor: keras.Model, augmentation: keras.Layer | None = None):
+    """The frozen backbone (after `augmentation` in training mode, when given) as one
+    tf.function for every pass that needs it.
+
+    Its input signature fixes all but the batch dimension, so it is traced once: the short
+    last batch and the later passes reuse that graph. (A tf.function made per pass, traced
+    again for each last batch, made TensorFlow warn of "tf.function retracing" on every
+    augmented photo run: it counts the traces of all functions made from the same code.)
+    """
     import tensorflow as tf
 
     def forward(images):
@@ -114,28 +119,54 @@ def backbone_features(extractor: keras.Model, dataset, augmentation: keras.Layer
             images = augmentation(images, training=True)
         return extractor(images, training=False)
 
-    forward = tf.function(forward, reduce_retracing=True)
+    spec = tf.TensorSpec((None, *extractor.input_shape[1:]), tf.float32)
+    return tf.function(forward, input_signature=[spec])
+
+
+def run_backbone(forward, dataset, progress=None):
+    """Features and labels of a whole dataset through `forward` (`backbone_function`), in
+    one pass (so they stay aligned even when the dataset reshuffles per iteration);
+    `progress` (imgcls/progress.py) advances by each batch's images."""
+    import tensorflow as tf
+
     xs, ys = [], []
     for images, labels in dataset:
-        xs.append(np.asarray(forward(images)))
+        xs.append(np.asarray(forward(tf.cast(images, tf.float32))))
         ys.append(np.asarray(labels))
+        if progress is not None:
+            progress.advance(len(ys[-1]))
     return np.concatenate(xs), np.concatenate(ys)
+
+
+def backbone_features(extractor: keras.Model, dataset, augmentation: keras.Layer | None = None):
+    """Backbone features and labels of a whole dataset, in one pass; with `augmentation`,
+    each batch goes through it (in training mode) first."""
+    return run_backbone(backbone_function(extractor, augmentation), dataset)
 
 
 def compute_cache(
     model: keras.Model, extractor: keras.Model, splits, config: TrainConfig, train_images: int
 ) -> FeatureCache:
-    """Run the frozen backbone over validation and over the training passes, once."""
+    """Run the frozen backbone over validation and over the training passes, once, with
+    progress on the terminal or in the log."""
+    from imgcls.progress import Progress
+
     start = time.perf_counter()
-    val_x, val_y = backbone_features(extractor, splits.val)
     augmentation = model.get_layer("augmentation") if config.augment.active else None
-    passes = _affordable_passes(config.augment_passes, train_images * val_x[0].nbytes) if augmentation else 1
-    train_x, train_y = [], []
+    map_bytes = int(np.prod(extractor.output_shape[1:])) * 4  # one image's float32 feature map
+    passes = _affordable_passes(config.augment_passes, train_images * map_bytes) if augmentation else 1
+    val_images = splits.images.get("val")
+    total = None if val_images is None else val_images + passes * train_images
+    clean = backbone_function(extractor)
+    forward = backbone_function(extractor, augmentation) if augmentation else clean
     in_order = splits.train_in_order
-    for _ in range(passes):
-        x, y = backbone_features(extractor, splits.train if in_order is None else in_order, augmentation)
-        train_x.append(x)
-        train_y.append(y)
+    train_x, train_y = [], []
+    with Progress(f"{config.backbone} backbone pass", total, logger=log) as progress:
+        val_x, val_y = run_backbone(clean, splits.val, progress)
+        for _ in range(passes):
+            x, y = run_backbone(forward, splits.train if in_order is None else in_order, progress)
+            train_x.append(x)
+            train_y.append(y)
     aligned = (in_order is not None or passes == 1) and all(np.array_equal(y, train_y[0]) for y in train_y)
     cache = FeatureCache(train_x, train_y, val_x, val_y, time.perf_counter() - start, aligned)
     log.info(

@@ -64,12 +64,14 @@ class TrainResult:
 class Splits:
     """Batched tf.data datasets of raw pixels and int labels. `train_in_order`: the training
     images in one fixed order every time (the cached backbone passes read it, so row r of
-    every pass is the same image); None = `train`'s own order."""
+    every pass is the same image); None = `train`'s own order. `images`: how many images
+    each split holds (what progress counts to)."""
 
     train: object
     val: object
     test: object
     train_in_order: object = None
+    images: dict[str, int] = field(default_factory=dict)
 
 
 def train(config: TrainConfig, settings: TrackingSettings | None = None) -> TrainResult:
@@ -161,8 +163,9 @@ def _run(config: TrainConfig, scan: DatasetScan, splits: Splits, strategy, run_i
     elif cache is not None and not config.fine_tune.unfreeze_layers:  # the cached features still hold
         val_logits = calibrate.head_logits(model, cache.val_x), cache.val_y
     calibrated = calibrate.calibrate(
-        model, splits.val, splits.test, scan.class_names, out_of_fold, val_logits, images
-    )
+        model, splits.val, splits.test, scan.class_names, out_of_fold, val_logits, images,
+        test_images=splits.images.get("test"),
+    )  # fmt: skip
     model, evaluation = calibrated.model, calibrated.test
     metrics = evaluation.metrics()
     mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
@@ -229,7 +232,8 @@ def load_splits(scan: DatasetScan, config: TrainConfig, view_dir: Path) -> Split
             budget -= _split_bytes(scan, split, size)
         splits.append(dataset)
     splits.append(in_order)
-    return Splits(*(d.prefetch(tf.data.AUTOTUNE) for d in splits))
+    images = {split: len(files) for split, files in scan.files.items()}
+    return Splits(*(d.prefetch(tf.data.AUTOTUNE) for d in splits), images=images)
 
 
 def _split_bytes(scan: DatasetScan, split: str, size: tuple[int, int]) -> int:
