@@ -4,7 +4,7 @@ The store mirrors the alias: the entry of the current champion carries the label
 `alias=<alias>`. A promotion downloads the model first (slow, outside the registry lock),
 and saves the entry only once the alias has moved and been read back, then deletes the
 entries of earlier champions (registry/steps.py); the next command's reconcile repairs a
-store a crash left behind (registry/reconcile.py).
+store a crash left behind (registry/reconcile.py plans it, registry/steps.py carries it out).
 """
 
 from __future__ import annotations
@@ -54,6 +54,14 @@ def save_champion(settings: RegistrySettings, download: Download) -> str:
         extra_labels={REGISTERED_LABEL: settings.model_name, ALIAS_LABEL: settings.alias},
         parity_path=download.parity_path,
     )
+
+
+def champion_labels(settings: RegistrySettings) -> tuple[tuple[str, str | None], ...]:
+    """(tag, registry version) of this model's entries labelled champion, newest first."""
+    from service.store import VERSION_LABEL, champion_entries
+
+    entries = champion_entries(settings.bento_model_name, settings.alias, settings.model_name)
+    return tuple((str(m.tag), m.info.labels.get(VERSION_LABEL)) for m in entries)
 
 
 def retire_earlier_champions(settings: RegistrySettings, keep: str) -> None:

@@ -36,6 +36,7 @@ CLASS_LIST_CHARS = 600  # the class list is cut to this ("... and N more")
 NAME_CHARS = 40  # one class name, user or metric name in a table cell
 REASON_CHARS = 80  # a move's reason in a table row
 VERDICT_CHARS = 600  # the gate's reason on a version's card
+UNREAD = object()  # a `champion` argument not given: the alias is read
 
 
 @dataclass
@@ -289,24 +290,28 @@ def _when(at: str) -> str:
 
 
 def describe_version(
-    client: MlflowClient, settings: RegistrySettings, version: str, why: str | None = None
+    client: MlflowClient, settings: RegistrySettings, version: str, why: str | None = None, champion=UNREAD
 ) -> None:
-    """Write `version`'s card as its description; a failure is logged, never raised."""
+    """Write `version`'s card as its description; a failure is logged, never raised.
+
+    `champion`: the alias's version when the caller knows it (else the alias is read)."""
     try:
         facts = read_facts(client, settings, version)
         moves = moves_of(read_history(client, settings), facts.version)
-        champion = champion_version(client, settings)
+        champion = champion_version(client, settings) if champion is UNREAD else champion
         text = version_description(settings.model_name, settings.alias, facts, champion, moves, why)
         client.update_model_version(settings.model_name, facts.version, description=text)
     except Exception:  # noqa: BLE001 - bookkeeping: the registry's state is already decided
         log.warning("version %s: its description could not be written", version, exc_info=True)
 
 
-def describe_model(client: MlflowClient, settings: RegistrySettings) -> None:
-    """Write the registered model's description; a failure is logged, never raised."""
+def describe_model(client: MlflowClient, settings: RegistrySettings, champion=UNREAD) -> None:
+    """Write the registered model's description; a failure is logged, never raised.
+
+    `champion`: the alias's version when the caller knows it (else the alias is read)."""
     try:
         moves = read_history(client, settings)
-        champion = champion_version(client, settings)
+        champion = champion_version(client, settings) if champion is UNREAD else champion
         facts = read_facts(client, settings, champion) if champion else None
         about = None if facts else _newest(client, settings)
         text = model_description(settings.model_name, settings.alias, facts, moves, about)
@@ -316,13 +321,12 @@ def describe_model(client: MlflowClient, settings: RegistrySettings) -> None:
 
 
 def describe_after_move(client: MlflowClient, settings: RegistrySettings, move: AliasMove) -> None:
-    """After an alias move: the model's description, and the card of the version it left.
-
-    (The new champion's card is rewritten by its status change.)
+    """After an alias move to `move.to_version`: the model's description, and the card of the
+    version it left. (The new champion's card is rewritten by its status change.)
     """
-    describe_model(client, settings)
+    describe_model(client, settings, move.to_version)
     if move.from_version is not None and move.from_version != move.to_version:
-        describe_version(client, settings, move.from_version)
+        describe_version(client, settings, move.from_version, champion=move.to_version)
 
 
 def _newest(client: MlflowClient, settings: RegistrySettings) -> VersionFacts | None:

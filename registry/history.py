@@ -128,12 +128,12 @@ def record_move(
     return key
 
 
-def forget_move(client: MlflowClient, settings: RegistrySettings, move: AliasMove, key: str) -> None:
-    """Take back a move recorded by `record_move` whose alias change did not happen."""
+def forget_move(client: MlflowClient, settings: RegistrySettings, key: str, version: str | None) -> None:
+    """Take back record `key` (of a move to `version`) whose alias change did not happen."""
     client.delete_registered_model_tag(settings.model_name, key)
-    if move.to_version is not None:
+    if version is not None:
         with contextlib.suppress(MlflowException):  # never written if the summary write failed first
-            client.delete_model_version_tag(settings.model_name, move.to_version, key)
+            client.delete_model_version_tag(settings.model_name, version, key)
 
 
 def in_flight(tags: dict[str, str]) -> dict | None:

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from imgcls.settings import TrackingSettings
 from registry import steps
 from registry.gate import class_mismatch, gate_subset
-from registry.history import AliasMove
+from registry.history import AliasMove, read_history
 from registry.lock import Held
 from registry.register import set_status
 from registry.settings import RegistrySettings
@@ -84,7 +84,7 @@ def promote_if_better(
     gate = Evaluations(settings, candidate, scan, candidate_eval)
     outcome = steps.run(client, tracking, settings, lambda snap: Promote(candidate, gate.against(snap)))
     if not outcome.passed and outcome.champion_version != candidate:
-        set_status(client, settings, candidate, "rejected", outcome.reason)
+        set_status(client, settings, candidate, "rejected", outcome.reason, outcome.champion_version)
     log.info("version %s %s: %s", candidate, "promoted" if outcome.passed else "not promoted", outcome.reason)
     return outcome
 
@@ -129,7 +129,7 @@ def move_alias(
 ) -> bool:
     """Record `move` and set the alias as it says, unplanned (scripts, tests); call holding the
     lock. Returns whether Ctrl-C/SIGTERM arrived meanwhile (the move completed first)."""
-    seq = steps.read_snapshot(client, settings).history_length + 1
+    seq = len(read_history(client, settings)) + 1
     return steps.record(client, settings, move, seq, held, download).interrupted
 
 

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from imgcls.modelcard import ModelCard
 from imgcls.settings import TrackingSettings
-from registry.describe import describe_version
+from registry.describe import UNREAD, describe_version
 from registry.settings import RegistrySettings
 from registry.versions import STATUS_TAG
 
@@ -73,9 +73,15 @@ def register_candidate(
 
 
 def set_status(
-    client: MlflowClient, settings: RegistrySettings, version: str, status: str, why: str | None = None
+    client: MlflowClient,
+    settings: RegistrySettings,
+    version: str,
+    status: str,
+    why: str | None = None,
+    champion=UNREAD,
 ) -> None:
     """Record where a version stands (candidate, promoted, rejected, interrupted, failed), and
-    rewrite its description (`why`: the gate's reason, shown on the card)."""
+    rewrite its description (`why`: the gate's reason, shown on the card; `champion`: the
+    alias's version if the caller knows it, else it is read)."""
     client.set_model_version_tag(settings.model_name, version, STATUS_TAG, status)
-    describe_version(client, settings, version, why)
+    describe_version(client, settings, version, why, champion)

@@ -1,14 +1,15 @@
 """The promotion sequence, one step after another: observe, plan, act, record.
 
-    reconcile      the next command settles what an earlier one left half-done (reconcile.py)
-    observe        one read: a frozen Snapshot (champion, history length, hand move, move in flight)
+    observe        one read: a frozen Snapshot (champion, history, hand move, move in flight,
+                   the champion's status, its BentoML entries); if reconcile.py's pure plan finds
+                   drift, it is repaired under the lock and the registry read again
     plan           pure: plan(snapshot, intent) -> Move | Refusal; the gate decides inside it
     download       the new champion's model for BentoML, outside the lock, kept across retries
     lock           the registry lock, with MLflow's retries and timeouts bounded while it is held
-                   (then read the snapshot again: `Stale` if it moved, and start over)
+                   (then read the snapshot again: `Stale` if it moved or had drift, and start over)
     record_history mark the move in flight, then write its record
     move_alias     the alias; if the write fails, read the alias before undoing anything
-    read_back      read the alias back, then clear the in-flight marker
+    read_back      the write's answer says the alias moved: clear the in-flight marker
     label_bento    only now label the new BentoML entry champion
     retire         delete the entries of earlier champions
     mark_promoted  the version's status tag
@@ -18,6 +19,9 @@ Each step starts with `hook("promote_<step>")` (imgcls/hooks.py), so a test can 
 hang or SIGKILL the process there. A fault before the alias moved leaves the alias where it
 was; one after it never undoes or misreports the move: the alias is the truth, and the next
 command's `reconcile` brings the history, the status tags and the BentoML store in line.
+The executor (`record`, `repair`, `_after_move`) carries out both a planned move and those
+repairs, and the alias is read twice per move: by the snapshot it is planned on and by the
+one under the lock.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from mlflow import MlflowClient
 
 from imgcls.hooks import hook
 from imgcls.settings import TrackingSettings
-from registry.gate import decide, gate_metrics
+from registry.bento import champion_labels, downloaded, retire_earlier_champions, save_champion
+from registry.describe import describe_after_move, describe_model
+from registry.gate import decide, gate_metrics, gate_subset
 from registry.history import (
     AliasMove,
     champion_lineage,
@@ -42,13 +48,25 @@ from registry.history import (
     in_flight,
     mark_in_flight,
     model_tags,
+    move_key,
     record_move,
 )
 from registry.lock import Held, interrupts_deferred, registry_lock
-from registry.reconcile import manual_move, reconcile, reconcile_locked, settled_history
+from registry.reconcile import (
+    MarkPromoted,
+    MirrorBento,
+    RecordHandMove,
+    Repair,
+    Settle,
+    Snapshot,
+    hand_move,
+    manual_move,
+    reconcile,
+    settled_history,
+)
 from registry.register import set_status
 from registry.settings import RegistrySettings
-from registry.versions import champion_version
+from registry.versions import STATUS_TAG, champion_version, get_version, version_metrics
 from training.evaluate import Evaluation
 
 log = logging.getLogger(__name__)
@@ -61,17 +79,6 @@ STEPS = ("observe", "evaluate", "download", "lock", "record_history", "move_alia
 
 
 # --- the types: what was seen, what is wanted, what to do, what happened --------------------
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The registry as one read saw it; two snapshots are equal if nothing moved between them."""
-
-    champion: str | None
-    history_length: int
-    pending: tuple[str | None, str | None] | None = None  # a hand move not recorded: (from, to)
-    in_flight: int | None = None  # the record of a move whose alias change is not confirmed
-    lineage: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -131,7 +138,7 @@ class Refusal:
 
 @dataclass(frozen=True)
 class Stale:
-    """The registry moved between the plan and the lock."""
+    """The registry moved between the plan and the lock (`now`: as read under the lock)."""
 
     now: Snapshot
 
@@ -162,16 +169,15 @@ def run(
     settings: RegistrySettings,
     intent_for: Callable[[Snapshot], Intent],
 ) -> Outcome:
-    """Reconcile, then observe -> plan -> download -> act, again while the champion moves.
+    """Observe (and reconcile) -> plan -> download -> act, again while the champion moves.
 
     `intent_for(snapshot)` states the intent against that snapshot (the gate's evaluations
     happen there, outside the lock).
     """
-    reconcile(client, tracking, settings)
     with contextlib.ExitStack() as downloads:
         fetched: dict[str, object] = {}
         for attempt in range(MAX_ATTEMPTS):
-            snapshot = observe(client, settings)
+            snapshot = observe(client, tracking, settings, downloads, fetched)
             hook("promote_evaluate")
             intent = intent_for(snapshot)
             decision = plan(snapshot, intent, settings)
@@ -190,14 +196,25 @@ def run(
     return Outcome(_candidate(intent), snapshot.champion, settings.gate_metric, False, reason, error=True)
 
 
-def observe(client: MlflowClient, settings: RegistrySettings) -> Snapshot:
-    """One read of the registry: the alias and the registered model's tags."""
+def observe(
+    client: MlflowClient, tracking: TrackingSettings, settings: RegistrySettings, downloads, fetched: dict
+) -> Snapshot:
+    """One read of the registry and the BentoML store; drift it shows (reconcile's plan) is
+    repaired under the lock first, and the registry read again."""
     hook("promote_observe")
+    snapshot = read_snapshot(client, settings, bento=True)
+    repairs = reconcile(snapshot)
+    if not repairs:
+        return snapshot
+    download = _download_for(downloads, fetched, settings, repairs)
+    with registry_lock(client, tracking, settings) as held:
+        repair(client, settings, reconcile(read_snapshot(client, settings, bento=True)), held, download)
     return read_snapshot(client, settings)
 
 
-def read_snapshot(client: MlflowClient, settings: RegistrySettings) -> Snapshot:
-    """The Snapshot, without the step's seam (also used to re-check under the lock)."""
+def read_snapshot(client: MlflowClient, settings: RegistrySettings, bento: bool = False) -> Snapshot:
+    """The Snapshot: the registered model's tags, the alias, the champion's status tag and
+    (with `bento`, when import is on) its BentoML entries. The one place the registry is read."""
     tags = model_tags(client, settings)
     champion = champion_version(client, settings)
     marker, moves = in_flight(tags), history_from_tags(tags)
@@ -209,6 +226,9 @@ def read_snapshot(client: MlflowClient, settings: RegistrySettings) -> Snapshot:
         pending=None if hand is None else (hand.from_version, hand.to_version),
         in_flight=None if marker is None else marker["seq"],
         lineage=tuple(champion_lineage(settled + ([hand] if hand else []))),
+        in_flight_move=None if marker is None else (marker["from"], marker["to"]),
+        status=None if champion is None else get_version(client, settings, champion).tags.get(STATUS_TAG),
+        bento=champion_labels(settings) if bento and settings.bento_import else None,
     )
 
 
@@ -248,12 +268,15 @@ def act(
     move: AliasMove,
     download=None,
 ) -> Moved | Stale:
-    """Compare-and-set: under the lock, re-read; if the registry is still `expected`, record."""
+    """Compare-and-set: under the lock, re-read; if the registry is still `expected`, record.
+
+    Drift found there is repaired first (without BentoML); a hand move or a half-done move
+    counts as a change."""
     hook("promote_lock")
     with bounded_requests(settings), registry_lock(client, tracking, settings) as held:
-        reconcile_locked(client, settings, held)  # a hand move or a half-done move counts as a change
         now = read_snapshot(client, settings)
-        if now != expected:
+        repair(client, settings, reconcile(now), held)
+        if now != expected or not now.settled:
             return Stale(now)
         return record(client, settings, move, expected.history_length + 1, held, download)
 
@@ -274,7 +297,7 @@ def record(
     held: Held | None = None,
     download=None,
 ) -> Moved:
-    """History, then alias, then read back; then the bookkeeping. Call holding the lock.
+    """History, then alias, then clear the marker; then the bookkeeping. Call holding the lock.
 
     Ctrl-C/SIGTERM are held back meanwhile (the move completes and is reported). If the
     alias write fails, the alias is read first: only if it did not move are the record and
@@ -288,11 +311,8 @@ def record(
         key = record_move(client, settings, move, seq)
         _move_alias(client, settings, move, key)
         confirmed = _read_back(client, settings, move)
-        tag = _bookkeeping("label_bento", _label_bento, settings, download) if confirmed else None
-        if tag is not None:
-            _bookkeeping("retire", _retire, settings, tag)
-        _bookkeeping("mark_promoted", set_status, client, settings, move.to_version, "promoted")
-        _bookkeeping("describe", _describe, client, settings, move)
+        mirror = MirrorBento(move.to_version, keep=None) if confirmed and download is not None else None
+        _after_move(client, settings, move.to_version, move, mirror, download)
     log.info("%s -> version %s (%s from %s)", settings.alias, move.to_version, move.action, move.from_version)
     if signals:
         log.warning("an interrupt arrived during the alias move; the move completed first and stands")
@@ -316,26 +336,97 @@ def _move_alias(client: MlflowClient, settings: RegistrySettings, move: AliasMov
 
 
 def _read_back(client: MlflowClient, settings: RegistrySettings, move: AliasMove) -> bool:
-    """Whether the alias reads back as the new version (then the in-flight marker goes)."""
+    """The in-flight marker goes: the alias is `move.to_version` (the write answered without
+    an error, and MLflow answers once it is committed, or the alias was read after an error).
+    Whether that worked; if not, the next command settles the move."""
     try:
         hook("promote_read_back")
-        if champion_version(client, settings) != move.to_version:
-            log.error("%s does not read back as version %s: left for the next command", settings.alias,
-                      move.to_version)  # fmt: skip
-            return False
         clear_in_flight(client, settings)
     except Exception:  # noqa: BLE001 - the write succeeded: the move stands, the next command settles
-        log.warning("the alias could not be read back; the next command settles the move", exc_info=True)
+        log.warning("version %s is %s, but its move stays marked in flight; the next command settles it",
+                    move.to_version, settings.alias, exc_info=True)  # fmt: skip
         return False
     return True
 
 
 def _take_back(client: MlflowClient, settings: RegistrySettings, move: AliasMove, key: str) -> None:
     try:
-        forget_move(client, settings, move, key)
+        forget_move(client, settings, key, move.to_version)
         clear_in_flight(client, settings)
     except Exception:  # noqa: BLE001 - keep the alias error; the next command settles the rest
         log.error("the alias did not move; its record %s is left for the next command to remove", key)
+
+
+def repair(
+    client: MlflowClient, settings: RegistrySettings, repairs: tuple[Repair, ...], held: Held | None = None,
+    download=None,
+) -> None:  # fmt: skip
+    """Carry out reconcile's repairs in order, holding the lock (`download`: a model for
+    BentoML, used by a `MirrorBento` of its version that has no entry)."""
+    for step in repairs:
+        if isinstance(step, Settle):
+            _settle(client, settings, step, held)
+        elif isinstance(step, RecordHandMove):
+            _record_hand_move(client, settings, step, held)
+        elif isinstance(step, MarkPromoted):
+            _after_move(client, settings, step.version)
+        else:
+            _mirror(settings, step, download)
+
+
+def _settle(client: MlflowClient, settings: RegistrySettings, settle: Settle, held: Held | None) -> None:
+    with interrupts_deferred():
+        if held is not None:
+            held.check()
+        if not settle.happened:
+            with contextlib.suppress(Exception):  # the record may never have been written
+                forget_move(client, settings, move_key(settle.seq), settle.to_version)
+        clear_in_flight(client, settings)
+    log.warning("a move to version %s (record %s) was left half-done: %s", settle.to_version, settle.seq,
+                "the alias moved, so it stands" if settle.happened else
+                "the alias never moved, so its record is removed")  # fmt: skip
+    if settle.happened:
+        _after_move(client, settings, settle.to_version)
+
+
+def _record_hand_move(client: MlflowClient, settings: RegistrySettings, hand: RecordHandMove, held) -> None:
+    move = hand_move(hand.from_version, hand.to_version, settings.gate_metric)
+    move.candidate_metrics = _figures(client, settings, move.to_version)
+    move.champion_metrics = _figures(client, settings, move.from_version)
+    with interrupts_deferred():
+        if held is not None:
+            held.check()
+        record_move(client, settings, move)
+    log.warning("%s was moved outside imgcls: version %s -> %s; recorded as move %s", settings.alias,
+                move.from_version, move.to_version, move.seq)  # fmt: skip
+    _after_move(client, settings, move.to_version, move)
+
+
+def _after_move(
+    client: MlflowClient, settings: RegistrySettings, champion: str | None, move: AliasMove | None = None,
+    mirror: MirrorBento | None = None, download=None,
+) -> None:  # fmt: skip
+    """The bookkeeping once the history and the alias agree that `champion` is champion
+    (`move`: the move that made it so, if one was just recorded); none of it raises."""
+    if mirror is not None:
+        _mirror(settings, mirror, download)
+    if champion is not None:
+        _bookkeeping("mark_promoted", set_status, client, settings, champion, "promoted", None, champion)
+    if move is not None:
+        _bookkeeping("describe", describe_after_move, client, settings, move)
+    else:
+        _bookkeeping("describe", describe_model, client, settings, champion)
+
+
+def _mirror(settings: RegistrySettings, mirror: MirrorBento, download=None) -> None:
+    """Label the champion's BentoML entry (saved from `download` if it has none), retire the rest."""
+    keep = mirror.keep
+    if keep is None and download is not None and download.version == mirror.version:
+        keep = _bookkeeping("label_bento", save_champion, settings, download)
+    if keep is None:
+        log.warning("version %s is %s but not in the BentoML store", mirror.version, settings.alias)
+        return
+    _bookkeeping("retire", retire_earlier_champions, settings, keep)
 
 
 def _bookkeeping(step: str, action: Callable, *args):
@@ -349,24 +440,14 @@ def _bookkeeping(step: str, action: Callable, *args):
         return None
 
 
-def _label_bento(settings: RegistrySettings, download) -> str | None:
-    if download is None:
-        return None
-    from registry.bento import save_champion
-
-    return save_champion(settings, download)
-
-
-def _retire(settings: RegistrySettings, keep: str) -> None:
-    from registry.bento import retire_earlier_champions
-
-    retire_earlier_champions(settings, keep=keep)
-
-
-def _describe(client: MlflowClient, settings: RegistrySettings, move: AliasMove) -> None:
-    from registry.describe import describe_after_move
-
-    describe_after_move(client, settings, move)
+def _figures(client: MlflowClient, settings: RegistrySettings, version: str | None) -> dict[str, float]:
+    if version is None:
+        return {}
+    try:
+        return gate_subset(version_metrics(client, settings, version))
+    except Exception:  # noqa: BLE001 - a record without figures beats no record
+        log.warning("no metrics for version %s", version, exc_info=True)
+        return {}
 
 
 # MLflow reads these for every request (rest_utils.http_request; sessions are cached per
@@ -421,11 +502,20 @@ def _download(stack: contextlib.ExitStack, fetched: dict, settings: RegistrySett
     if not settings.bento_import or version is None:
         return None
     if version not in fetched:
-        from registry.bento import downloaded
-
         hook("promote_download")
         fetched[version] = stack.enter_context(downloaded(settings, version))
     return fetched[version]
+
+
+def _download_for(stack: contextlib.ExitStack, fetched: dict, settings: RegistrySettings, repairs):
+    """The model a `MirrorBento` without an entry needs, or None (also when it cannot be
+    fetched, e.g. its files are gone: the record matters more than the copy)."""
+    version = next((r.version for r in repairs if isinstance(r, MirrorBento) and r.keep is None), None)
+    try:
+        return _download(stack, fetched, settings, version)
+    except Exception:  # noqa: BLE001 - logged; the store stays behind until the files are back
+        log.warning("version %s could not be downloaded for the BentoML store", version, exc_info=True)
+        return None
 
 
 def _alias_move(snapshot: Snapshot, candidate: str, verdict: Verdict, settings, reason: str, forced=False):

@@ -51,6 +51,36 @@ def test_lineage_treats_a_manual_move_as_a_promotion_and_a_removal_as_an_end():
     assert champion_lineage([*removed, _move("promote", None, "3")]) == ["3"]
 
 
+def test_reconcile_is_a_plan_over_the_snapshot_alone():
+    """What must be repaired, in order, from a snapshot and nothing else (no MLflow, no BentoML)."""
+    from registry.reconcile import MarkPromoted, MirrorBento, RecordHandMove, Settle, Snapshot, reconcile
+
+    assert reconcile(Snapshot("2", 2, status="promoted", bento=(("clf:b", "2"),))) == ()
+    assert reconcile(Snapshot("2", 2, status="promoted")) == ()  # the store not read: nothing about it
+    # a move left in flight: kept if the alias points at it (its bookkeeping tags it), else removed
+    half_done = {"history_length": 3, "in_flight": 3, "in_flight_move": ("2", "3")}
+    assert reconcile(Snapshot("3", status="candidate", **half_done)) == (Settle(3, "2", "3", happened=True),)
+    assert reconcile(Snapshot("2", status="promoted", **half_done)) == (Settle(3, "2", "3", happened=False),)
+    # a hand move is recorded (its bookkeeping tags the hand-picked version); so is a removal
+    assert reconcile(Snapshot("1", 2, pending=("2", "1"), status="candidate")) == (RecordHandMove("2", "1"),)
+    assert reconcile(Snapshot(None, 2, pending=("2", None), bento=(("clf:b", "2"),))) == (
+        RecordHandMove("2", None),
+    )  # no champion: the store keeps the last one
+    assert reconcile(Snapshot("2", 2, status="rejected")) == (MarkPromoted("2"),)
+    # the store mirrors the alias: the champion's entry kept (imported if it has none), others retired
+    strays = (("clf:new", "3"), ("clf:old", "2"))
+    assert reconcile(Snapshot("2", 2, status="promoted", bento=strays)) == (MirrorBento("2", keep="clf:old"),)
+    assert reconcile(Snapshot("2", 2, status="promoted", bento=())) == (MirrorBento("2", keep=None),)
+    # the marker first (a half-done move is no hand move), then the hand move, then the store
+    everything = Snapshot("4", pending=("2", "4"), status="candidate", bento=(), **half_done)
+    assert reconcile(everything) == (
+        Settle(3, "2", "3", False),
+        RecordHandMove("2", "4"),
+        MirrorBento("4", None),
+    )
+    assert not everything.settled and Snapshot("4", 3, status="candidate").settled
+
+
 def _bare_model(tmp_path, versions: int):
     """A registered model with `versions` versions whose files are never read (no BentoML)."""
     from registry.register import connect
@@ -214,3 +244,32 @@ def test_pipeline_after_a_hand_move_gates_against_the_hand_picked_champion(tmp_p
     assert main(["models", "rollback"]) == 0  # back to the champion before the hand move
     assert _champion(client, settings) == "2" and _bento_champions(settings) == ["2"]
     assert read_history(client, settings)[-1].action == "rollback"
+
+
+def test_a_promotion_reads_the_alias_twice(tmp_path, monkeypatch):
+    """Once for the snapshot it is planned on (which reconcile plans on too), once under the
+    lock; the bookkeeping after the move (status, descriptions) knows the champion."""
+    from mlflow import MlflowClient
+
+    from registry.promote import force_promote, rollback
+
+    client, tracking, settings = _bare_model(tmp_path, 3)
+    force_promote(client, tracking, settings, "1", "set-up", None)
+    force_promote(client, tracking, settings, "2", "set-up", None)
+    reads = []
+    real = MlflowClient.get_model_version_by_alias
+
+    def counted(self, *args, **kwargs):
+        reads.append(args)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", counted)
+    assert force_promote(client, tracking, settings, "3", "counted", None).passed
+    assert len(reads) == 2, reads
+    reads.clear()
+    assert rollback(client, tracking, settings, "counted").to_version == "2"
+    assert len(reads) == 2, reads
+    monkeypatch.undo()
+    assert _champion(client, settings) == "2"
+    assert "**Champion: version 2**" in client.get_registered_model(settings.model_name).description
+    assert client.get_model_version(settings.model_name, "2").tags["imgcls.status"] == "promoted"
