@@ -42,11 +42,15 @@ postgres: ## install Debian's PostgreSQL 15 server for the team-stack tests (nee
 demo: install ## train, register, promote and serve the digits demo, then show a prediction
 	$(BIN)/imgcls demo
 
+# Both cores: two pytest-xdist workers; tests/xdist_groups.py puts the tests that must share a
+# worker (one team stack, a module's servers, the timing tests) in one xdist_group each.
+XDIST := -n 2 --dist loadgroup
+
 test: install peers browser postgres ## run the test suite (about 20 minutes on 2 cores)
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q $(XDIST) --durations=15
 
 test-fast: install ## the suite without the slow tests
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q $(XDIST) -m "not slow"
 
 docs: install ## build the docs site into docs/_build/html (warnings are errors)
 	$(BIN)/sphinx-build -E -W --keep-going -n -q -b html docs docs/_build/html

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -48,11 +49,34 @@ QUIET_ENV = {
 LOG_TAIL_CHARS = 4000
 
 
+# `IMGCLS_PORT_SLOT=k/n` (each of the test suite's n pytest-xdist workers sets its own):
+# free_port hands out only ports p with p % n == k, so n processes (and their children)
+# picking ports at once never pick the same one. They come from below Linux's ephemeral
+# range (32768-60999), which the OS's own picks and outgoing connections use.
+PORT_SLOT_ENV = "IMGCLS_PORT_SLOT"
+SLOT_PORTS = range(20_000, 32_768)
+SLOT_TRIES = 200
+
+
 def free_port(host: str = HOST) -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
+    """A TCP port nothing listens on right now: the OS picks it, or, with
+    `IMGCLS_PORT_SLOT=k/n` set, one of this process's slot (see above)."""
+    slot = os.environ.get(PORT_SLOT_ENV, "")
+    if slot:
+        return _free_port_in_slot(host, *(int(part) for part in slot.split("/")))
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _free_port_in_slot(host: str, index: int, count: int) -> int:
+    """A random port p of SLOT_PORTS with p % count == index that `host` can bind now."""
+    ports = range(SLOT_PORTS.start + (index - SLOT_PORTS.start) % count, SLOT_PORTS.stop, count)
+    for port in random.sample(ports, min(SLOT_TRIES, len(ports))):
+        with socket.socket() as sock, contextlib.suppress(OSError):
+            sock.bind((host, port))
+            return port
+    raise OSError(f"no free port among {len(ports)} of slot {index}/{count}")
 
 
 def port_in_use(port: int, host: str = HOST) -> bool:

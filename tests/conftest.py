@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests import xdist_groups
 
 # Before anything imports Keras, MLflow or BentoML.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -18,12 +21,52 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CLASS_COLOURS = {"circle": (220, 40, 40), "square": (40, 200, 60), "stripes": (40, 60, 220)}
+XDIST_GROUPS = pytest.StashKey[Path]()  # the controller's file of the workers' xdist groups
+
+
+def pytest_configure(config):
+    """Two pytest-xdist workers (tests/xdist_groups.py): the controller names the file the
+    workers write their groups to; on a worker, free_port hands out ports of this worker's
+    slot only, so two workers (and the servers they start) never race for a port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    if worker:
+        count = os.environ["PYTEST_XDIST_WORKER_COUNT"]
+        os.environ["IMGCLS_PORT_SLOT"] = f"{worker.removeprefix('gw')}/{count}"
+    elif config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "loadgroup":
+        config.stash[XDIST_GROUPS] = Path(tempfile.mkdtemp(prefix="imgcls-xdist-")) / "groups.json"
+
+
+def pytest_unconfigure(config):
+    if XDIST_GROUPS in config.stash:
+        shutil.rmtree(config.stash[XDIST_GROUPS].parent, ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    if XDIST_GROUPS in node.config.stash:
+        node.workerinput[xdist_groups.GROUPS_FILE_KEY] = str(node.config.stash[XDIST_GROUPS])
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # before pytest-xdist's own loadgroup
+def pytest_xdist_make_scheduler(config, log):
+    if XDIST_GROUPS in config.stash and config.getvalue("dist") == "loadgroup":
+        return xdist_groups.GroupScheduling(config, log, config.stash[XDIST_GROUPS])
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """On a worker of `--dist loadgroup`, write each test's xdist group for the controller."""
+    groups_file = getattr(config, "workerinput", {}).get(xdist_groups.GROUPS_FILE_KEY)
+    if groups_file:
+        xdist_groups.write_groups(Path(groups_file), items)
 
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
-    """Keras, MLflow and BentoML write under a per-session temp folder, never $HOME."""
+    """Keras, MLflow, BentoML and imgcls write under a per-session (per-worker) temp
+    folder, never $HOME or the checkout's .imgcls."""
     home = tmp_path_factory.getbasetemp() / "home"
+    monkeypatch.setenv("IMGCLS_HOME", str(home / "imgcls"))
     monkeypatch.setenv("KERAS_HOME", str(home / "keras"))
     monkeypatch.setenv("BENTOML_HOME", str(home / "bentoml"))
     monkeypatch.setenv("IMGCLS_SERVE_CACHE_DIR", str(home / "serve-cache"))

@@ -275,6 +275,7 @@ def test_a_level_client_renews_its_connections():
         server.shutdown()
 
 
+@pytest.mark.timing
 def test_drive_records_every_request_and_stops_on_the_event():
     stop = threading.Event()
 
@@ -300,6 +301,7 @@ def test_drive_records_every_request_and_stops_on_the_event():
     )
 
 
+@pytest.mark.timing
 def test_run_level_counts_and_caps():
     row = loadgen.run_level(lambda i: loadgen.Answer(200), requests=20, concurrency=4, cap_s=10)
     assert (row["requests"], row["errors"], row["capped"], row["concurrency"]) == (20, 0, False, 4)
@@ -310,6 +312,7 @@ def test_run_level_counts_and_caps():
     assert loadgen.percentiles([1.0, 2.0, 3.0])["p50_ms"] == 2.0
 
 
+@pytest.mark.timing
 def test_tree_sampler_sees_a_child_process_memory(tmp_path):
     code = "import subprocess, sys, time; b = bytearray(64 << 20); subprocess.run([sys.executable, '-c', 'import time; time.sleep(30)'])"
     proc = subprocess.Popen([sys.executable, "-c", code])

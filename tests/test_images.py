@@ -262,6 +262,7 @@ def _mutations(data: bytes, rng: random.Random):
         yield bytes(out)
 
 
+@pytest.mark.timing  # as many cases as 20 s allow, at least 2000
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's notes on corrupt TIFF/EXIF tags
 def test_fuzzed_files_raise_only_image_decode_error():
     """A seeded mutation loop over every format: a 4xx reason or a valid image, nothing else."""

@@ -32,7 +32,8 @@ from imgcls.processes import (
 from service.cli import serve_command
 from tests.service_fixtures import colour_image, encode, save_tiny_model, service_env, tiny_card
 
-pytestmark = pytest.mark.slow
+# timing: every test bounds how long a stop takes (seconds, on a busy machine too).
+pytestmark = [pytest.mark.slow, pytest.mark.timing]
 ROOT = Path(__file__).resolve().parents[1]
 GRACEFUL_S = 10  # the serve tests' --graceful-timeout
 

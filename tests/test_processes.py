@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import httpx
 import pytest
 
 from imgcls.processes import (
+    SLOT_PORTS,
     ServerProcess,
     descendants,
     free_port,
@@ -23,9 +25,29 @@ from imgcls.processes import (
     wait_ready,
 )
 
+pytestmark = pytest.mark.timing  # stops and failures bounded in seconds
+
 
 def http_server(port: int) -> list[str]:
     return [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+
+
+def test_port_slots_never_share_a_port_and_skip_one_in_use(monkeypatch):
+    """Two xdist workers (IMGCLS_PORT_SLOT=0/2 and 1/2, tests/conftest.py) pick from
+    disjoint ports below the OS's own picks; a port in use is never handed out."""
+    picked = {}
+    for slot in ("0/2", "1/2"):
+        monkeypatch.setenv("IMGCLS_PORT_SLOT", slot)
+        picked[slot] = {free_port() for _ in range(100)}
+    assert {p % 2 for p in picked["0/2"]} == {0} and {p % 2 for p in picked["1/2"]} == {1}
+    assert max(picked["0/2"] | picked["1/2"]) < 32768  # Linux's ephemeral range starts there
+    count = len(SLOT_PORTS) // 2  # a slot of exactly two ports
+    monkeypatch.setenv("IMGCLS_PORT_SLOT", f"0/{count}")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", free_port()))
+        held.listen()
+        other = free_port()
+        assert other != held.getsockname()[1] and {free_port() for _ in range(20)} == {other}
 
 
 def test_server_process_answers_then_stop_frees_its_port(tmp_path):

@@ -316,6 +316,7 @@ def mlflow_server(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_a_hung_tracking_server_fails_the_locked_write_in_seconds(mlflow_server, tmp_path):
     """Held under the lock, the server is SIGSTOPped (connections accepted, never answered),
     then the promotion goes on: it fails within seconds, the alias unchanged; after SIGCONT

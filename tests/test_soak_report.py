@@ -7,6 +7,8 @@ import threading
 import time
 from collections import Counter
 
+import pytest
+
 from bench import soak
 from bench.loadgen import Answer, Record, open_loop
 from bench.sampling import Usage
@@ -67,6 +69,7 @@ def test_a_5xx_growing_memory_and_a_slow_minute_fail_their_targets():
     assert any("p99 per minute" in line for line in failed)
 
 
+@pytest.mark.timing
 def test_open_loop_keeps_its_rate_when_answers_are_slow():
     """At 50 requests/s with each answer taking 0.2 s, an open loop still starts ~50 in a
     second (a closed loop of 4 threads would start 20)."""
@@ -84,6 +87,7 @@ def test_open_loop_keeps_its_rate_when_answers_are_slow():
     assert all(r.ok and r.latency_ms >= 190 for r in records)
 
 
+@pytest.mark.timing
 def test_open_loop_stops_on_the_event():
     stop = threading.Event()
     threading.Timer(0.3, stop.set).start()
