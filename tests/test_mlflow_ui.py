@@ -106,10 +106,9 @@ def test_remote_lease_admits_one_holder_at_a_time(served):
 
 @pytest.mark.browser
 def test_browser_finds_experiment_run_and_champion(served, tmp_path):
-    from tests.registry_fixtures import chromium
+    from tests.browser import require_chromium
 
-    if chromium() is None:
-        pytest.skip("chromium is not installed (make browser)")
+    require_chromium()
     import mlflow
 
     url, outcome = served["url"], served["outcome"]
@@ -125,10 +124,9 @@ def test_browser_finds_experiment_run_and_champion(served, tmp_path):
 
 @pytest.mark.browser
 def test_browser_shows_the_model_description_and_the_version_card(served, tmp_path):
-    from tests.registry_fixtures import chromium
+    from tests.browser import require_chromium
 
-    if chromium() is None:
-        pytest.skip("chromium is not installed (make browser)")
+    require_chromium()
     check_registry_pages(served["url"], served["settings"].model_name, tmp_path / "pipeline")
 
 
@@ -141,10 +139,9 @@ def test_browser_shows_a_hand_move_and_the_rollback_after_it(served, tmp_path):
     from registry.promote import force_promote, rollback
     from registry.reconcile import OUTSIDE
     from registry.register import register_candidate
-    from tests.registry_fixtures import chromium
+    from tests.browser import require_chromium
 
-    if chromium() is None:
-        pytest.skip("chromium is not installed (make browser)")
+    require_chromium()
     url, result = served["url"], served["outcome"].result
     settings = registry_settings(model_name="ui-hand-moves", bento_import=False)
     client = MlflowClient(tracking_uri=url, registry_uri=url)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -319,7 +318,6 @@ def _adaptive_batch_sizes(metrics: str) -> dict[str, float]:
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium")
 def test_page_shows_the_label_of_an_uploaded_file(server, tmp_path):
     image = tmp_path / "red.png"
     image.write_bytes(encode(colour_image("red"), "PNG"))

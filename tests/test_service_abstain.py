@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import shutil
 
 import httpx
 import numpy as np
@@ -87,7 +86,6 @@ def test_imgcls_predict_marks_the_files_it_abstains_on(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.browser
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium")
 def test_the_page_says_when_the_model_is_not_sure(abstaining_server, tmp_path):
     image = tmp_path / "grey.png"
     image.write_bytes(GREY)

@@ -4,7 +4,6 @@ needs one (401 in the error shape with WWW-Authenticate); `imgcls serve --api-ke
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -128,7 +127,6 @@ def test_the_cli_reads_keys_from_a_file_and_protects_metrics(cli_server):
 
 @pytest.mark.slow
 @pytest.mark.browser
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium")
 def test_the_page_asks_for_the_key_and_then_classifies(keyed_server, tmp_path):
     image = tmp_path / "red.png"
     image.write_bytes(RED)

@@ -304,11 +304,10 @@ def test_the_ui_of_the_team_server_shows_the_registry_descriptions(
 ):
     """What a team sees: the model's and the champion's descriptions, rendered by the real
     MLflow UI of the PostgreSQL/S3 server, in headless chromium, as the read-only user."""
+    from tests.browser import require_chromium
     from tests.mlflow_pages import check_registry_pages
-    from tests.registry_fixtures import chromium
 
-    if chromium() is None:
-        pytest.fail("chromium is not installed (make test installs it)")
+    require_chromium()
     for key, value in team_stack.client_env(reader=True).items():
         monkeypatch.setenv(key, value)
     check_registry_pages(team_stack.url, champion["settings"].model_name, tmp_path, auth=team_stack.reader)
