@@ -208,23 +208,25 @@ def _reference(model, x: np.ndarray, where: Path) -> np.ndarray:
     """Keras's probabilities on the parity set `x`: computed once per build folder, parity
     set, CPU and software (under the folder's lock, so N workers compute them once), read
     back after that. An unreadable or mismatched file is computed again."""
-    path = where / f"reference-{_reference_key(x)}.npy"
+    path = where / f"reference-{_reference_key(model, x)}.npy"
     with _locked(where / ".lock"):
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(Exception):  # unreadable, truncated, wrong: computed again
             kept = np.load(path)
-            if kept.shape[0] == len(x):
+            if kept.shape == (len(x), model.output_shape[-1]) and np.isfinite(kept).all():
                 return kept
         reference = _keras_probabilities(model, x)
         partial = path.with_name(f".{path.name}")
         with open(partial, "wb") as handle:
             np.save(handle, reference)
+            handle.flush()
+            os.fsync(handle.fileno())  # whole on disk before it is named
         os.replace(partial, path)
     return reference
 
 
-def _reference_key(x: np.ndarray) -> str:
-    """A digest of the parity set, the CPU (model and flags) and the Keras stack: what
-    Keras's probabilities on it depend on."""
+def _reference_key(model, x: np.ndarray) -> str:
+    """A digest of the model's weights, the parity set, the CPU (model and flags) and the
+    Keras stack: what Keras's probabilities on it depend on."""
     import hashlib
 
     import keras
@@ -233,7 +235,9 @@ def _reference_key(x: np.ndarray) -> str:
     with contextlib.suppress(OSError):
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         cpu = "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
-    digest = hashlib.sha256(np.ascontiguousarray(x).tobytes())
+    digest = hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16)
+    for weights in model.get_weights():
+        digest.update(np.ascontiguousarray(weights).tobytes())
     backend = keras.backend.backend()
     stack = f"{keras.__version__}|{backend} {getattr(sys.modules.get(backend), '__version__', '')}|{np.__version__}"
     digest.update(f"{cpu}|{stack}".encode())

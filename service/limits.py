@@ -1,5 +1,5 @@
-"""Request guards for the HTTP front: JSON errors for client mistakes, the byte limit (413),
-and a bound on the decodes running at once in one front process (503)."""
+"""Request guards: JSON errors for client mistakes, the byte limit (413), and a bound on the
+decodes running at once in one model process and the memory they hold (503)."""
 
 from __future__ import annotations
 
@@ -52,10 +52,11 @@ class DecodeSlots:
         self._running = self._reserved = 0
 
     @contextlib.contextmanager
-    def hold(self, cost_bytes: int) -> Iterator[None]:
-        """Room for one decode of `cost_bytes` during the block; raises Rejected(503)."""
+    def hold(self, cost_bytes: int, since: float | None = None) -> Iterator[None]:
+        """Room for one decode of `cost_bytes` during the block; raises Rejected(503).
+        `since`: when the decode was asked for (monotonic), if it waited before this call."""
         cost = min(cost_bytes, self.budget_bytes)
-        deadline = time.monotonic() + self.wait_s
+        deadline = (time.monotonic() if since is None else since) + self.wait_s
         with self._room:
             while self._running >= self.limit or self._reserved + cost > self.budget_bytes:
                 left = deadline - time.monotonic()

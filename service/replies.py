@@ -12,7 +12,9 @@ so one version answers all of them, and each answer names it: no retry, nothing 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import logging
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,8 @@ from imgcls.images import ImageDecodeError
 from service.limits import Rejected
 from service.predictor import Predictor, top_k
 from service.uploads import Decoder, refused_status
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,13 +38,21 @@ class Upload:
     size: tuple[int, int] | None = None
     error: dict[str, Any] | None = None
     reply: dict[str, Any] | None = None
+    arrived: float = field(default_factory=time.monotonic)
 
     def decode(self, decoder: Decoder, size: tuple[int, int]) -> None:
-        """Its pixels at `size`, or its `error` reply."""
+        """Its pixels at `size`, or its `error` reply (a 500 for what no upload should cause)."""
         try:
-            self.pixels, self.size = decoder.model_input(self.data, size), size
+            self.pixels, self.size = decoder.model_input(self.data, size, self.arrived), size
         except (ImageDecodeError, Rejected) as exc:
             self.error = error_reply(exc)
+        except Exception as exc:  # noqa: BLE001 - this image fails, not its batch
+            logger.exception("decoding an upload failed")
+            self.error = {
+                "error": f"decoding failed: {type(exc).__name__}",
+                "status": 500,
+                "retry_after_s": None,
+            }
 
 
 async def decode_uploads(decoder: Decoder, blobs: list[bytes], k: int, size: tuple[int, int]) -> list[Upload]:
@@ -55,9 +67,8 @@ def classify_uploads(predictor: Predictor, uploads: list[Upload], decoder: Decod
     """One reply per upload, all computed by `predictor`, in forward passes of at most
     `step` images: its top-k labels, or the error that kept it from being decoded."""
     size = tuple(predictor.card.image_size)
-    for upload in uploads:
-        if upload.error is None and upload.size != size:  # decoded for the model a swap replaced
-            upload.decode(decoder, size)
+    stale = [u for u in uploads if u.error is None and u.size != size]  # for a model swapped out
+    list(decoder.pool.map(lambda upload: upload.decode(decoder, size), stale))
     fits = [u for u in uploads if u.error is None]
     origin = model_origin(predictor)
     for start in range(0, len(fits), step):

@@ -13,7 +13,10 @@ answers and the same errors: `client.predict(image=Path("cat.jpg"))`.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
 SCHEMA_PATH = "/schema.json"
@@ -100,14 +103,22 @@ class PublicSchemaMiddleware:
             messages.append(message)
 
         await self.app(scope, receive, keep)
+        if not messages:
+            return
         start, body = messages[0], b"".join(m.get("body", b"") for m in messages[1:])
         if start["status"] == 200:
-            schema = json.loads(body)
-            if self._endpoints is None:
-                self._endpoints = public_endpoints(self.page)
-            schema["routes"] = [*schema.get("routes", []), *self._endpoints]
-            body = json.dumps(schema).encode()
+            try:
+                body = self._with_public_routes(body)
+            except Exception:  # noqa: BLE001 - BentoML's own schema still answers
+                logger.exception("the public routes could not be added to %s", SCHEMA_PATH)
             headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
             start = {**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
         await send(start)
         await send({"type": "http.response.body", "body": body})
+
+    def _with_public_routes(self, body: bytes) -> bytes:
+        schema = json.loads(body)
+        if self._endpoints is None:
+            self._endpoints = public_endpoints(self.page)
+        schema["routes"] = [*schema.get("routes", []), *self._endpoints]
+        return json.dumps(schema).encode()

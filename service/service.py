@@ -54,7 +54,7 @@ from service.shedding import (
     model_max_concurrency,
 )
 from service.sources import build_follower
-from service.uploads import Decoder, read_upload, refuse
+from service.uploads import Decoder, HeldUploads, read_upload, refuse
 
 logger = logging.getLogger(__name__)
 SETTINGS = ServiceSettings()
@@ -112,6 +112,7 @@ class ClassifierModel:
         configure_accelerator()
         self.follower = build_follower(SETTINGS, FollowerMetrics())
         self.decoder = Decoder(SETTINGS)  # every decode of this process: bounded memory
+        self.held = HeldUploads(SETTINGS.upload_memory_mib * 2**20)  # and the uploads it holds
         return_freed_memory_to_the_system()
         metrics = BatchMetrics()
         self.batcher = Batcher(
@@ -129,6 +130,7 @@ class ClassifierModel:
 
     @bentoml.on_shutdown
     def stop_following(self) -> None:
+        """Stop polling, batching and decoding."""
         self.follower.stop()
         self.batcher.close()
         self.decoder.close()
@@ -145,12 +147,17 @@ class ClassifierModel:
 
     async def classify_here(self, images: list[bytes], k: int) -> list[dict]:
         """`classify` for a caller in this process (service/link.py), without BentoML's
-        per-call wrapping of an API method."""
-        uploads = await decode_uploads(self.decoder, images, k, self._input_size())
-        if any(u.error for u in uploads):
-            return [u.error or {} for u in uploads]
+        per-call wrapping of an API method. When an upload cannot be used, no image of
+        the request is classified: the replies are its errors (`{}` for the others, which
+        the front never reads: it answers the first error)."""
         try:
-            return await self.batcher.submit(uploads)
+            with self.held.hold(sum(map(len, images))):
+                uploads = await decode_uploads(self.decoder, images, k, self._input_size())
+                if any(u.error for u in uploads):
+                    return [u.error or {} for u in uploads]
+                return await self.batcher.submit(uploads)
+        except Rejected as exc:
+            return [error_reply(exc)] * len(images)
         except Overloaded as exc:
             raise ServiceUnavailable(f"the model is overloaded: {exc}") from exc
 
@@ -161,6 +168,7 @@ class ClassifierModel:
         )
 
     def _input_size(self) -> tuple[int, int]:
+        """The served model's (height, width), what uploads are decoded at on arrival."""
         return tuple(self.follower.served.predictor.card.image_size)
 
     @bentoml.api
@@ -175,16 +183,19 @@ class ClassifierModel:
     async def explain_here(self, image: bytes) -> dict:
         """`explain` for a caller in this process (service/link.py). The overlay is drawn
         on a preview of at most 1024 px, a second decode (training's pixels are the model's)."""
-        (upload,) = await decode_uploads(self.decoder, [image], 1, self._input_size())
-        if upload.error:
-            return upload.error
         try:
-            preview = await asyncio.get_running_loop().run_in_executor(
-                self.decoder.pool, self.decoder.preview, image
-            )
+            with self.held.hold(len(image)):
+                preview = asyncio.get_running_loop().run_in_executor(
+                    self.decoder.pool, self.decoder.preview, image
+                )
+                (upload,), preview = await asyncio.gather(
+                    decode_uploads(self.decoder, [image], 1, self._input_size()), preview
+                )
+                if upload.error:
+                    return upload.error
+                return await self.heatmaps.run(self._explain, upload, preview)
         except (ImageDecodeError, Rejected) as exc:
             return error_reply(exc)
-        return await self.heatmaps.run(self._explain, upload, preview)
 
     def _explain(self, upload: Upload, preview: np.ndarray) -> dict:
         hook("heatmap")  # a test seam: IMGCLS_HOOK_HEATMAP (imgcls/hooks.py)
@@ -222,9 +233,8 @@ class ImageClassifier:
 
     FastAPI routes rather than `@bentoml.api` ones: they parse the upload themselves, so
     every client mistake (a wrong field name included) gets a 4xx with a JSON reason.
-    Async: they check each upload's header and await the model, on the event loop, with no
-    thread hop per request. The
-    front keeps no model facts of its own: labels, version and input size come back with
+    Async: they await the upload and the model on the event loop, with no thread hop per
+    request. The front keeps no model facts of its own: labels and version come back with
     each answer, so a swap in the model process can never mix two versions in one answer.
     """
 

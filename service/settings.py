@@ -111,6 +111,11 @@ class ServiceSettings(BaseSettings):
         ge=16,
         description="Memory the concurrent decodes of one model process may hold (MiB); beyond: 503.",
     )
+    # What the uploads a model process holds at once (queued, decoding, in a batch) may
+    # weigh: 512 MiB is 25 uploads at the 20 MiB limit, or thousands of photos.
+    upload_memory_mib: int = Field(
+        512, ge=16, description="Bytes of uploads one model process holds at once (MiB); beyond: 503."
+    )
     # A short wait absorbs bursts of small images; a long one would only hold the
     # client's connection while big images go through.
     decode_wait_s: float = Field(

@@ -102,7 +102,7 @@ def test_an_upload_decoded_for_a_model_swapped_out_is_decoded_again_for_the_one_
     decoder = Decoder(ServiceSettings())
     decodes = []
     decode = decoder.model_input
-    decoder.model_input = lambda data, size: decodes.append(size) or decode(data, size)
+    decoder.model_input = lambda data, size, since=None: decodes.append(size) or decode(data, size, since)
     data = encode(colour_image("red", (64, 48)), "PNG")
     fresh, stale = Upload(data, 2), Upload(data, 3)
     fresh.decode(decoder, (32, 32))
@@ -118,6 +118,16 @@ def test_an_upload_decoded_for_a_model_swapped_out_is_decoded_again_for_the_one_
     assert replies[0]["batch"] == 1  # forward passes of at most `step` images
     assert replies[2]["status"] == 400 and "error" in replies[2]
     assert decodes == [(32, 32), (40, 40), (32, 32), (32, 32)]  # once each; the stale one again
+
+    def failing(data, size, since=None):
+        raise RuntimeError("a decoder bug")
+
+    decoder.model_input = failing  # an unexpected error fails its own image, not the batch
+    other = Upload(data, 1)
+    other.decode(decoder, (40, 40))
+    replies = classify_uploads(versions["2"], [other, fresh], decoder, step=8)
+    assert replies[0]["status"] == 500 and "RuntimeError" in replies[0]["error"]
+    assert replies[1]["version"] == "2"
     decoder.close()
 
 

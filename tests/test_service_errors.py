@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from http import HTTPStatus
 
 import aiohttp
@@ -15,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from service.limits import DecodeSlots, Rejected, install_error_handlers
 from service.link import RemoteLink
+from service.uploads import HeldUploads, refuse
 
 
 def _app() -> TestClient:
@@ -133,6 +135,37 @@ def test_a_waiting_decode_gets_the_slot_freed_within_its_wait():
     with slots.hold(50):  # waits for the first to finish, no 503
         pass
     worker.join()
+
+
+def test_a_decode_that_waited_for_a_thread_counts_that_wait():
+    slots = DecodeSlots(limit=1, budget_bytes=100, wait_s=5)
+    late = time.monotonic() - 6  # asked for 6 s ago: its 5 s are over, and no room: 503 at once
+    with slots.hold(50), pytest.raises(Rejected), slots.hold(50, since=late):
+        pass
+    with slots.hold(50, since=time.monotonic() - 6):  # room: it runs, however long it waited
+        pass
+
+
+def test_uploads_held_by_the_model_process_stay_within_their_budget():
+    held = HeldUploads(budget_bytes=100)
+    with held.hold(60), pytest.raises(Rejected) as refused, held.hold(50):
+        pass
+    assert refused.value.status == 503 and refused.value.retry_after_s == 1
+    with held.hold(60), held.hold(40):  # fits beside it
+        pass
+    with held.hold(10**9):  # bigger than the budget: held alone
+        pass
+    assert held.held_bytes == 0
+
+
+def test_the_model_process_refusals_reach_the_client_as_they_were_made():
+    refuse({"predictions": []}, "image", "a.png")  # an answer: nothing raised
+    with pytest.raises(Rejected) as bad:
+        refuse({"error": "image is truncated", "status": 400, "retry_after_s": None}, "image 1", "a.png")
+    assert (bad.value.status, bad.value.message) == (400, "image 1 (a.png): image is truncated")
+    with pytest.raises(Rejected) as busy:  # the server's state, not the upload's: no file named
+        refuse({"error": "busy decoding", "status": 503, "retry_after_s": 1}, "image", "a.png")
+    assert (busy.value.status, busy.value.message, busy.value.retry_after_s) == (503, "busy decoding", 1)
 
 
 def test_a_500_keeps_the_keep_alive_connection(tmp_path):
