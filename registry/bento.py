@@ -2,7 +2,7 @@
 
 The store mirrors the alias: the entry of the current champion carries the label
 `alias=<alias>`. A promotion downloads the model first (slow, outside the registry lock),
-and saves the entry only once the alias has moved and been read back, then deletes the
+and saves the entry only once the alias write has succeeded, then deletes the
 entries of earlier champions (registry/steps.py); the next command's reconcile repairs a
 store a crash left behind (registry/reconcile.py plans it, registry/steps.py carries it out).
 """

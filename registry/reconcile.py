@@ -1,31 +1,17 @@
 """The alias is the truth: what must change so the history, the status tags and the BentoML
-store agree with it, after a hand move or a promotion that died half-way. Pure: a plan
-over the `Snapshot` that `registry.steps.read_snapshot` reads; `registry.steps.repair`
-carries it out with the promotion's own executor.
+store agree with it, after a hand move or a promotion that died half-way. Pure: a plan over
+the `Snapshot` that `registry.steps.read_snapshot` reads; `registry.steps.repair` carries it
+out with the promotion's own executor.
 
-Two kinds of drift:
-
-- **A move that never finished.** A promotion marks its move in flight
-  (`imgcls.move_in_flight`) before writing the record and clears the marker once the
-  alias moved. A marker still there means the process died or failed in between: if the
-  alias points at the marker's version the move happened (the marker is cleared, the
-  version tagged `promoted`, the descriptions rewritten); otherwise it never did and its
-  record is removed (`settled_history`).
-- **A move made by hand.** Anyone with write access to the registered model can set or
-  delete the champion alias (MLflow's UI, a script): the gate is bypassed and no history is
-  written, so the history no longer ends at the champion. `manual_move` is the comparison
-  of the two; the missing record is written, under the registry lock, as a move of action
-  `manual` by `unknown (outside imgcls)`. Only commands that write anyway repair (pipeline,
-  `models promote`, `models rollback`); `models list` and `show` merely show a pending one,
-  so a user who may only read can still run them.
-
-In the lineage a manual move counts as a promotion (`rollback` then goes back to the
-champion before it); a removal of the alias ends the lineage. Either way the BentoML store
-then mirrors the alias: entries labelled champion of another version are deleted, and the
-alias's version is imported if it has none (not after a removal: the store keeps the last
-champion). The store is read only by the snapshot a command plans on, not under the lock of
-its move: drift found there is recorded without a BentoML copy, which the next snapshot
-brings in line.
+- **A move that never finished**: its in-flight marker (`imgcls.move_in_flight`) is still
+  there. If the alias points at the marker's version the move happened (the marker goes, the
+  version is tagged `promoted`, the descriptions rewritten); otherwise its record goes too.
+- **A move made by hand** (MLflow's UI, a script; no gate, no history): the history no
+  longer ends at the alias (`manual_move`). It is recorded as a move of action `manual` by
+  `unknown (outside imgcls)`; in the lineage it counts as a promotion, and a removal of the
+  alias ends the lineage. Only writing commands repair; `models list` and `show` show it.
+- **BentoML** mirrors the alias: other entries labelled champion are retired, and the
+  alias's version is imported if it has none (not after a removal: the store keeps the last).
 """
 
 from __future__ import annotations
@@ -124,11 +110,6 @@ def _bento_repair(snapshot: Snapshot) -> MirrorBento | None:
     return MirrorBento(snapshot.champion, keep=mine[0] if mine else None)
 
 
-def recorded_champion(moves: list[AliasMove]) -> str | None:
-    """The champion the history says there is: where its last move left the alias."""
-    return moves[-1].to_version if moves else None
-
-
 def manual_move(
     moves: list[AliasMove], champion: str | None, metric: str, at: str | None = None
 ) -> AliasMove | None:
@@ -136,7 +117,7 @@ def manual_move(
 
     `at` is when the move was noticed (default: now): MLflow keeps no time for an alias.
     """
-    recorded = recorded_champion(moves)
+    recorded = moves[-1].to_version if moves else None  # where the history left the alias
     if champion == recorded:
         return None
     return hand_move(recorded, champion, metric, at)

@@ -283,9 +283,8 @@ def act(
 
 @dataclass(frozen=True)
 class Moved:
-    """The alias moved (`confirmed`: and was read back); `interrupted`: a signal was held back."""
+    """The alias moved; `interrupted`: a signal was held back meanwhile."""
 
-    confirmed: bool
     interrupted: bool
 
 
@@ -316,7 +315,7 @@ def record(
     log.info("%s -> version %s (%s from %s)", settings.alias, move.to_version, move.action, move.from_version)
     if signals:
         log.warning("an interrupt arrived during the alias move; the move completed first and stands")
-    return Moved(confirmed, bool(signals))
+    return Moved(bool(signals))
 
 
 def _move_alias(client: MlflowClient, settings: RegistrySettings, move: AliasMove, key: str) -> None:
