@@ -185,14 +185,14 @@ class ClassifierModel:
         on a preview of at most 1024 px, a second decode (training's pixels are the model's)."""
         try:
             with self.held.hold(len(image)):
-                preview = asyncio.get_running_loop().run_in_executor(
-                    self.decoder.pool, self.decoder.preview, image
-                )
-                (upload,), preview = await asyncio.gather(
-                    decode_uploads(self.decoder, [image], 1, self._input_size()), preview
-                )
+                (upload,) = await decode_uploads(self.decoder, [image], 1, self._input_size())
                 if upload.error:
                     return upload.error
+                # One after the other: together, two copies of a 40 MP image would not fit
+                # the decode budget, and the second would get a 503.
+                preview = await asyncio.get_running_loop().run_in_executor(
+                    self.decoder.pool, self.decoder.preview, image, upload.arrived
+                )
                 return await self.heatmaps.run(self._explain, upload, preview)
         except (ImageDecodeError, Rejected) as exc:
             return error_reply(exc)

@@ -44,14 +44,16 @@ def test_each_way_of_serving_gets_its_runtime_and_a_bentoml_home_of_its_own(tmp_
     case = Case("demo", "serve-bench-demo", 32, "1", "serve-bench-demo:abc", tmp_path / "model.keras")
     args = serve_bench.parse_args(["--quick"])
     args.cache_dir = tmp_path / "serve-cache"
+    args.base_tree = tmp_path / "base"  # imgcls-base: the service of another checkout
     env = {
         name: servers.service_server(case, True, args, tmp_path / "log", name).env for name in report.SERVICES
     }
     runtime = {
         name: (e.get("IMGCLS_SERVE_RUNTIME"), e.get("IMGCLS_SERVE_PRECISION")) for name, e in env.items()
     }
-    assert runtime == {"imgcls": (None, None), "imgcls-f32": (None, "f32"), "imgcls-keras": ("keras", None),
-                       "imgcls-1p": (None, None)}  # fmt: skip
+    assert runtime == {"imgcls": (None, None), "imgcls-base": (None, None), "imgcls-f32": (None, "f32"),
+                       "imgcls-keras": ("keras", None), "imgcls-1p": (None, None)}  # fmt: skip
+    assert env["imgcls-base"]["PYTHONPATH"].split(os.pathsep)[0] == str((tmp_path / "base").resolve())
     assert (
         env["imgcls-1p"]["IMGCLS_SERVE_ONE_PROCESS"] == "true"
         and env["imgcls-1p"]["IMGCLS_SERVE_FRONT_WORKERS"] == "1"
@@ -59,7 +61,7 @@ def test_each_way_of_serving_gets_its_runtime_and_a_bentoml_home_of_its_own(tmp_
     assert {e["IMGCLS_SERVE_CACHE_DIR"] for e in env.values()} == {str(tmp_path / "serve-cache")}
     # Side by side, each `bentoml serve` empties its home's metrics: a home each, one model store.
     homes = [Path(e["BENTOML_HOME"]) for e in env.values()]
-    assert len(set(homes)) == 4 and all(
+    assert len(set(homes)) == 5 and all(
         (home / "models").resolve() == tmp_path / "bentoml/models" for home in homes
     )
 
