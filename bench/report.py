@@ -140,8 +140,8 @@ def breakdown(results: dict) -> str:
     service's own access-log times and mean batch, CPU ms per image of each process group."""
     lines = [
         "| case | server | step | concurrency | client p50 ms | front /predict p50 ms | model /classify p50 ms "
-        "| mean batch | CPU ms/image: " + " / ".join(GROUPS) + " |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| forward pass mean ms | mean batch | CPU ms/image: " + " / ".join(GROUPS) + " |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, result in results.items():
         methods = dict.fromkeys(r["method"] for r in result["a"] if r.get("method") != "predict")
@@ -151,14 +151,20 @@ def breakdown(results: dict) -> str:
                 if row:
                     cpu = row.get("cpu_ms_per_image", {}).get("in-process")
                     lines.append(_line([key, f"in process {method}", "-", f"batch {batch}",
-                                        *["-"] * 4, f"in process {_ms(cpu)}"]))  # fmt: skip
+                                        *["-"] * 5, f"in process {_ms(cpu)}"]))  # fmt: skip
         for server in servers(result):
             for step, concurrency in steps(result):
                 rows = rows_of(result, server, step)
                 if not rows:
                     continue
                 cells = [key, server, str(step), str(concurrency)]
-                for k in ("p50_ms", "front_predict_ms_p50", "model_classify_ms_p50", "mean_batch"):
+                for k in (
+                    "p50_ms",
+                    "front_predict_ms_p50",
+                    "model_classify_ms_p50",
+                    "forward_ms_mean",
+                    "mean_batch",
+                ):
                     s = spread(rows, k)
                     cells.append("-" if s is None else f"{s[1]:.1f}")
                 cpu = [statistics.median(v) if (v := [r["cpu_ms_per_image"][g] for r in rows
@@ -228,28 +234,30 @@ def own_median_ms(result: dict, server: str) -> float | None:
 
 
 def lone_target(key: str, result: dict, server: str = "imgcls") -> list[tuple[bool | None, str]]:
-    """c=1, every round and step: the service's p50 within MAX_ADDED_MS of the model's own
-    batch-1 p50 in process, taken just before; when not, the worst level by stage."""
+    """c=1: the median over rounds of the service's p50 within MAX_ADDED_MS of the median
+    of the model's own batch-1 p50 in process, each taken just before; when not, the stages
+    of the median level."""
     lone = [r for r in result["rounds"] if r["server"] == server and r["concurrency"] == 1]
     pairs = [(r, own_batch1_ms(result, r["round"], r["step"], server)) for r in lone]
     if not pairs or any(r["p50_ms"] is None or own is None for r, own in pairs):
         return [(False, f"{key}: c=1: no figures for the service or the model")] if lone else []
-    added = [r["p50_ms"] - own for r, own in pairs]
-    ok = max(added) <= MAX_ADDED_MS
-    text = ", ".join(f"r{r['round']}s{r['step']} {a:+.1f}" for (r, _), a in zip(pairs, added, strict=True))
-    own_text = "/".join(f"{own:.1f}" for _, own in pairs)
+    served = statistics.median(r["p50_ms"] for r, _ in pairs)
+    own = statistics.median(own for _, own in pairs)
+    ok = served - own <= MAX_ADDED_MS
+    each = ", ".join(f"r{r['round']}s{r['step']} {r['p50_ms']:.1f}/{o:.1f}" for r, o in pairs)
     used = engine(result, server)
     checks: list[tuple[bool | None, str]] = [
-        (ok, f"{key}: {server} c=1 p50 within {MAX_ADDED_MS:g} ms of the model's own batch-1 p50 just "
-             f"before ({used}: {own_text} ms), every round (r) and step (s): {text} ms"),
+        (ok, f"{key}: {server} c=1 p50 within {MAX_ADDED_MS:g} ms of the model's own batch-1 p50 ({used}), "
+             f"medians over rounds: {served:.1f} vs {own:.1f} ms, {served - own:+.1f} ms "
+             f"(round r step s, service/model: {each})"),
     ]  # fmt: skip
     if not ok:
-        worst, own = max(pairs, key=lambda pair: pair[0]["p50_ms"] - pair[1])
-        checks.append((None, f"{key}:   stage: {lone_stages(worst, own, engine_method(used))}"))
+        middle, own_there = sorted(pairs, key=lambda pair: pair[0]["p50_ms"])[(len(pairs) - 1) // 2]
+        checks.append((None, f"{key}:   stage: {lone_stages(middle, own_there)}"))
     return checks
 
 
-def lone_stages(row: dict, own_ms: float, method: str = "predict_on_batch") -> str:
+def lone_stages(row: dict, own_ms: float) -> str:
     """Where a lone request's time over the model's own goes: client and HTTP, the front
     (the upload's check, the call to the model process), the model process (decode, queue,
     batch)."""
@@ -257,10 +265,21 @@ def lone_stages(row: dict, own_ms: float, method: str = "predict_on_batch") -> s
     if front is None:
         return f"client p50 {row['p50_ms']:.1f} ms (no access-log times)"
     head = f"round {row['round']} step {row['step']}: client+HTTP {row['p50_ms'] - front:+.1f} ms"
+    # The forward pass timed in the serving process (imgcls_forward_seconds), else the
+    # model's own in the bench process: its load, not the service, may slow it there.
+    forward = row.get("forward_ms_mean")
+    tail = (
+        ""
+        if forward is None
+        else f" (forward pass in the server {forward:.1f} vs {own_ms:.1f} ms in process)"
+    )
+    forward = own_ms if forward is None else forward
     if model is None:  # one process: no /classify of its own in the access log
-        return f"{head}, server (decode, batch, answer) beyond {method} {front - own_ms:+.1f} ms"
+        return (
+            f"{head}, server (decode, batch, answer) beyond the forward pass {front - forward:+.1f} ms{tail}"
+        )
     return (f"{head}, front + call to the model {front - model:+.1f} ms, "
-            f"model process beyond {method} {model - own_ms:+.1f} ms")  # fmt: skip
+            f"model process beyond the forward pass {model - forward:+.1f} ms{tail}")  # fmt: skip
 
 
 def throughput_targets(

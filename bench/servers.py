@@ -164,26 +164,30 @@ def service_runtime(client, url: str) -> dict:
     return answer.json()["runtime"]
 
 
+# The /metrics sums the probe reads: images per batch, and the time of each forward pass.
+PROBED = ("imgcls_batch_size_sum", "imgcls_batch_size_count", "imgcls_forward_seconds_sum",
+          "imgcls_forward_seconds_count")  # fmt: skip
+
+
 def service_probe(client, url: str, log: Path) -> Callable[[], dict]:
     """A snapshot of the service: its log size and batching counters (/metrics)."""
 
     def probe() -> dict:
-        sums = {"_sum": 0.0, "_count": 0.0}
+        sums = dict.fromkeys(PROBED, 0.0)
         with contextlib.suppress(Exception):  # metrics are a nice-to-have here
             for line in client.get(f"{url}/metrics").text.splitlines():
-                if line.startswith("imgcls_batch_size_"):
-                    # `name{labels} value`, or `name value` without labels
-                    name, value = line.split("{", 1)[0].split(" ", 1)[0], line.rsplit(" ", 1)[-1]
-                    for suffix in sums:
-                        sums[suffix] += float(value) if name.endswith(suffix) else 0
-        return {"log": log, "offset": log.stat().st_size, "batches": sums}
+                # `name{labels} value`, or `name value` without labels
+                name = line.split("{", 1)[0].split(" ", 1)[0]
+                if name in sums:
+                    sums[name] += float(line.rsplit(" ", 1)[-1])
+        return {"log": log, "offset": log.stat().st_size, "sums": sums}
 
     return probe
 
 
 def server_side(before: dict, after: dict) -> dict:
     """Median ms of /predict (front) and /classify (model process) logged between two
-    probes, and the mean adaptive batch size between them."""
+    probes, and the mean adaptive batch size and forward pass between them."""
     import re
 
     import numpy as np
@@ -198,9 +202,11 @@ def server_side(before: dict, after: dict) -> dict:
         ok = [ms for status, ms in found if status == 200]
         out[key] = float(np.median(ok)) if ok else None
         out[key.replace("_ms_p50", "_non200")] = sum(status != 200 for status, _ in found)
-    batches = after["batches"]["_count"] - before["batches"]["_count"]
-    images = after["batches"]["_sum"] - before["batches"]["_sum"]
-    out["mean_batch"] = images / batches if batches else None
+    delta = {name: after["sums"][name] - before["sums"][name] for name in PROBED}
+    batches, passes = delta["imgcls_batch_size_count"], delta["imgcls_forward_seconds_count"]
+    out["mean_batch"] = delta["imgcls_batch_size_sum"] / batches if batches else None
+    # The runtime's own time per forward pass, in the serving process (c=1: batch 1).
+    out["forward_ms_mean"] = 1000 * delta["imgcls_forward_seconds_sum"] / passes if passes else None
     return out
 
 

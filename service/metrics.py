@@ -24,6 +24,24 @@ def _prediction_metrics() -> tuple[Any, Any]:
     return counter, histogram
 
 
+@functools.cache
+def _forward_seconds() -> Any:
+    import prometheus_client
+
+    buckets = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5)
+    return prometheus_client.Histogram(
+        "imgcls_forward_seconds",
+        "Time of each forward pass (one batch) in the serving runtime",
+        buckets=buckets,
+    )
+
+
+def observe_forward(seconds: float) -> None:
+    """Time one forward pass: what the runtime itself costs per batch, beside what the
+    service adds (the access log's /predict and /classify times)."""
+    _forward_seconds().observe(seconds)
+
+
 def observe_prediction(best: dict) -> None:
     """Count one answered image by its top-1 label and confidence."""
     counter, histogram = _prediction_metrics()

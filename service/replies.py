@@ -21,6 +21,7 @@ import numpy as np
 
 from imgcls.images import ImageDecodeError
 from service.limits import Rejected
+from service.metrics import observe_forward
 from service.predictor import Predictor, top_k
 from service.uploads import Decoder, refused_status
 
@@ -73,7 +74,9 @@ def classify_uploads(predictor: Predictor, uploads: list[Upload], decoder: Decod
     origin = model_origin(predictor)
     for start in range(0, len(fits), step):
         chunk = fits[start : start + step]
-        probs = predictor.probabilities(np.stack([u.pixels for u in chunk]))
+        batch, started = np.stack([u.pixels for u in chunk]), time.perf_counter()
+        probs = predictor.probabilities(batch)
+        observe_forward(time.perf_counter() - started)
         for upload, row in zip(chunk, probs, strict=True):
             preds = top_k(row, predictor.card.class_names, upload.k)
             upload.reply = {**origin, "predictions": preds, "batch": len(chunk)}

@@ -275,6 +275,9 @@ def test_concurrent_requests_are_batched_and_counted(server, tmp_path_factory):
     after, earlier = _adaptive_batch_sizes(metrics), _adaptive_batch_sizes(before)
     assert after["sum"] - earlier["sum"] == 16
     assert after["count"] - earlier["count"] == 2, (earlier, after)  # 1, then the 15 queued
+    # Each batch is one forward pass, timed in the runtime.
+    passes, passed = (_adaptive_batch_sizes(m, "imgcls_forward_seconds") for m in (metrics, before))
+    assert passes["count"] - passed["count"] == 2 and passes["sum"] > passed["sum"]
 
 
 def _hold_file(url: str) -> Path:
@@ -307,12 +310,12 @@ def _blue_predictions(metrics: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if 'label="blue"' in line)
 
 
-def _adaptive_batch_sizes(metrics: str) -> dict[str, float]:
-    """Sum and count of the model batcher's batch size histogram (imgcls_batch_size)."""
+def _adaptive_batch_sizes(metrics: str, name: str = "imgcls_batch_size") -> dict[str, float]:
+    """Sum and count of a histogram: by default the model batcher's batch sizes."""
     totals = {"sum": 0.0, "count": 0.0}
     for line in metrics.splitlines():
         for key in totals:
-            if line.startswith(f"imgcls_batch_size_{key}"):
+            if line.startswith(f"{name}_{key}"):
                 totals[key] += float(line.rsplit(" ", 1)[1])
     return totals
 
