@@ -304,6 +304,8 @@ def render(report: dict, out: str) -> str:
         "",
     ]
     for key, result in report["results"].items():
+        if runtime := result.get("runtime"):
+            parts.append(f"{key} served by {runtime['name']} {runtime['precision']} ({runtime['reason']})")
         parts += [f"{'PASS' if ok else 'FAIL'} {line}" for ok, line in targets(key, result)]
         parts += [f"NOTE {line}" for line in where_time_goes(key, result)]
     parts.append(f"\nJSON: {out}")

@@ -68,13 +68,17 @@ def move_alias(client, name: str, old: str, new: str, kind: str) -> rollout.Move
     return rollout.Move(at, old, new, kind, (time.perf_counter() - at) * 1000)
 
 
-def service_load_s(url: str) -> float | None:
-    """How long the service's last swap took to load, check and warm the new version, as its
-    /metadata says (with several model workers: the one that answered)."""
+def service_metadata(url: str, *keys: str):
+    """A field of the service's /metadata (with several model workers: the one that
+    answered), e.g. how long its last swap took to load, check, compile and warm the new
+    version ("following", "last_load_s"), or what computes its answers ("runtime")."""
     import httpx
 
     try:
-        return httpx.get(f"{url}/metadata", timeout=30).json()["following"]["last_load_s"]
+        value = httpx.get(f"{url}/metadata", timeout=30).json()
+        for key in keys:
+            value = value[key]
+        return value
     except (httpx.HTTPError, KeyError, ValueError):
         return None
 
@@ -89,7 +93,9 @@ def run_moves(
         old, new, kind = (v1, v2, "promote") if n % 2 == 0 else (v2, v1, "rollback")
         moves.append(move_alias(client, name, old, new, kind))
         switched = watch.wait_switched(new, moves[-1].at, HOLD_S, args.switch_timeout, stop)
-        moves[-1] = dataclasses.replace(moves[-1], service_load_s=service_load_s(url))
+        moves[-1] = dataclasses.replace(
+            moves[-1], service_load_s=service_metadata(url, "following", "last_load_s")
+        )
         print(f"    {kind} v{old} -> v{new}: {'switched' if switched else 'NOT switched'}", flush=True)
         time.sleep(args.steady + poll_phase(n) * args.poll_interval)
     return moves
@@ -130,6 +136,7 @@ def bench_case(key: str, jpegs: list[bytes], args: argparse.Namespace, work: Pat
             moves = run_moves(client, first.name, (first.version, second.version), watch, args, stop, srv.url)
             while len(watch) < args.min_requests and not stop.is_set():
                 time.sleep(0.5)
+            runtime = service_metadata(srv.url, "runtime")
         finally:
             done.set()
             load.join()
@@ -141,7 +148,7 @@ def bench_case(key: str, jpegs: list[bytes], args: argparse.Namespace, work: Pat
         (args.records / f"{key}-records.json").write_text(json.dumps({"since": since, "until": until,
                                                                       "records": rows}))  # fmt: skip
     return {"model": first.name, "versions": [first.version, second.version], "concurrency": concurrency,
-            **result}  # fmt: skip
+            "runtime": runtime, **result}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
