@@ -251,6 +251,7 @@ class ImageClassifier:
             self.model = RemoteLink(self.model_service)
         _worker_started()
         self.settings = SETTINGS
+        self.held = HeldUploads(SETTINGS.front_upload_memory_mib * 2**20)  # the uploads it answers
         self._ready = False  # once the model answered
         return_freed_memory_to_the_system()
 
@@ -295,7 +296,8 @@ class ImageClassifier:
     @PAGE.post("/explain", response_class=Response, responses={200: EXPLAINED})
     async def explain(self, image: ImageField) -> Response:
         """Grad-CAM overlay (PNG) of one uploaded image for its predicted class."""
-        reply = await self.model.explain(await read_upload(image, "image", self.settings))
+        with self.held.hold(image.size or 0):
+            reply = await self.model.explain(await read_upload(image, "image", self.settings))
         refuse(reply, "image", image.filename)
         headers = {"X-Model-Version": str(reply["version"])}
         return Response(reply["png"], media_type="image/png", headers=headers)
@@ -312,8 +314,9 @@ class ImageClassifier:
 
     async def _classify(self, uploads: list[tuple[str, UploadFile]], k: int | None) -> list[dict]:
         """The model's replies to uploads, all from one version (service/replies.py)."""
-        blobs = [await read_upload(upload, what, self.settings) for what, upload in uploads]
-        replies = await self.model.classify(blobs, k or self.settings.top_k)
+        with self.held.hold(sum(upload.size or 0 for _, upload in uploads)):
+            blobs = [await read_upload(upload, what, self.settings) for what, upload in uploads]
+            replies = await self.model.classify(blobs, k or self.settings.top_k)
         for (what, upload), reply in zip(uploads, replies, strict=True):
             refuse(reply, what, upload.filename)
         return replies

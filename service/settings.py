@@ -116,6 +116,12 @@ class ServiceSettings(BaseSettings):
     upload_memory_mib: int = Field(
         512, ge=16, description="Bytes of uploads one model process holds at once (MiB); beyond: 503."
     )
+    # And each HTTP front, from reading a request's uploads to its answer: a body is held
+    # as read, then as sent to the model process. 128 MiB is 6 uploads at the 20 MiB limit,
+    # or thousands of photos; four fronts stay near 2 GB under worst-case uploads.
+    front_upload_memory_mib: int = Field(
+        128, ge=1, description="Bytes of uploads one HTTP front holds at once (MiB); beyond: 503."
+    )
     # A short wait absorbs bursts of small images; a long one would only hold the
     # client's connection while big images go through.
     decode_wait_s: float = Field(

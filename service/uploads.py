@@ -2,11 +2,11 @@
 
 The front reads an upload's bytes (the byte limit) and its first bytes (empty, or a format
 refused by name: the 4xx at once, on the event loop in O(1)); then it forwards the bytes,
-as received. The model process holds at most `upload_memory_mib` of uploads at once and
-decodes each upload once, at its served model's input size
-(`imgcls.images.model_input`, training's own preprocessing), on a pool of threads (Pillow
-releases the GIL while it decodes and resizes, so the decodes spread over the cores), each
-within its decode slots, so its memory stays bounded: a decode reserves, from the image's
+as received, holding at most `front_upload_memory_mib` of them at once. The model process
+holds at most `upload_memory_mib` of uploads at once and decodes each upload once, at its
+served model's input size (`imgcls.images.model_input`, training's own preprocessing), on a
+pool of threads (Pillow releases the GIL while it decodes and resizes, so the decodes spread
+over the cores), each within its decode slots, so its memory stays bounded: a decode reserves, from the image's
 header, what it will hold (service.limits.DecodeSlots).
 """
 
@@ -89,7 +89,7 @@ class Decoder:
 
 
 class HeldUploads:
-    """The bytes of the uploads the model process holds (from arrival to answer), within a
+    """The bytes of the uploads a process holds (from arrival to answer), within a
     budget: beyond it, a quick 503. One held alone may exceed it. Used on the event loop
     only, so no lock."""
 

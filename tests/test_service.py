@@ -70,6 +70,7 @@ def server(request, tmp_path_factory, model_file) -> str:
         # Room for the concurrency test's 16 requests even on an overloaded machine.
         max_concurrent_decodes=32,
         decode_wait_s=30,
+        front_upload_memory_mib=1,  # two of the biggest uploads at once: the second is refused
     )
     env["IMGCLS_HOOK_MODEL_CALL"] = f"hold:{home / 'hold-model'}"  # see test_concurrent_...
     card = tiny_card().model_dump_json()
@@ -280,6 +281,32 @@ def test_concurrent_requests_are_batched_and_counted(server, tmp_path_factory):
     assert passes["count"] - passed["count"] == 2 and passes["sum"] > passed["sum"]
 
 
+def test_a_front_holds_at_most_its_upload_budget(server):
+    """Big uploads held at the model (the IMGCLS_HOOK_MODEL_CALL seam) keep their bytes in
+    their front; one that would take a front past its 1 MiB budget gets a 503 at once. Three
+    uploads on at most two fronts: at least one is refused, and the others are answered."""
+    noise = np.random.default_rng(0).integers(0, 256, (560, 560, 3), dtype=np.uint8)
+    big = encode(noise, "PNG")
+    assert 0.5 * 2**20 < len(big) <= MAX_UPLOAD
+    hold, before = _hold_file(server), httpx.get(f"{server}/metrics").text
+    hold.touch()
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(predict, server, big) for _ in range(3)]
+            deadline = time.monotonic() + 60
+            while sum(f.done() for f in futures) + _images_at_model(server, before) < 3:
+                assert time.monotonic() < deadline, "the uploads neither reached the model nor were refused"
+                time.sleep(0.05)
+            hold.unlink()
+            responses = [f.result() for f in futures]
+    finally:
+        hold.unlink(missing_ok=True)
+    refused = [r for r in responses if r.status_code == 503]
+    assert refused and all(r.headers["retry-after"] == "1" for r in refused)
+    assert all("MiB of uploads already" in r.json()["error"] for r in refused)
+    assert all(r.status_code == 200 for r in responses if r not in refused), [r.text for r in responses]
+
+
 def _hold_file(url: str) -> Path:
     """The hold file the server fixture named in IMGCLS_HOOK_MODEL_CALL."""
     return SERVER_HOLD[url]
@@ -290,18 +317,23 @@ def _wait_for_queued(url: str, n: int, before: str, timeout_s: float = 60) -> No
     the held batch (counted in imgcls_batch_size when it started) and those waiting
     behind it (imgcls_batch_queued_images)."""
     deadline = time.monotonic() + timeout_s
-    started = _adaptive_batch_sizes(before)["sum"]
     while time.monotonic() < deadline:
-        metrics = httpx.get(f"{url}/metrics").text
-        queued = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in metrics.splitlines()
-            if line.startswith("imgcls_batch_queued_images")
-        )
-        if _adaptive_batch_sizes(metrics)["sum"] - started + queued >= n:
+        if _images_at_model(url, before) >= n:
             return
         time.sleep(0.05)
     raise TimeoutError(f"{n} images never reached the model's batcher")
+
+
+def _images_at_model(url: str, before: str) -> float:
+    """Images that reached the model's batcher since the `before` metrics: in batches
+    (imgcls_batch_size) or waiting (imgcls_batch_queued_images)."""
+    metrics = httpx.get(f"{url}/metrics").text
+    queued = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("imgcls_batch_queued_images")
+    )
+    return _adaptive_batch_sizes(metrics)["sum"] - _adaptive_batch_sizes(before)["sum"] + queued
 
 
 def _blue_predictions(metrics: str) -> float:
