@@ -8,7 +8,9 @@ blob per precision beside it, so a restart or a second worker only imports it. T
 build is then checked against the in-process Keras model on the version's parity set
 (up to 200 of its held-out images, stored with its model: imgcls/parity.py); Keras's
 probabilities there are kept beside the build, keyed by this machine's CPU and software,
-so another worker or a restart checks the build without running Keras on the set again:
+so another worker or a restart checks the build without running Keras on the set again, and
+so is the verdict, keyed by the bytes of the build's files, so a rollback to a version
+checked here does not run the build on the set again either:
 
 - f32: top-1 identical on every image and max |p_keras - p_compiled| <= F32_BOUND;
 - bf16, only where the CPU reports BF16: top-1 agreement >= BF16_AGREEMENT on at least
@@ -132,13 +134,15 @@ def _build_and_check(predictor, precision: str, folder: Path | None, parity) -> 
         with _locked(where / ".lock"):  # N workers: one export, one compile per precision
             xml = export_build(predictor.model, where)
         x = parity.astype(np.float32)
-        reference = _reference(predictor.model, x, where)
+        key = _reference_key(predictor.model, x)
+        reference = _reference(predictor.model, x, where, key)
         refusals = []
         for choice in wanted:
             with _locked(where / ".lock"):
                 compiled = core.compile_model(core.read_model(str(xml)), "CPU", config(choice, where))
             engine = CompiledModel(compiled)
-            refusal = _disagreement(choice, reference, _batched(engine, x))
+            check = lambda c=choice, e=engine: _disagreement(c, reference, _batched(e, x))  # noqa: E731
+            refusal = _verdict(where, f"{key}|{choice}|{ov.__version__}", check)
             if refusal is None:
                 why = "; ".join([_why(choice, precision, capable, len(x)), *refusals])
                 return engine, Runtime("openvino", _precision_of(compiled),
@@ -204,11 +208,36 @@ def _precision_of(compiled: Any) -> str:
     return "bf16" if "bf16" in value or "bfloat16" in value else "f16" if "f16" in value else "f32"
 
 
-def _reference(model, x: np.ndarray, where: Path) -> np.ndarray:
-    """Keras's probabilities on the parity set `x`: computed once per build folder, parity
-    set, CPU and software (under the folder's lock, so N workers compute them once), read
-    back after that. An unreadable or mismatched file is computed again."""
-    path = where / f"reference-{_reference_key(model, x)}.npy"
+def _verdict(where: Path, key: str, check) -> str | None:
+    """`check()`, the build's refusal on the parity set (None: it matched), kept per `key`
+    (the reference's, the precision, OpenVINO's version) and the bytes of the build's files
+    (IR and OpenVINO's compiled blobs): a restart, a second worker or a rollback to a version
+    checked here reads it instead of running the parity set again (30 s for ResNet50 on 2
+    busy cores). A build file changed since, by a byte, is checked again."""
+    import hashlib
+
+    digest = hashlib.blake2b(key.encode(), digest_size=16)
+    for path in [where / BUILD_FILE, where / "model.bin", *sorted((where / "compiled").glob("*.blob"))]:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda h=handle: h.read(1 << 22), b""):
+                digest.update(chunk)
+    path = where / f"verdict-{digest.hexdigest()}.txt"
+    with contextlib.suppress(OSError):
+        text = path.read_text()
+        return text or None
+    refusal = check()
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(refusal or "")
+    os.replace(partial, path)
+    return refusal
+
+
+def _reference(model, x: np.ndarray, where: Path, key: str) -> np.ndarray:
+    """Keras's probabilities on the parity set `x`: computed once per build folder and
+    `key` (parity set, weights, CPU and software: `_reference_key`), under the folder's
+    lock, so N workers compute them once, read back after that. An unreadable or mismatched
+    file is computed again."""
+    path = where / f"reference-{key}.npy"
     with _locked(where / ".lock"):
         with contextlib.suppress(Exception):  # unreadable, truncated, wrong: computed again
             kept = np.load(path)

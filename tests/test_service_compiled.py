@@ -5,6 +5,7 @@ build for every process, and Keras whenever it cannot serve."""
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,33 @@ def test_keras_reference_is_computed_once_per_build_folder_and_parity_set(tmp_pa
     serve(parity_set()[:2])
     assert calls == [len(parity_set()), len(parity_set()), 2]
     assert len(list(tmp_path.glob("reference-*.npy"))) == 2
+
+
+def test_a_verdict_is_kept_per_build_and_checked_again_when_a_byte_changes(tmp_path, monkeypatch):
+    """A restart or a rollback reads the kept verdict instead of running the build on the
+    parity set again; a build file changed since is checked again, and refused."""
+    model, runs = build_tiny_model(), []
+    batched = compiled._batched
+    monkeypatch.setattr(compiled, "_batched", lambda engine, x: runs.append(len(x)) or batched(engine, x))
+
+    def serve() -> Predictor:
+        predictor = Predictor(model, tiny_card(), "1")
+        compile_verified(predictor, "openvino", "f32", tmp_path, parity_set())
+        return predictor
+
+    assert serve().runtime.name == "openvino" and serve().runtime.name == "openvino"
+    assert runs == [len(parity_set())] and len(list(tmp_path.glob("verdict-*.txt"))) == 1
+    weights = tmp_path / "model.bin"
+    data = bytearray(weights.read_bytes())
+    # The biggest float32 constant of the IR (a kernel), not a shape or an axis, so it compiles.
+    consts = re.findall(r'element_type="f32" shape="[^"]*" offset="(\d+)" size="(\d+)"',
+                        (tmp_path / "model.xml").read_text())  # fmt: skip
+    offset = int(max(consts, key=lambda const: int(const[1]))[0])
+    data[offset : offset + 64] = np.full(16, 1e6, np.float32).tobytes()
+    weights.write_bytes(bytes(data))
+    refused = serve()
+    assert runs == [len(parity_set())] * 2, refused.runtime
+    assert refused.engine is None and refused.runtime.fallback, refused.runtime
 
 
 def test_bf16_needs_enough_parity_images_and_a_cpu_that_has_it(tmp_path):
