@@ -18,6 +18,7 @@ from tests.service_fixtures import (
     colour_image,
     encode,
     exif_rotated_jpeg,
+    log_keras_model,
     parity_set,
     save_tiny_model,
     tiny_card,
@@ -122,9 +123,7 @@ def mlflow_registry(tmp_path, monkeypatch):
     mlflow.set_experiment(experiment_id=mlflow.create_experiment("p", (tmp_path / "artifacts").as_uri()))
     for _ in range(2):
         with mlflow.start_run():
-            info = mlflow.keras.log_model(
-                build_tiny_model(), name="model", metadata=tiny_card().to_metadata()
-            )
+            info = log_keras_model(build_tiny_model(), tiny_card())
         mlflow.register_model(info.model_uri, "clf")
     mlflow.MlflowClient().set_registered_model_alias("clf", "champion", "2")
     yield uri

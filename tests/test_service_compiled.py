@@ -20,7 +20,7 @@ from service.follower import prepare
 from service.predictor import Predictor
 from service.settings import ServiceSettings
 from service.sources import build_follower
-from tests.service_fixtures import build_tiny_model, log_parity, parity_set, tiny_card
+from tests.service_fixtures import build_tiny_model, log_keras_model, log_parity, parity_set, tiny_card
 
 NAME = "compiled-clf"
 
@@ -38,9 +38,7 @@ def registry(tmp_path_factory):
     mlflow.set_experiment(experiment_id=mlflow.create_experiment("compiled", (root / "art").as_uri()))
     for images in (parity_set(), None):
         with mlflow.start_run():
-            info = mlflow.keras.log_model(
-                build_tiny_model(), name="model", metadata=tiny_card().to_metadata()
-            )
+            info = log_keras_model(build_tiny_model(), tiny_card())
         if images is not None:
             log_parity(info.model_id, images, root)
         mlflow.register_model(info.model_uri, NAME)

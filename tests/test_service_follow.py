@@ -18,6 +18,7 @@ from tests.service_fixtures import (
     build_tiny_model,
     colour_image,
     encode,
+    log_keras_model,
     log_parity,
     parity_set,
     service_env,
@@ -68,7 +69,7 @@ def registry(tmp_path_factory):
         (build_tiny_model(), broken, None),
     ):
         with mlflow.start_run():
-            info = mlflow.keras.log_model(model, name="model", metadata=card.to_metadata())
+            info = log_keras_model(model, card)
         if parity is not None:
             log_parity(info.model_id, parity, root)
         mlflow.register_model(info.model_uri, NAME)

@@ -13,7 +13,15 @@ from service.predictor import Predictor, top_k
 from service.settings import ServiceSettings
 from service.sources import load_predictor
 from service.store import load_from_bento_store, load_from_mlflow, save_to_bento_store
-from tests.service_fixtures import CLASSES, SIZE, build_tiny_model, colour_image, encode, tiny_card
+from tests.service_fixtures import (
+    CLASSES,
+    SIZE,
+    build_tiny_model,
+    colour_image,
+    encode,
+    log_keras_model,
+    tiny_card,
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +77,7 @@ def test_mlflow_champion_is_loaded_with_its_card_and_version(tmp_path, monkeypat
     card = tiny_card()
     for _ in range(2):  # two versions: the alias, not "latest", must decide
         with mlflow.start_run():
-            info = mlflow.keras.log_model(tiny_model, name="model", metadata=card.to_metadata())
+            info = log_keras_model(tiny_model, card)
         mlflow.register_model(info.model_uri, "clf")
     mlflow.MlflowClient().set_registered_model_alias("clf", "champion", "1")
 
