@@ -89,9 +89,9 @@ def judged(request: dict, status: int | None, response, exception) -> tuple[str 
     return version, None if body.get("predictions") else f"{label}no predictions: {response.text[:150]}"
 
 
-def user_class(spec: dict, plan: Plan, kwargs: list[dict]) -> type:
+def user_class(spec: dict, plan: Plan) -> type:
     """The one kind of user: claims the plan's next request, sends it, repeats at once."""
-    cycle = spec["cycle"]
+    cycle, kwargs = spec["cycle"], [prepared(request) for request in spec["cycle"]]
 
     class Client(FastHttpUser):
         host = spec["url"]
@@ -120,10 +120,9 @@ def user_class(spec: dict, plan: Plan, kwargs: list[dict]) -> type:
     return Client
 
 
-def recorder(spec: dict, out):
+def recorder(cycle: list[dict]):
     """The `request` event listener: one line per request; an open loop's start is its
     due time, so a wait for a free user counts in its latency (no coordinated omission)."""
-    cycle = spec["cycle"]
 
     def on_request(response_time, response, context, exception, **_) -> None:
         i = context["index"]
@@ -131,7 +130,7 @@ def recorder(spec: dict, out):
         version, error = judged(cycle[i % len(cycle)], status, response, exception)
         end = context["sent"] + response_time / 1000
         # flushed: the parent watches answers as they come (bench.rollout.wait_switched)
-        print(json.dumps([i, context["start"], end, status, version, error]), file=out, flush=True)
+        print(json.dumps([i, context["start"], end, status, version, error]), flush=True)
 
     return on_request
 
@@ -143,14 +142,14 @@ def cpu_s() -> float:
 def main() -> None:
     """Read the spec, say ready, wait for "go", run the load, write the summary line."""
     logging.basicConfig(level=logging.ERROR)
-    spec, out = json.loads(sys.stdin.readline()), sys.stdout
-    plan, kwargs = Plan(spec), [prepared(request) for request in spec["cycle"]]
-    env = Environment(user_classes=[user_class(spec, plan, kwargs)])
-    env.events.request.add_listener(recorder(spec, out))
+    spec = json.loads(sys.stdin.readline())
+    plan = Plan(spec)
+    env = Environment(user_classes=[user_class(spec, plan)])
+    env.events.request.add_listener(recorder(spec["cycle"]))
     runner = env.create_local_runner()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, plan.stop)
-    print('{"ready": true}', file=out, flush=True)
+    print('{"ready": true}', flush=True)
     if sys.stdin.readline().strip() != "go":
         return
     cpu0 = cpu_s()
@@ -161,7 +160,7 @@ def main() -> None:
     summary = {"started": plan.t0, "ended": time.perf_counter(), "cpu_s": cpu_s() - cpu0}
     summary["cpu_warning"] = runner.cpu_warning_emitted
     runner.quit()
-    print(json.dumps(summary), file=out, flush=True)
+    print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

@@ -307,8 +307,8 @@ def request_count(fixed: int | None, key: str, mlflow: bool, concurrency: int) -
 
 
 def stop_on_signals() -> threading.Event:
-    """SIGTERM and SIGINT set the returned event (the load threads stop at once instead of
-    finishing their level) and unwind: the `with` blocks stop the servers."""
+    """SIGTERM and SIGINT set the returned event (the Locust child stops at once instead of
+    finishing its level) and unwind: the `with` blocks stop the servers."""
     stopping = threading.Event()
 
     def handler(signum, _frame) -> None:
