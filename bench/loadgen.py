@@ -10,11 +10,9 @@ in this process; it raises on failure).
     row = run_level(load, requests=256, concurrency=8, cap_s=60, stop=stop)  # a summary
 
 Each `drive` of an `Http` load is a fresh child, so each level's users bring their own
-connections: connections kept alive from a c=128 burst and carried into the lone level
-after it cost the old shared client ~4 ms of CPU per lone request, in the latency path
-(docs/benchmarks.md, "Serving beside LitServe and Ray Serve", run 6). Times are
-`time.perf_counter()` seconds, in the child as here (CLOCK_MONOTONIC: one clock for the
-machine), so a swap made by the benchmark falls among the records.
+connections (a c=128 burst's kept-alive ones once slowed the lone level after it: run 6 in
+docs/benchmarks.md). Times are `time.perf_counter()` seconds, in the child as here
+(CLOCK_MONOTONIC: one clock for the machine), so a swap made here falls among the records.
 """
 
 from __future__ import annotations
@@ -261,13 +259,10 @@ def run_level(
     server_side: Callable[[dict, dict], dict] | None = None,
 ) -> dict:
     """`requests` requests from `concurrency` users, stopped at `cap_s` seconds: counts,
-    images/s over the load's wall time, client-side latency percentiles (until the whole
-    answer is read), `capped` (the cap or `stop` cut it short) and the load average at its end.
-
-    Optionally CPU ms per answered image of each process group (`cpu`:
-    bench.sampling.cpu_counter; "client" adds the Locust child's CPU of the load to this
-    process's) and server-side columns (`server_side` of two `probe`s), first read once
-    the child is up, just before the load."""
+    images/s, client-side latency percentiles, `capped` (the cap or `stop` cut it short),
+    the load average at its end; CPU ms per answered image of each process group (`cpu`:
+    bench.sampling.cpu_counter, "client" plus the Locust child's CPU of the load) and
+    server-side columns (`server_side` of two `probe`s), first read just before the load."""
     from bench.sampling import cpu_per_image
 
     before: dict = {}
