@@ -53,13 +53,13 @@ def bench_case(key: str, jpegs: list[bytes], args: argparse.Namespace, work: Pat
     args.cache_dir = work / "serve-cache"  # the service's compiled builds, dropped after
     with (
         service_server(case, True, args, args.log_dir / f"{key}-burst.log") as srv,
-        loadgen.http_client(BURST, 60) as client,
+        loadgen.probe_client() as client,
     ):
         # The reference: the model's own batch-1 p50 with what the service computes with.
         runtime = service_runtime(client, srv.url)
         method = f"openvino-{runtime['precision']}" if runtime["name"] == "openvino" else "predict_on_batch"
         own = next(r for r in raw if r["method"] == method and r["batch"] == 1)["p50_ms"]
-        send = loadgen.service_sender(client, srv.url, jpegs)
+        send = loadgen.predict_load(srv.url, work / "load", jpegs)
         loadgen.run_level(send, 4 * BURST, BURST, 120, stop)  # warm every batch size
         for c in levels:
             n = LONE_REQUESTS[key] if c == 1 else BURST_PER_CLIENT[key] * c

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
-import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 from bench import loadgen
 from bench.machine import machine, quiet_environment
 from bench.photos import photo_jpegs
+from bench.servers import bento_model, bento_server
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "explain-bench"
@@ -46,74 +46,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def save_model(work: Path, size: int) -> None:
-    """An untrained simple_cnn at `size` in a BentoML store under `work` (no MLflow)."""
-    os.environ["BENTOML_HOME"] = str(work / "bentoml")
-    from imgcls.modelcard import ModelCard
-    from service.store import save_to_bento_store
-    from training.config import load_config
-    from training.model import build_model
-
-    config = load_config(
-        None, data=work, backbone="simple_cnn", weights="none", image_size=size, **{"augment.enabled": False}
-    )
-    build_model(config, 3).save(work / "model.keras")
-    card = ModelCard(
-        class_names=["a", "b", "c"], image_size=(size, size), backbone="simple_cnn", dataset_fingerprint=NAME
-    )
-    save_to_bento_store(work / "model.keras", card, name=NAME, version=1)
+def explain_load(url: str, folder: Path, jpegs: list[bytes], honour_retry_after: bool) -> loadgen.Http:
+    """POST /explain; any status counts as answered; a 503 waits its Retry-After when honoured."""
+    wait = {"on_503": "retry-after"} if honour_retry_after else {}
+    cycle = (loadgen.upload("/explain", "image", f"{n}.jpg", f, "image/jpeg", expect="any", **wait)
+             for n, f in enumerate(loadgen.body_files(folder, jpegs)))  # fmt: skip
+    return loadgen.Http(url, tuple(cycle), timeout_s=120)
 
 
-def server(work: Path, explain_limit: int):
-    from imgcls.processes import HOST, QUIET_ENV, ServerProcess, free_port
-    from service.cli import serve_command
-
-    port = free_port()
-    env = {**os.environ, **QUIET_ENV, "BENTOML_HOME": str(work / "bentoml")}
-    env.update(
-        IMGCLS_SERVE_SOURCE="bentoml",
-        IMGCLS_SERVE_MODEL_NAME=NAME,
-        IMGCLS_SERVE_POLL_INTERVAL_S="0",
-        IMGCLS_SERVE_MAX_CONCURRENT_EXPLAINS=str(explain_limit),
-    )
-    ready = f"http://{HOST}:{port}/readyz"
-    log = work / f"server-{explain_limit}.log"
-    return ServerProcess(serve_command(HOST, port), ready, log, env=env, cwd=ROOT, port=port, timeout_s=240)
-
-
-def explain_sender(client, url: str, jpegs: list[bytes], honour_retry_after: bool, counts: dict):
-    """POST /explain; counts 200s and 503s; a 503 waits its Retry-After when honoured."""
-
-    def send(i: int) -> loadgen.Answer:
-        answer = client.post(f"{url}/explain", files={"image": (f"{i}.jpg", jpegs[i % len(jpegs)])})
-        counts[answer.status_code] = counts.get(answer.status_code, 0) + 1
-        if answer.status_code == 503 and honour_retry_after:
-            time.sleep(float(answer.headers.get("retry-after", "1")))
-        return loadgen.Answer(answer.status_code)
-
-    return send
-
-
-def measure(url: str, args: argparse.Namespace, jpegs: list[bytes]) -> dict:
+def measure(url: str, args: argparse.Namespace, jpegs: list[bytes], work: Path) -> dict:
     """/predict percentiles in steady state and during the /explain burst."""
-    clients = args.predict_clients + args.explain_clients
-    with loadgen.http_client(clients, timeout_s=120) as client:
-        predict = loadgen.service_sender(client, url, jpegs)
-        loadgen.drive(predict, args.predict_clients, requests=32)  # warm-up
-        steady = loadgen.drive(predict, args.predict_clients, duration_s=args.seconds)
-        counts: dict[int, int] = {}
-        explain = explain_sender(client, url, jpegs, not args.ignore_retry_after, counts)
-        stop = threading.Event()
-        burst = threading.Thread(target=lambda: loadgen.drive(explain, args.explain_clients, stop=stop))
-        burst.start()
+    predict = loadgen.predict_load(url, work / "load", jpegs, timeout_s=120)
+    loadgen.drive(predict, args.predict_clients, requests=32)  # warm-up
+    steady = loadgen.drive(predict, args.predict_clients, duration_s=args.seconds)
+    explain = explain_load(url, work / "load", jpegs, not args.ignore_retry_after)
+    with loadgen.Locust(explain, args.explain_clients) as burst:
+        burst.go()
         time.sleep(1)  # let the burst reach the server
         during = loadgen.drive(predict, args.predict_clients, duration_s=args.seconds)
-        stop.set()
-        burst.join()
+        burst.stop()
+        counts = Counter(r.status for r in burst.wait().records)
     return {
-        "steady": loadgen.summarize(steady, args.seconds),
-        "burst": loadgen.summarize(during, args.seconds),
-        "explain_statuses": {str(k): v for k, v in sorted(counts.items())},
+        "steady": loadgen.summarize(steady.records, args.seconds),
+        "burst": loadgen.summarize(during.records, args.seconds),
+        "explain_statuses": {str(k): v for k, v in sorted(counts.items(), key=str)},
     }
 
 
@@ -148,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     jpegs, _ = photo_jpegs(ROOT.parent / "shared", 16)
     with tempfile.TemporaryDirectory(prefix="explain-bench-") as tmp:
         work = Path(tmp)
-        save_model(work, args.size)
+        bento_model(work, NAME, args.size)
         for limit in limits:
-            with server(work, limit) as srv:
-                results["runs"][limit] = measure(srv.url, args, jpegs)
+            log = work / f"server-{limit}.log"
+            with bento_server(work, NAME, log, max_concurrent_explains=limit) as srv:
+                results["runs"][limit] = measure(srv.url, args, jpegs, work)
     print(render(results))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1, default=str))

@@ -12,7 +12,7 @@
    shape, as `jax.image.resize` is, would pay a compile there).
 3. The service: `bentoml serve service.service:ImageClassifier` (`--source bentoml`, `--gpu`
    when there is one, N front workers, max batch tuned for the GPU), driven with real
-   photos as JPEGs of varied sizes by bench.loadgen from several client processes, at
+   photos as JPEGs of varied sizes by bench.loadgen from several Locust processes, at
    concurrency 1, 32 and 128 after a warm-up that compiles every padded batch shape:
    images/s, p50/p95/p99, CPU ms per image of the clients, fronts and model process
    (bench.sampling), GPU utilisation and memory (`nvidia-smi` sampled every 200 ms).
@@ -28,9 +28,8 @@ XLA_PYTHON_CLIENT_PREALLOCATE=false so `nvidia-smi` shows what it really uses.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import contextlib
 import json
-import multiprocessing
 import os
 import shutil
 import subprocess
@@ -55,8 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # model children and the service share compiled shapes through one JAX cache folder.
 MODEL_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "KERAS_BACKEND": "jax"}
 DISTINCT_JPEGS = 48
-# One load-generator process per 4 cores: each spends ~1-2 ms of CPU per request and one
-# Python process is GIL-bound near 1,000 requests/s. The fronts get the rest but 2 cores
+# One Locust process per 4 cores: each spends ~0.7 ms of CPU per request (a 15 KB upload,
+# on 2 cores here) and one process is one core, near 1,500 requests/s. The fronts get the rest but 2 cores
 # (the model process and its batcher): ~5 ms of front CPU per request is ~200 images/s
 # per front, so 16 cores give 4 clients and 10 fronts for the issue's 2,000 images/s.
 CLIENT_SHARE = 4
@@ -198,60 +197,35 @@ def stage_times(jpegs: list[bytes], size: int) -> dict:
     return {"decode_ms": median(decode), "resize_first_ms": median(first), "resize_ms": median(again)}
 
 
-def client_run(url: str, jpegs: list[bytes], concurrency: int, seconds: float, timeout_s: float) -> dict:
-    """One load-generator process: bench.loadgen at `concurrency` for `seconds`; its own
-    answered latencies, failures and CPU seconds."""
-    import resource
-
-    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    start = time.perf_counter()
-    with loadgen.http_client(concurrency, timeout_s) as client:
-        records = loadgen.drive(loadgen.service_sender(client, url, jpegs), concurrency, duration_s=seconds)
-    wall = time.perf_counter() - start
-    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    failed = [r for r in records if not r.ok]
-    return {
-        "latencies_ms": [r.latency_ms for r in records if r.ok],
-        "errors": len(failed),
-        "first_error": failed[0].error if failed else None,
-        "wall_s": wall,
-        "cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
-    }
-
-
 def split(concurrency: int, parts: int) -> list[int]:
-    """`concurrency` threads over at most `parts` processes, as evenly as possible."""
+    """`concurrency` users over at most `parts` processes, as evenly as possible."""
     parts = max(1, min(parts, concurrency))
     return [concurrency // parts + (i < concurrency % parts) for i in range(parts)]
 
 
-def drive_level(pool, url: str, jpegs: list[bytes], concurrency: int, seconds: float, procs: int) -> dict:
-    """A level driven from several client processes (one Python process is GIL-bound
-    near a few thousand requests/s); images/s, percentiles, client CPU ms per image."""
-    shares = split(concurrency, procs)
-    futures = [pool.submit(client_run, url, jpegs, c, seconds, max(60.0, 4 * seconds)) for c in shares]
-    parts = [f.result() for f in futures]
-    latencies = [x for p in parts for x in p["latencies_ms"]]
-    wall = max(p["wall_s"] for p in parts)
-    row = {
-        "concurrency": concurrency,
-        "client_procs": len(shares),
-        "requests": len(latencies),
-        "seconds": wall,
-    }
-    row["errors"] = sum(p["errors"] for p in parts)
-    row["first_error"] = next((p["first_error"] for p in parts if p["first_error"]), None)
-    row["images_per_s"] = len(latencies) / wall if wall else 0.0
-    row["client_cpu_s"] = sum(p["cpu_s"] for p in parts)
-    return row | loadgen.percentiles(latencies)
+def drive_level(load: loadgen.Http, concurrency: int, seconds: float, procs: int, on_start=None) -> dict:
+    """A level from several Locust children at once (a process is one core); images/s,
+    percentiles, their CPU seconds. `on_start()` runs once all are ready, just before."""
+    with contextlib.ExitStack() as stack:
+        shares = split(concurrency, procs)
+        children = [stack.enter_context(loadgen.Locust(load, c, duration_s=seconds)) for c in shares]
+        if on_start:
+            on_start()
+        for child in children:
+            child.go()
+        runs = [child.wait() for child in children]
+    wall = max(run.ended for run in runs) - min(run.started for run in runs)
+    row = {"concurrency": concurrency, "client_procs": len(runs)}
+    row |= loadgen.summarize([r for run in runs for r in run.records], wall)
+    return row | {"client_cpu_s": sum(run.client_cpu_s for run in runs)}
 
 
-def warm_up(pool, url: str, jpegs: list[bytes], args, log: Log) -> None:
+def warm_up(load: loadgen.Http, args, log: Log) -> None:
     """Every padded batch shape (1, 2, 4, ... up to the max batch) and every front's
     resize of every JPEG size, before anything is timed."""
     concurrency = 1
     while concurrency <= 2 * args.max_batch_size:
-        row = drive_level(pool, url, jpegs, concurrency, args.warm_seconds, args.client_procs)
+        row = drive_level(load, concurrency, args.warm_seconds, args.client_procs)
         log(f"  warm-up c={concurrency}: {row['images_per_s']:.1f} images/s, {row['errors']} errors")
         concurrency *= 2
 
@@ -279,19 +253,18 @@ def bench_service(
     log(f"service {precision}: {args.front_workers} fronts, max batch {args.max_batch_size}, gpu={args.gpu}")
     t0 = time.perf_counter()
     rows = []
-    ctx = multiprocessing.get_context("spawn")  # the clients import no JAX, share no threads
     try:
         with (
             ServerProcess(serve_command(HOST, port), f"http://{HOST}:{port}/readyz", server_log, env=serve_env,
                           cwd=ROOT, port=port, timeout_s=args.ready_timeout_s) as srv,
-            concurrent.futures.ProcessPoolExecutor(args.client_procs, mp_context=ctx) as pool,
-            loadgen.http_client(2, 30) as probe_client,
+            loadgen.probe_client() as probe_client,
         ):  # fmt: skip
             log(f"  ready in {time.perf_counter() - t0:.0f} s")
-            warm_up(pool, srv.url, jpegs, args, log)
+            load = loadgen.predict_load(srv.url, work / "load", jpegs, max(60.0, 4 * args.level_seconds))
+            warm_up(load, args, log)
             cpu, probe = sampling.cpu_counter(srv.pid), service_probe(probe_client, srv.url, server_log)
             for concurrency in args.concurrency:
-                rows.append(measure_level(pool, srv.url, jpegs, concurrency, args, cpu, probe, gpu))
+                rows.append(measure_level(load, concurrency, args, cpu, probe, gpu))
                 rows[-1] |= {"precision": precision}
                 log(f"  c={concurrency}: {rows[-1]['images_per_s']:.1f} images/s, p99 {rows[-1]['p99_ms']} ms, "
                     f"{rows[-1]['errors']} errors, GPU {rows[-1].get('gpu_util_pct', '-')} %")  # fmt: skip
@@ -305,15 +278,20 @@ def bench_service(
     return rows
 
 
-def measure_level(pool, url, jpegs, concurrency, args, cpu, probe, gpu: GpuSampler) -> dict:
+def measure_level(load: loadgen.Http, concurrency, args, cpu, probe, gpu: GpuSampler) -> dict:
     """One timed level: the load, CPU per image of each process role, GPU use."""
-    before_cpu, before_probe, start = cpu(), probe(), time.perf_counter()
-    row = drive_level(pool, url, jpegs, concurrency, args.level_seconds, args.client_procs)
+    before: dict = {}
+
+    def on_start() -> None:
+        before.update(cpu=cpu(), probe=probe(), start=time.perf_counter())
+
+    row = drive_level(load, concurrency, args.level_seconds, args.client_procs, on_start)
     end, after_cpu = time.perf_counter(), cpu()
     time.sleep(0.5)  # let the server flush its access log
-    per_image = sampling.cpu_per_image(before_cpu, after_cpu, row["requests"])
+    per_image = sampling.cpu_per_image(before["cpu"], after_cpu, row["requests"])
     per_image["client"] = 1000 * row["client_cpu_s"] / row["requests"] if row["requests"] else None
-    return row | {"cpu_ms_per_image": per_image, "_probes": (before_probe, probe())} | gpu.window(start, end)
+    row |= {"cpu_ms_per_image": per_image, "_probes": (before["probe"], probe())}
+    return row | gpu.window(before["start"], end)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 REQUIREMENTS = ROOT / "bench/gpu-requirements.txt"
 PROVIDED = ROOT / "bench/gpu-provided.txt"
 LOCK = ROOT / "requirements.lock"
+# The benchmarks' own pins (locust and what it brings), as `make peers` installs them.
+PEERS = ROOT / "bench/peers/requirements.txt"
 # The device copies the tree and the carried paths, 64 MiB in all (issue 11).
 CARRY_LIMIT_MIB = 64
 # The GPU machine runs Python 3.12.3 (a glibc 2.39 distribution): manylinux_2_28 wheels fit.
@@ -92,8 +94,10 @@ def make_stub(
 
 
 def constraints(provided: dict[str, str], folder: Path) -> Path:
-    """requirements.lock without the provided packages, plus `name==version+provided`."""
-    lines = [line for line in read_names(LOCK) if normalize(line.split("==")[0]) not in provided]
+    """requirements.lock and the peers' pins (no extras: pip refuses them in constraints)
+    without the provided packages, plus `name==version+provided`."""
+    pins = read_names(LOCK) + [line for line in read_names(PEERS) if "[" not in line]
+    lines = [line for line in pins if normalize(line.split("==")[0]) not in provided]
     lines += [f"{name}=={version}+{LOCAL_LABEL}" for name, version in provided.items()]
     path = folder / "constraints.txt"
     path.write_text("\n".join(lines) + "\n")

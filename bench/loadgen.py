@@ -1,39 +1,37 @@
-"""Load generator: senders, a fixed-concurrency driver that records every request, levels
-and percentiles. Shared by the benchmarks; nothing here knows which benchmark runs it.
+"""Load generator: HTTP load from Locust in a child process of its own (bench.locust_load),
+a small loop for in-process senders, and levels and percentiles over the records.
 
-A *sender* is `send(i) -> Answer`: it makes request number `i` and says what came back
-(HTTP status, the `version` field of a JSON body, an error text when the request failed).
-It raises only for failures below HTTP (connection refused, timeout); `drive` records
-those as failed too, with status None.
+A load is `Http` (a URL and the cycle of requests the child sends: `predict_load`,
+`invocations_load`, or one's own) or an in-process sender `send(i)` (the model itself, timed
+in this process; it raises on failure).
 
-    stop = threading.Event()
-    with http_client(8, timeout_s=30) as client:
-        send = service_sender(client, url, jpegs)
-        records = drive(send, concurrency=8, duration_s=60, stop=stop)   # every request
-        row = run_level(send, requests=256, concurrency=8, cap_s=60, stop=stop)  # a summary
+    load = predict_load(url, work / "load", jpegs)
+    records = drive(load, concurrency=8, duration_s=60, stop=stop).records   # every request
+    row = run_level(load, requests=256, concurrency=8, cap_s=60, stop=stop)  # a summary
 
-Times are `time.perf_counter()` seconds, so records from several threads (and a swap
-started by the benchmark in between) are on one clock.
+Each `drive` of an `Http` load is a fresh child, so each level's users bring their own
+connections (a c=128 burst's kept-alive ones once slowed the lone level after it: run 6 in
+docs/benchmarks.md). Times are `time.perf_counter()` seconds, in the child as here
+(CLOCK_MONOTONIC: one clock for the machine), so a swap made here falls among the records.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
-
-@dataclass(frozen=True)
-class Answer:
-    """What one request got back: HTTP status, the answering model version, an error."""
-
-    status: int | None
-    version: str | None = None
-    error: str | None = None
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -56,84 +54,172 @@ class Record:
         return (self.end - self.start) * 1000
 
 
-Sender = Callable[[int], Answer]
+Sender = Callable[[int], object]  # in process: send(i) makes request i; it raises on failure
+
+
+@dataclass(frozen=True)
+class Http:
+    """An HTTP load for the Locust child: request `i` is `cycle[i % len(cycle)]` to `url`
+    (the entries as bench.locust_load describes them), each answered within `timeout_s`."""
+
+    url: str
+    cycle: tuple[dict, ...]
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Run:
+    """The records of one load (in start order), when it started and ended (perf_counter
+    seconds) and the CPU seconds the Locust child spent on it (0 in process)."""
+
+    records: list[Record]
+    started: float
+    ended: float
+    client_cpu_s: float = 0.0
+
+
+def body_files(folder: Path, blobs: Sequence[bytes]) -> list[Path]:
+    """Each blob as a file in `folder` (named by its content), for the child to read."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{hashlib.sha1(blob).hexdigest()[:16]}.bin" for blob in blobs]
+    for path, blob in zip(paths, blobs, strict=True):
+        if not path.exists():
+            path.write_bytes(blob)
+    return paths
+
+
+def upload(path: str, field: str, name: str, file: Path, kind: str | None = None, **extra) -> dict:
+    """A cycle entry: POST `path` with `file` as multipart `field` named `name`."""
+    return {"path": path, "files": [[field, name, str(file), kind or "application/octet-stream"]]} | extra
+
+
+def predict_load(url: str, folder: Path, jpegs: Sequence[bytes], timeout_s: float = 60.0) -> Http:
+    """POST {url}/predict with the i-th JPEG (cycling) as multipart field `image`; a 200
+    must carry predictions, and records the `version` that made them."""
+    files = enumerate(body_files(folder, jpegs))
+    cycle = (upload("/predict", "image", f"{n}.jpg", f, "image/jpeg", predictions=True) for n, f in files)
+    return Http(url, tuple(cycle), timeout_s)
+
+
+def invocations_load(url: str, folder: Path, bodies: Sequence[bytes], timeout_s: float = 60.0) -> Http:
+    """POST {url}/invocations with the i-th pre-encoded {"inputs": ...} JSON body."""
+    cycle = ({"path": "/invocations", "body": str(f), "content_type": "application/json"}
+             for f in body_files(folder, bodies))  # fmt: skip
+    return Http(url, tuple(cycle), timeout_s)
+
+
+class Locust:
+    """One Locust child (`python -m bench.locust_load`) set up for one load and ready:
+    `go()` starts the load, `stop()` ends it early (those in flight finish), `wait()`
+    gives its Run; `records` grows as answers arrive. Use it as a context manager: the
+    child is killed if it is still running at the end."""
+
+    def __init__(self, load: Http, concurrency: int, *, requests: int | None = None,
+                 duration_s: float | None = None, rate_per_s: float | None = None) -> None:  # fmt: skip
+        spec = dict(url=load.url, cycle=load.cycle, timeout_s=load.timeout_s, concurrency=concurrency,
+                    requests=requests, duration_s=duration_s, rate_per_s=rate_per_s)  # fmt: skip
+        self.records: list[Record] = []
+        self.summary: dict | None = None
+        cmd = [sys.executable, "-m", "bench.locust_load"]
+        self._proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        print(json.dumps(spec), file=self._proc.stdin, flush=True)
+        if self._proc.stdout.readline().strip() != '{"ready": true}':  # or "" once it has died
+            self.__exit__()
+            raise RuntimeError(f"bench.locust_load did not start (exit {self._proc.returncode}): make peers?")
+        self._reader = threading.Thread(target=self._read, name="locust-records", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            item = json.loads(line)
+            if isinstance(item, list):
+                self.records.append(Record(*item))
+            else:
+                self.summary = item
+
+    def go(self) -> Locust:
+        print("go", file=self._proc.stdin, flush=True)
+        self._proc.stdin.close()
+        return self
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+
+    def wait(self, stop: threading.Event | None = None, timeout_s: float = float("inf")) -> Run | None:
+        """Wait for the load to end (`stop` set: end it now); its Run, or None if it still
+        runs after `timeout_s`."""
+        deadline = time.perf_counter() + timeout_s
+        while self._reader.is_alive():
+            if stop is not None and stop.is_set():
+                self.stop()
+            if time.perf_counter() > deadline:
+                return None
+            self._reader.join(0.1)
+        if self._proc.wait() or self.summary is None:
+            raise RuntimeError(f"bench.locust_load failed (exit {self._proc.returncode})")
+        if self.summary["cpu_warning"]:
+            print("    warning: the Locust child ran above 90% CPU: the load may be its limit", flush=True)
+        records, summary = sorted(self.records, key=lambda r: r.start), self.summary
+        return Run(records, summary["started"], summary["ended"], summary["cpu_s"])
+
+    def __enter__(self) -> Locust:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._proc.kill()  # a no-op once it has ended
+        self._proc.wait()
 
 
 def drive(
-    send: Sender,
+    send: Http | Sender,
     concurrency: int,
     *,
     requests: int | None = None,
     duration_s: float | None = None,
+    rate_per_s: float | None = None,
     stop: threading.Event | None = None,
-) -> list[Record]:
-    """Call `send(0)`, `send(1)`, ... from `concurrency` threads; a record for each call.
+    on_start: Callable[[], None] | None = None,
+) -> Run:
+    """`concurrency` users sending requests 0, 1, ...; a record for each.
 
-    Each thread sends its next request as soon as its last one is answered (a closed
-    loop at fixed concurrency). Stops after `requests` calls, after `duration_s` seconds
-    (no new request starts later; those in flight finish), or once `stop` is set,
-    whichever comes first; give at least one of them. Records are in start order.
-    """
+    A closed loop (each user sends its next request once its last is answered), or with
+    `rate_per_s` (Http only) an open loop: request `i` is due at `t0 + i / rate` whatever
+    the answers do, sent by the first free user, its latency counted from that due time
+    (no coordinated omission). Stops after `requests`, after `duration_s` (those in flight
+    finish) or once `stop` is set. `on_start()` runs just before the first request, once
+    the Locust child is up: its start-up stays out of what `on_start` brackets."""
     if requests is None and duration_s is None and stop is None:
         raise ValueError("drive needs requests, duration_s or stop, or it never ends")
-    counter, lock = itertools.count(), threading.Lock()
-    deadline = time.perf_counter() + duration_s if duration_s is not None else float("inf")
-    records: list[Record] = []
+    on_start = on_start or (lambda: None)
+    if not isinstance(send, Http):
+        on_start()
+        return _in_process(send, concurrency, requests, duration_s, stop)
+    with Locust(send, concurrency, requests=requests, duration_s=duration_s, rate_per_s=rate_per_s) as child:
+        on_start()
+        return child.go().wait(stop)
+
+
+def _in_process(send: Sender, concurrency: int, requests, duration_s, stop) -> Run:
+    """The closed loop of `drive` from `concurrency` threads of this process."""
+    counter, records, start = itertools.count(), [], time.perf_counter()  # count(): atomic under the GIL
+    deadline = start + duration_s if duration_s is not None else float("inf")
 
     def worker() -> None:
-        while time.perf_counter() < deadline and not (stop and stop.is_set()):
-            with lock:
-                i = next(counter)
-            if requests is not None and i >= requests:
+        for i in counter:
+            stopped = stop is not None and stop.is_set()
+            if stopped or time.perf_counter() >= deadline or (requests is not None and i >= requests):
                 return
-            records.append(_timed(send, i))
+            t0, error = time.perf_counter(), None
+            try:
+                send(i)
+            except Exception as exc:  # noqa: BLE001 - recorded and reported, the load goes on
+                error = f"{type(exc).__name__}: {exc}"[:200]
+            records.append(Record(i, t0, time.perf_counter(), None if error else 200, None, error))
 
     with ThreadPoolExecutor(concurrency) as pool:
-        for future in [pool.submit(worker) for _ in range(concurrency)]:
-            future.result()
-    return sorted(records, key=lambda r: r.start)
-
-
-def open_loop(
-    send: Sender,
-    rate_per_s: float,
-    *,
-    duration_s: float,
-    stop: threading.Event | None = None,
-    max_in_flight: int = 64,
-) -> list[Record]:
-    """Start `send(i)` at `t0 + i / rate_per_s` for `duration_s` seconds (an open loop:
-    arrivals never wait for answers, as real clients do not), from up to `max_in_flight`
-    threads; a record for each call, in start order.
-
-    A record's `start` is the request's *scheduled* time, so a request that had to wait
-    for a free thread counts that wait in its latency (no coordinated omission).
-    """
-    records: list[Record] = []
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_in_flight) as pool:
-        for i in itertools.count():
-            due = t0 + i / rate_per_s
-            if due - t0 >= duration_s or (stop and stop.is_set()):
-                break
-            delay = due - time.perf_counter()
-            if delay > 0 and stop is not None and stop.wait(delay):
-                break
-            if delay > 0 and stop is None:
-                time.sleep(delay)
-            pool.submit(lambda i=i, due=due: records.append(_timed(send, i, due)))
-    return sorted(records, key=lambda r: r.start)
-
-
-def _timed(send: Sender, i: int, start: float | None = None) -> Record:
-    """One call of `send`, timed from `start` (default: now); an exception becomes a
-    failed record (status None)."""
-    start = time.perf_counter() if start is None else start
-    try:
-        answer = send(i)
-    except Exception as exc:  # noqa: BLE001 - recorded and reported, the load goes on
-        answer = Answer(None, error=f"{type(exc).__name__}: {exc}"[:200])
-    return Record(i, start, time.perf_counter(), answer.status, answer.version, answer.error)
+        list(pool.map(lambda _: worker(), range(concurrency)))
+    return Run(sorted(records, key=lambda r: r.start), start, time.perf_counter())
 
 
 def percentiles(latencies_ms: Sequence[float]) -> dict[str, float | None]:
@@ -162,166 +248,44 @@ def summarize(records: Iterable[Record], seconds: float) -> dict:
     }
 
 
-def between(records: Iterable[Record], start: float, end: float) -> list[Record]:
-    """The records of requests that started in [start, end) (perf_counter seconds)."""
-    return [r for r in records if start <= r.start < end]
-
-
-def first_answer(records: Iterable[Record], version: str) -> Record | None:
-    """The earliest-ending successful request answered by `version`."""
-    return min((r for r in records if r.ok and r.version == version), key=lambda r: r.end, default=None)
-
-
-def last_answer(records: Iterable[Record], version: str) -> Record | None:
-    """The latest-ending successful request answered by `version`."""
-    return max((r for r in records if r.ok and r.version == version), key=lambda r: r.end, default=None)
-
-
 def run_level(
-    send: Sender, requests: int, concurrency: int, cap_s: float, stop: threading.Event | None = None
-) -> dict:
-    """`requests` calls of `send` from `concurrency` threads, stopped at `cap_s` seconds.
-
-    Latency is per call, client side, until the whole answer is read; images/s counts
-    answered calls over the level's wall time. `capped` says the cap (or `stop`) cut it short.
-    """
-    start = time.perf_counter()
-    records = drive(send, concurrency, requests=requests, duration_s=cap_s, stop=stop)
-    row = {"concurrency": concurrency} | summarize(records, time.perf_counter() - start)
-    row["capped"] = len(records) < requests
-    return row
-
-
-def run_levels(
-    send: Sender,
-    levels: Sequence[int],
-    requests: Callable[[int], int],
-    cap_s: float,
-    warm: int,
-    probe: Callable[[], dict] | None = None,
-    cpu: Callable[[], dict[str, float]] | None = None,
-    server_side: Callable[[dict, dict], dict] | None = None,
-    stop: threading.Event | None = None,
-) -> list[dict]:
-    """A warm-up burst of `warm` calls at the top level (not timed), then each level.
-
-    `requests(concurrency)` is the level's request count. `probe()` snapshots the server
-    before and after each level and `server_side(before, after)` turns the two into
-    columns of the row (e.g. access-log times). `cpu()` gives CPU seconds per process
-    group (bench.sampling.cpu_counter); each row then gets CPU ms per answered image.
-    Every row also has the load average at its end.
-    """
-    run_level(send, warm, max(levels), cap_s, stop)
-    results = []
-    for concurrency in levels:
-        row = measured_level(send, requests(concurrency), concurrency, cap_s, probe, cpu, server_side, stop)
-        results.append(row)
-        print(f"    c={concurrency}: {row['images_per_s']:.1f} images/s, {row['errors']} errors", flush=True)
-    return results
-
-
-def measured_level(
-    send: Sender,
+    send: Http | Sender,
     requests: int,
     concurrency: int,
     cap_s: float,
+    stop: threading.Event | None = None,
     probe: Callable[[], dict] | None = None,
     cpu: Callable[[], dict[str, float]] | None = None,
     server_side: Callable[[dict, dict], dict] | None = None,
-    stop: threading.Event | None = None,
 ) -> dict:
-    """`run_level`'s row, with the load average at its end, CPU ms per answered image of
-    each process group (`cpu`) and server-side columns (`server_side` of two `probe`s)."""
+    """`requests` requests from `concurrency` users, stopped at `cap_s` seconds: counts,
+    images/s, client-side latency percentiles, `capped` (the cap or `stop` cut it short),
+    the load average at its end; CPU ms per answered image of each process group (`cpu`:
+    bench.sampling.cpu_counter, "client" plus the Locust child's CPU of the load) and
+    server-side columns (`server_side` of two `probe`s), first read just before the load."""
     from bench.sampling import cpu_per_image
 
-    before = probe() if probe else None
-    cpu_before = cpu() if cpu else None
-    row = run_level(send, requests, concurrency, cap_s, stop) | {"load": os.getloadavg()[0]}
+    before: dict = {}
+
+    def on_start() -> None:
+        before["probe"], before["cpu"] = probe() if probe else None, cpu() if cpu else None
+
+    run = drive(send, concurrency, requests=requests, duration_s=cap_s, stop=stop, on_start=on_start)
+    row = {"concurrency": concurrency} | summarize(run.records, (run.ended - run.started))
+    row |= {"capped": len(run.records) < requests, "load": os.getloadavg()[0]}
     if cpu:
-        row["cpu_ms_per_image"] = cpu_per_image(cpu_before, cpu(), row["requests"])
+        after = cpu()
+        after["client"] = after.get("client", 0.0) + run.client_cpu_s
+        row["cpu_ms_per_image"] = cpu_per_image(before["cpu"], after, row["requests"])
     if probe and server_side:
         time.sleep(0.5)  # let the server flush its access log
-        row |= server_side(before, probe())
+        row |= server_side(before["probe"], probe())
     return row
 
 
-def http_client(concurrency: int, timeout_s: float):
-    """One pooled httpx client for every thread; trust_env=False keeps loopback off any
-    proxy. Give each request the level's cap as `timeout_s`, so none runs past twice it."""
+def probe_client(timeout_s: float = 30.0):
+    """An httpx client for what a benchmark reads besides the load (/metadata, /metrics,
+    full probabilities); trust_env=False keeps loopback off any proxy."""
     import httpx
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    return httpx.Client(limits=limits, timeout=timeout_s, trust_env=False)
-
-
-class LevelClient:
-    """An httpx client made anew for each level (`renew`): each level's users bring their
-    own connections, as different users would.
-
-    One client kept across levels carries the burst's kept-alive connections into the lone
-    level after it, and httpcore checks every one of them on each request: after a c=128
-    burst the client's CPU per lone request went from ~1.3 to ~5 ms, in the latency path
-    (docs/benchmarks.md, "Serving beside LitServe and Ray Serve", run 6). `post` and
-    `get` go to the current client; use it as a context manager."""
-
-    def __init__(self, concurrency: int, timeout_s: float):
-        self.timeout_s = timeout_s
-        self._client = http_client(concurrency, timeout_s)
-
-    def renew(self, concurrency: int) -> None:
-        """Close the connections of the last level; a fresh pool for `concurrency`."""
-        old, self._client = self._client, http_client(concurrency, self.timeout_s)
-        old.close()
-
-    def post(self, *args, **kwargs):
-        return self._client.post(*args, **kwargs)
-
-    def get(self, *args, **kwargs):
-        return self._client.get(*args, **kwargs)
-
-    def close(self) -> None:
-        self._client.close()
-
-    def __enter__(self) -> LevelClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def service_sender(client, url: str, jpegs: Sequence[bytes]) -> Sender:
-    """POST {url}/predict with the i-th JPEG (cycling) as multipart field `image`.
-
-    Succeeds on a 200 with predictions; the answer's `version` is the model version
-    that made them.
-    """
-
-    def send(i: int) -> Answer:
-        answer = client.post(
-            f"{url}/predict", files={"image": (f"{i}.jpg", jpegs[i % len(jpegs)], "image/jpeg")}
-        )
-        if answer.status_code != 200:
-            return Answer(answer.status_code, error=f"HTTP {answer.status_code}: {answer.text[:150]}")
-        body = answer.json()
-        version = None if body.get("version") is None else str(body["version"])
-        if not body.get("predictions"):
-            return Answer(200, version, error=f"no predictions: {answer.text[:150]}")
-        return Answer(200, version)
-
-    return send
-
-
-def mlflow_sender(client, url: str, bodies: Sequence[bytes]) -> Sender:
-    """POST {url}/invocations with the i-th pre-encoded {"inputs": ...} JSON body."""
-
-    def send(i: int) -> Answer:
-        answer = client.post(
-            f"{url}/invocations",
-            content=bodies[i % len(bodies)],
-            headers={"Content-Type": "application/json"},
-        )
-        if answer.status_code != 200:
-            return Answer(answer.status_code, error=f"HTTP {answer.status_code}: {answer.text[:150]}")
-        return Answer(200)
-
-    return send
+    return httpx.Client(timeout=timeout_s, trust_env=False)

@@ -7,7 +7,7 @@ fronts check and forward them), and the JPEG draft-decode speedup.
 
 Serves a small untrained CNN (input 224x224, so the resize path is the real one) from a
 temporary BentoML store at the default limits (20 MiB upload, 40 MP), with
-IMGCLS_SERVE_FRONT_WORKERS fronts; `--clients` threads upload the files of
+IMGCLS_SERVE_FRONT_WORKERS fronts; `--clients` Locust users upload the files of
 bench/hostile.py in turn (a client told 503 waits 0.2 s, as a client honouring a short
 Retry-After would), and bench.sampling.TreeSampler records the fronts' resident memory,
 summed, and the model process's. Prints a Markdown table and writes JSON (`--out`).
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import mimetypes
 import statistics
 import sys
 import tempfile
@@ -26,12 +26,14 @@ from collections import Counter
 from pathlib import Path
 
 from bench.hostile import WORST_CASES
-from bench.loadgen import Answer, drive, http_client
+from bench.loadgen import Http, body_files, drive, upload
 from bench.machine import machine, quiet_environment
 from bench.sampling import TreeSampler, sample_tree
+from bench.servers import bento_model, bento_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 224
+NAME = "memory-bench"
 TARGET_BYTES = 2 * 1024**3  # the issue's target for four fronts, summed
 
 
@@ -78,63 +80,18 @@ def decode_speed(repeats: int) -> dict:
     return out
 
 
-def save_model(work: Path) -> None:
-    """An untrained simple_cnn at 224x224 in a BentoML store under `work` (no MLflow)."""
-    os.environ["BENTOML_HOME"] = str(work / "bentoml")
-    from imgcls.modelcard import ModelCard
-    from service.store import save_to_bento_store
-    from training.config import load_config
-    from training.model import build_model
-
-    config = load_config(
-        None, data=work, backbone="simple_cnn", weights="none", image_size=SIZE, **{"augment.enabled": False}
-    )
-    path = work / "model.keras"
-    build_model(config, 3).save(path)
-    card = ModelCard(
-        class_names=["a", "b", "c"],
-        image_size=(SIZE, SIZE),
-        backbone="simple_cnn",
-        dataset_fingerprint="memory-bench",
-    )
-    save_to_bento_store(path, card, name="memory-bench", version=1)
-
-
-def server(work: Path, args: argparse.Namespace):
-    from imgcls.processes import HOST, QUIET_ENV, ServerProcess, free_port
-    from service.cli import serve_command
-
-    port = free_port()
-    env = {**os.environ, **QUIET_ENV, "BENTOML_HOME": str(work / "bentoml")}
-    env.update(
-        IMGCLS_SERVE_SOURCE="bentoml",
-        IMGCLS_SERVE_MODEL_NAME="memory-bench",
-        IMGCLS_SERVE_FRONT_WORKERS=str(args.fronts),
-        IMGCLS_SERVE_POLL_INTERVAL_S="0",
-    )
-    ready = f"http://{HOST}:{port}/readyz"
-    return ServerProcess(serve_command(HOST, port), ready, work / "server.log", env=env, cwd=args.root,
-                         port=port, timeout_s=240)  # fmt: skip
-
-
-def uploads_sender(client, url: str, files: list[tuple[str, bytes]]):
-    """POST /predict with the i-th worst case; 503s wait 0.2 s before the next request."""
-
-    def send(i: int) -> Answer:
-        name, data = files[i % len(files)]
-        response = client.post(f"{url}/predict", files={"image": (name, data)})
-        if response.status_code == 503:
-            time.sleep(0.2)
-        if response.status_code != 200:
-            return Answer(response.status_code, error=f"{name}: HTTP {response.status_code}")
-        return Answer(200)
-
-    return send
+def uploads_load(url: str, folder: Path, files: list[tuple[str, bytes]]) -> Http:
+    """POST /predict with the i-th worst case; a 200 is answered, a 503 waits 0.2 s before
+    that user's next request."""
+    paths = body_files(folder, [data for _, data in files])
+    cycle = (upload("/predict", "image", name, path, mimetypes.guess_type(name)[0], label=name, on_503=0.2)
+             for (name, _), path in zip(files, paths, strict=True))  # fmt: skip
+    return Http(url, tuple(cycle), timeout_s=120)
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict:
     files = [(name, make()) for name, make in WORST_CASES.items()]
-    with server(work, args) as srv:
+    with bento_server(work, NAME, work / "server.log", args.root, front_workers=args.fronts) as srv:
         time.sleep(2)
         tree = sample_tree(srv.pid)
         idle = tree.get("front")
@@ -142,8 +99,9 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         result["idle_model_rss_bytes"] = tree["model"].rss_bytes if "model" in tree else None
         if args.idle_only:
             return result
-        with TreeSampler(srv.pid, interval_s=0.1) as sampler, http_client(args.clients, 120) as client:
-            records = drive(uploads_sender(client, srv.url, files), args.clients, duration_s=args.seconds)
+        load = uploads_load(srv.url, work / "load", files)
+        with TreeSampler(srv.pid, interval_s=0.1) as sampler:
+            records = drive(load, args.clients, duration_s=args.seconds).records
     statuses = Counter(str(r.status) for r in records)
     per_front = [
         u["front"].rss_bytes / max(1, u["front"].processes) for _, u in sampler.samples if "front" in u
@@ -202,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         results["decode"] = decode_speed(args.decode_repeats)
     with tempfile.TemporaryDirectory(prefix="memory-bench-") as tmp:
         work = Path(tmp)
-        save_model(work)
+        bento_model(work, NAME, SIZE)
         results["memory"] = measure(args, work)
     print(render(results))
     if args.out:

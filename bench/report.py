@@ -4,7 +4,7 @@ over its results dict (the JSON `bench.serve_bench` writes).
 `results` maps a case ("resnet50", "demo") to: "a", the in-process rows (`method` predict,
 predict_on_batch, or a compiled engine such as openvino-f32, `batch`); "rounds", one row
 per server, round and step (bench.rounds: `server`, `round`, `step`, `concurrency`,
-bench.loadgen.measured_level's keys, and for the service its access-log columns; the
+bench.loadgen.run_level's keys, and for the service its access-log columns; the
 model's own rows with `before`); "max_prob_gap" per server; "runtime", what computes each
 server's answers (/metadata "runtime": name, precision, reason).
 """

@@ -14,19 +14,18 @@ Definitions (all times `perf_counter` seconds, the clock of the records and the 
   it count for the swap p99; requests that neither start nor end in any swap window,
   after the warm-up, count for the steady p99.
 
-`Watch` is the one part with state: it keeps each answer as it arrives, so the benchmark
-can wait until every client is answered by the new version before the next move.
+`wait_switched` watches the records as they arrive, so the benchmark can wait until every
+client is answered by the new version before the next move.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from statistics import fmean as mean
 
-from bench.loadgen import Answer, Record, Sender, percentiles
+from bench.loadgen import Record, percentiles
 
 # The swap window runs this long past the last old answer: requests queued behind the
 # swap (the new model's first batches) still count as "during the swap".
@@ -312,40 +311,18 @@ def render(report: dict, out: str) -> str:
     return "\n".join(parts)
 
 
-class Watch:
-    """Every answer as it arrives (start, end, version, ok), for waiting on a switch."""
+def switched(records: Sequence[Record], version: str, since: float, hold_s: float, now: float) -> bool:
+    """True once every answer that ended in the last `hold_s` seconds (at least one, and
+    all after `since`) came from `version`; `records` in arrival order (a Locust's, live)."""
+    recent = [r for r in records[-2000:] if r.end >= max(since, now - hold_s)]
+    return now - hold_s >= since and bool(recent) and all(r.version == version for r in recent)
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.answers: list[tuple[float, float, str | None, bool]] = []
 
-    def wrap(self, send: Sender) -> Sender:
-        """`send`, noting each answer it returns (an exception is `drive`'s to record)."""
-
-        def watched(i: int) -> Answer:
-            start = time.perf_counter()
-            answer = send(i)
-            with self._lock:
-                self.answers.append((start, time.perf_counter(), answer.version, answer.error is None))
-            return answer
-
-        return watched
-
-    def switched(self, version: str, since: float, hold_s: float, now: float) -> bool:
-        """True once every answer that ended in the last `hold_s` seconds (at least one,
-        and all after `since`) came from `version`."""
-        with self._lock:
-            recent = [a for a in self.answers[-2000:] if a[1] >= max(since, now - hold_s)]
-        return now - hold_s >= since and bool(recent) and all(v == version for _, _, v, _ in recent)
-
-    def wait_switched(self, version: str, since: float, hold_s: float, timeout_s: float, stop=None) -> bool:
-        """Wait until `switched`; False after `timeout_s` (or once `stop` is set)."""
-        deadline = time.perf_counter() + timeout_s
-        while time.perf_counter() < deadline and not (stop and stop.is_set()):
-            if self.switched(version, since, hold_s, time.perf_counter()):
-                return True
-            time.sleep(0.1)
-        return False
-
-    def __len__(self) -> int:
-        return len(self.answers)
+def wait_switched(records, version: str, since: float, hold_s: float, timeout_s: float, stop=None) -> bool:
+    """Wait until `switched`; False after `timeout_s` (or once `stop` is set)."""
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline and not (stop and stop.is_set()):
+        if switched(records, version, since, hold_s, time.perf_counter()):
+            return True
+        time.sleep(0.1)
+    return False

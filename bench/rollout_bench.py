@@ -21,7 +21,8 @@ steady state; images/s, CPU of the model process and peak RSS of the server's pr
 tree (bench.sampling.TreeSampler) in the swap windows against steady state.
 
 This script only parses arguments and calls the shared modules: bench.cases (models),
-bench.photos (JPEGs), bench.servers (the following service), bench.loadgen (the load),
+bench.photos (JPEGs), bench.servers (the following service), bench.loadgen (the load, from
+a Locust child process on the same clock as the moves),
 bench.sampling (CPU and memory), bench.rollout (the analysis and the report).
 """
 
@@ -32,7 +33,6 @@ import dataclasses
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -84,7 +84,7 @@ def service_metadata(url: str, *keys: str):
 
 
 def run_moves(
-    client, name: str, versions: tuple[str, str], watch, args, stop, url: str
+    client, name: str, versions: tuple[str, str], records, args, stop, url: str
 ) -> list[rollout.Move]:
     """`--swaps` promotions and rollbacks, each waited for, then `--steady` s of steady load."""
     v1, v2 = versions
@@ -92,10 +92,9 @@ def run_moves(
     for n in range(2 * args.swaps):
         old, new, kind = (v1, v2, "promote") if n % 2 == 0 else (v2, v1, "rollback")
         moves.append(move_alias(client, name, old, new, kind))
-        switched = watch.wait_switched(new, moves[-1].at, HOLD_S, args.switch_timeout, stop)
-        moves[-1] = dataclasses.replace(
-            moves[-1], service_load_s=service_metadata(url, "following", "last_load_s")
-        )
+        switched = rollout.wait_switched(records, new, moves[-1].at, HOLD_S, args.switch_timeout, stop)
+        load_s = service_metadata(url, "following", "last_load_s")
+        moves[-1] = dataclasses.replace(moves[-1], service_load_s=load_s)
         print(f"    {kind} v{old} -> v{new}: {'switched' if switched else 'NOT switched'}", flush=True)
         time.sleep(args.steady + poll_phase(n) * args.poll_interval)
     return moves
@@ -119,27 +118,21 @@ def bench_case(key: str, jpegs: list[bytes], args: argparse.Namespace, work: Pat
     load_s = follower_load_s(second, work / "load-probe-cache")
     print(f"  follower load + check + warm-up in process: {load_s:.1f} s", flush=True)
     concurrency = args.concurrency or DEFAULT_CONCURRENCY[key]
-    watch, done, records = rollout.Watch(), threading.Event(), []
     log = args.log_dir / f"{key}-rollout.log"
-    with (
-        following_server(first, args, log, work) as srv,
-        TreeSampler(srv.pid) as sampler,
-        loadgen.http_client(concurrency, args.request_timeout) as http,
-    ):
-        send = watch.wrap(loadgen.service_sender(http, srv.url, jpegs))
-        load = threading.Thread(target=lambda: records.extend(loadgen.drive(send, concurrency, stop=done)))
-        load.start()
-        try:
+    with following_server(first, args, log, work) as srv, TreeSampler(srv.pid) as sampler:
+        load = loadgen.predict_load(srv.url, work / "load", jpegs, args.request_timeout)
+        with loadgen.Locust(load, concurrency) as child:
+            child.go()
             time.sleep(WARM_S)
             since = time.perf_counter()
             time.sleep(args.steady)
-            moves = run_moves(client, first.name, (first.version, second.version), watch, args, stop, srv.url)
-            while len(watch) < args.min_requests and not stop.is_set():
+            versions = (first.version, second.version)
+            moves = run_moves(client, first.name, versions, child.records, args, stop, srv.url)
+            while len(child.records) < args.min_requests and not stop.is_set():
                 time.sleep(0.5)
             runtime = service_metadata(srv.url, "runtime")
-        finally:
-            done.set()
-            load.join()
+            child.stop()
+            records = child.wait().records
         until = time.perf_counter()
     result = rollout.analyse(records, moves, sampler.samples, since, until, args.poll_interval, load_s)
     if args.records:

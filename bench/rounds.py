@@ -5,7 +5,7 @@ alike, and a level that follows a burst shows what the burst left behind.
     targets = [Target("imgcls", send, requests), Target("litserve", ...)]
     rows = run_rounds(targets, rounds=3, levels=(1, 32, 1, 128, 1), cap_s=60)
 
-Each row is bench.loadgen.measured_level's, plus `server`, `round` (1, 2, ...) and `step`
+Each row is bench.loadgen.run_level's, plus `server`, `round` (1, 2, ...) and `step`
 (the level's place in the sequence, 1, 2, ...: the second c=1 is step 3). A target with
 `only` runs just those levels; a `reference` (the model in process, at c=1) runs just
 before each such level of every target, or of each target its own (a mapping: the model
@@ -27,17 +27,16 @@ ROUND_LEVELS = (1, 32, 1, 128, 1)
 
 @dataclass(frozen=True)
 class Target:
-    """One server under test: its sender, the requests of a level, and what to read from
-    it per level (see bench.loadgen.measured_level)."""
+    """One server under test: its load (an HTTP one, or the model in process), the
+    requests of a level, and what to read from it per level (bench.loadgen.run_level)."""
 
     name: str
-    send: loadgen.Sender
+    send: loadgen.Http | loadgen.Sender
     requests: Callable[[int], int]
     cpu: Callable[[], dict[str, float]] | None = None
     probe: Callable[[], dict] | None = None
     server_side: Callable[[dict, dict], dict] | None = None
     only: frozenset[int] | None = None  # the concurrency levels it runs (None: all)
-    before_level: Callable[[int], None] | None = None  # told each level's concurrency first
     # hold(True) stops the server while another is measured, hold(False) resumes it: for
     # servers whose idle workers poll (LitServe's take ~10% of a core each, doing nothing).
     hold: Callable[[bool], None] | None = None
@@ -85,12 +84,8 @@ def _alone(target: Target, targets: Sequence[Target]):
 
 
 def _measure(target: Target, concurrency: int, cap_s: float, stop: threading.Event | None) -> dict:
-    if target.before_level is not None:
-        target.before_level(concurrency)
-    row = loadgen.measured_level(
-        target.send, target.requests(concurrency), concurrency, cap_s,
-        target.probe, target.cpu, target.server_side, stop,
-    )  # fmt: skip
+    row = loadgen.run_level(target.send, target.requests(concurrency), concurrency, cap_s, stop,
+                            target.probe, target.cpu, target.server_side)  # fmt: skip
     print(f"    {target.name} c={concurrency}: {row['images_per_s']:.1f} images/s, "
           f"p50 {_ms(row['p50_ms'])} ms, {row['errors']} errors", flush=True)  # fmt: skip
     return row | {"server": target.name}

@@ -95,8 +95,9 @@ def sample_tree(pid: int, classify: Classify = bentoml_role) -> dict[str, Usage]
 
 
 def cpu_counter(server_pid: int, classify: Classify = bentoml_role) -> Callable[[], dict[str, float]]:
-    """A function giving CPU seconds so far of this process ("client": the load
-    generator) and of the server's processes per role."""
+    """A function giving CPU seconds so far of this process ("client") and of the server's
+    processes per role. bench.loadgen.run_level adds its Locust child's CPU of the
+    level to "client": the load generator is this process and that child together."""
     import resource
 
     def counts() -> dict[str, float]:

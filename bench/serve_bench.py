@@ -15,8 +15,8 @@ photos at 224 px with ../shared's ImageNet VGG16 file; its own parity set; accur
 macro-F1 and top-1 agreement with Keras on its test split for Keras, OpenVINO f32 and
 bf16 side by side. The same real
 JPEGs (CIFAR-10 photos from ../shared upscaled to 256x256, or generated ones) and the same
-load generator (bench.loadgen's `service_sender`: POST /predict, multipart field `image`)
-go to:
+load generator (bench.loadgen's `predict_load`, sent by Locust: POST /predict, multipart
+field `image`) go to:
 
   (a) in process, `model.predict` and `predict_on_batch` at batch 1, 8, 32 (the model's
       own speed; `predict_on_batch` is the call every Keras server makes), and its
@@ -143,19 +143,19 @@ def start_server(name: str, case: Case, args: argparse.Namespace, work: Path, st
     return stack.enter_context(srv), log
 
 
-def target(name: str, srv, log: Path, case: Case, jpegs, bodies, client, args) -> rounds.Target:
-    """What the rounds send to one server and read from it."""
+def target(name: str, srv, log: Path, case: Case, jpegs, bodies, client, args, work: Path) -> rounds.Target:
+    """What the rounds send to one server (a fresh Locust child per level: each level's
+    users bring their own connections) and read from it."""
     requests = functools.partial(request_count, args.requests, case.key, name == "mlflow")
     if name == "mlflow":
-        send = loadgen.mlflow_sender(client, srv.url, bodies)
-        return rounds.Target(name, send, requests, sampling.cpu_counter(srv.pid), before_level=client.renew)
-    send = loadgen.service_sender(client, srv.url, jpegs)
+        send = loadgen.invocations_load(srv.url, work / "load", bodies, args.level_timeout)
+        return rounds.Target(name, send, requests, sampling.cpu_counter(srv.pid))
+    send = loadgen.predict_load(srv.url, work / "load", jpegs, args.level_timeout)
     if name in report.SERVICES:
         return rounds.Target(name, send, requests, sampling.cpu_counter(srv.pid, sampling.service_role(name)),
-                             service_probe(client, srv.url, log), server_side, before_level=client.renew)  # fmt: skip
+                             service_probe(client, srv.url, log), server_side)  # fmt: skip
     hold = functools.partial(hold_group, srv.pid) if name.startswith("litserve") else None
-    return rounds.Target(name, send, requests, sampling.cpu_counter(srv.pid, sampling.peer_role),
-                         before_level=client.renew, hold=hold)  # fmt: skip
+    return rounds.Target(name, send, requests, sampling.cpu_counter(srv.pid, sampling.peer_role), hold=hold)
 
 
 def hold_group(pid: int, stopped: bool) -> None:
@@ -203,11 +203,10 @@ def bench_case(case: Case, jpegs: list[bytes], args: argparse.Namespace, work: P
         targets, out["max_prob_gap"], out["runtime"] = [], {}, {}
         for name in args.server_list:
             srv, log = start_server(name, case, args, work, stack)
-            # Each server's levels get clients of their own, renewed per level (LevelClient).
-            client = stack.enter_context(loadgen.LevelClient(max(args.level_list), args.level_timeout))
+            client = stack.enter_context(loadgen.probe_client(args.level_timeout))
             out["runtime"][name] = served_runtime(name, srv, client)
             out["max_prob_gap"][name] = probability_gap(name, srv, client, jpegs, bodies, reference)
-            targets.append(target(name, srv, log, case, jpegs, bodies, client, args))
+            targets.append(target(name, srv, log, case, jpegs, bodies, client, args, work))
         for t in targets:
             loadgen.run_level(t.send, t.requests(32), 32, args.level_timeout, stop)
         # Before each server's c=1 levels, the model itself with that server's engine.
@@ -308,8 +307,8 @@ def request_count(fixed: int | None, key: str, mlflow: bool, concurrency: int) -
 
 
 def stop_on_signals() -> threading.Event:
-    """SIGTERM and SIGINT set the returned event (the load threads stop at once instead of
-    finishing their level) and unwind: the `with` blocks stop the servers."""
+    """SIGTERM and SIGINT set the returned event (the Locust child stops at once instead of
+    finishing its level) and unwind: the `with` blocks stop the servers."""
     stopping = threading.Event()
 
     def handler(signum, _frame) -> None:

@@ -31,6 +31,35 @@ def _server(
     return ServerProcess(cmd, ready, log, env=env, cwd=cwd, port=port, timeout_s=READY_TIMEOUT_S)
 
 
+def bento_model(work: Path, name: str, size: int) -> None:
+    """An untrained simple_cnn at `size` x `size`, 3 classes, as `name` version 1 in a
+    BentoML store under `work` (no MLflow): for benchmarks where weights do not matter."""
+    os.environ["BENTOML_HOME"] = str(work / "bentoml")
+    from imgcls.modelcard import ModelCard
+    from service.store import save_to_bento_store
+    from training.config import load_config
+    from training.model import build_model
+
+    config = load_config(None, data=work, backbone="simple_cnn", weights="none", image_size=size,
+                         **{"augment.enabled": False})  # fmt: skip
+    build_model(config, 3).save(work / "model.keras")
+    card = ModelCard(class_names=["a", "b", "c"], image_size=(size, size), backbone="simple_cnn",
+                     dataset_fingerprint=name)  # fmt: skip
+    save_to_bento_store(work / "model.keras", card, name=name, version=1)
+
+
+def bento_server(work: Path, name: str, log: Path, cwd: Path = ROOT, **settings) -> ServerProcess:
+    """`imgcls serve` of `name` from the BentoML store under `work` (`bento_model`), not
+    following, with IMGCLS_SERVE_<SETTING> variables for `settings`, run from `cwd`."""
+    from service.cli import serve_command
+
+    port = free_port()
+    env = {**os.environ, **QUIET_ENV, "BENTOML_HOME": str(work / "bentoml"), "IMGCLS_SERVE_SOURCE": "bentoml",
+           "IMGCLS_SERVE_MODEL_NAME": name, "IMGCLS_SERVE_POLL_INTERVAL_S": "0"}  # fmt: skip
+    env |= {f"IMGCLS_SERVE_{key.upper()}": str(value) for key, value in settings.items()}
+    return _server(serve_command(HOST, port), env, "/readyz", port, log, cwd)
+
+
 # Way of serving -> its `imgcls serve` options beside the benchmark's (issue 20: the default,
 # the compiled f32 build, today's Keras path; `--one-process`; the default service of
 # another checkout, `--base-tree`: a change measured against its base in the same rounds).
@@ -208,19 +237,6 @@ def server_side(before: dict, after: dict) -> dict:
     # The runtime's own time per forward pass, in the serving process (c=1: batch 1).
     out["forward_ms_mean"] = 1000 * delta["imgcls_forward_seconds_sum"] / passes if passes else None
     return out
-
-
-def service_probabilities(client, url: str, jpegs: list[bytes]):
-    """Full probability vectors for the first JPEGs from /predict (top_k = all classes)."""
-    import numpy as np
-
-    rows = []
-    for data in jpegs[:4]:
-        answer = client.post(f"{url}/predict", files={"image": ("p.jpg", data)}, data={"top_k": len(CLASSES)})
-        answer.raise_for_status()
-        probs = {p["label"]: p["probability"] for p in answer.json()["predictions"]}
-        rows.append([probs[c] for c in CLASSES])
-    return np.array(rows)
 
 
 def mlflow_probabilities(client, url: str, bodies: list[bytes]):

@@ -1,5 +1,5 @@
 """The soak benchmark's traffic mix and its analysis: pure functions over records and
-memory samples (tested in tests/test_soak_report.py), and the mixed sender.
+memory samples (tested in tests/test_soak_report.py), and the mix as a Locust load.
 
 Request `i` is of kind `kind_of(i)`: a fixed, interleaved cycle of MIX, so the analysis
 knows each record's kind from its index alone.
@@ -8,9 +8,11 @@ knows each record's kind from its index alone.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
+from pathlib import Path
 
-from bench.loadgen import Answer, Record, Sender, percentiles
+from bench.loadgen import Http, Record, body_files, percentiles
 
 # Per 40 requests: 28 /predict, 4 /predict_batch (4 images), 2 /explain, and 6 bad
 # inputs, one or two of each kind. "too_big" is rare on purpose: each is a 20 MiB upload.
@@ -52,45 +54,28 @@ def kind_of(i: int) -> str:
     return CYCLE[i % len(CYCLE)]
 
 
-def bad_bodies(jpeg: bytes, max_upload_bytes: int) -> dict[str, tuple[str, tuple[str, bytes, str]]]:
-    """For each bad kind, the multipart (field, (filename, data, type)) it sends."""
-    return {
-        "not_image": ("image", ("notes.png", b"this is not an image\n" * 20, "image/png")),
-        "truncated": ("image", ("cut.jpg", jpeg[: len(jpeg) // 2], "image/jpeg")),
-        "wrong_field": ("file", ("x.jpg", jpeg, "image/jpeg")),
-        "too_big": ("image", ("huge.png", b"\0" * (max_upload_bytes + 1), "image/png")),
-    }
+def mixed_load(url: str, folder: Path, jpegs: Sequence[bytes], max_upload_bytes: int, timeout_s: float):
+    """The MIX for the Locust child (request `i` of kind `kind_of(i)`, on JPEG `i` mod their
+    count): good requests must answer 200, bad ones a 4xx; anything else (a 5xx above all)
+    is a failed answer, its error led by its kind."""
+    files = [str(f) for f in body_files(folder, jpegs)]
+    text, cut, huge = map(str, body_files(folder, [b"this is not an image\n" * 20, jpegs[0][: len(jpegs[0]) // 2],
+                                                   b"\0" * (max_upload_bytes + 1)]))  # fmt: skip
+    bad = {"not_image": ["image", "notes.png", text, "image/png"], "truncated": ["image", "cut.jpg", cut, "image/jpeg"],
+           "wrong_field": ["file", "x.jpg", files[0], "image/jpeg"], "too_big": ["image", "huge.png", huge, "image/png"]}  # fmt: skip
+    cycle = tuple(mixed_request(i, files, bad) for i in range(math.lcm(len(CYCLE), len(files))))
+    return Http(url, cycle, timeout_s)
 
 
-def mixed_sender(client, url: str, jpegs: Sequence[bytes], max_upload_bytes: int) -> Sender:
-    """A sender of the MIX: good requests must answer 200, bad ones a 4xx; anything else
-    (a 5xx above all) is a failed answer."""
-    bad = bad_bodies(jpegs[0], max_upload_bytes)
-
-    def send(i: int) -> Answer:
-        kind, jpeg = kind_of(i), jpegs[i % len(jpegs)]
-        if kind == "predict":
-            answer = client.post(f"{url}/predict", files={"image": (f"{i}.jpg", jpeg, "image/jpeg")})
-        elif kind == "predict_batch":
-            files = [("images", (f"{i}-{n}.jpg", jpegs[(i + n) % len(jpegs)], "image/jpeg"))
-                     for n in range(BATCH_IMAGES)]  # fmt: skip
-            answer = client.post(f"{url}/predict_batch", files=files)
-        elif kind == "explain":
-            answer = client.post(f"{url}/explain", files={"image": (f"{i}.jpg", jpeg, "image/jpeg")})
-        else:
-            field, file = bad[kind]
-            answer = client.post(f"{url}/predict", files={field: file})
-        return judge(kind, answer.status_code, answer.text[:150] if answer.status_code != 200 else "")
-
-    return send
-
-
-def judge(kind: str, status: int, text: str = "") -> Answer:
-    """What a status means for a request of `kind` (failed: `error` set)."""
-    expected_ok = kind in GOOD
-    if expected_ok and status == 200 or not expected_ok and 400 <= status < 500:
-        return Answer(status)
-    return Answer(status, error=f"{kind}: HTTP {status}: {text}")
+def mixed_request(i: int, files: Sequence[str], bad: dict[str, list]) -> dict:
+    """Request `i` of the MIX as a cycle entry of bench.locust_load."""
+    kind, jpeg = kind_of(i), files[i % len(files)]
+    parts = [bad[kind]] if kind in BAD else [["image", f"{i}.jpg", jpeg, "image/jpeg"]]
+    if kind == "predict_batch":
+        parts = [["images", f"{i}-{n}.jpg", files[(i + n) % len(files)], "image/jpeg"]
+                 for n in range(BATCH_IMAGES)]  # fmt: skip
+    path = {"predict_batch": "/predict_batch", "explain": "/explain"}.get(kind, "/predict")
+    return {"path": path, "files": parts, "expect": "200" if kind in GOOD else "4xx", "label": kind}
 
 
 def minute_rows(records: Sequence[Record], since: float, minutes: int, window_s: float = 60.0) -> list[dict]:

@@ -4,7 +4,8 @@
 
 The demo model (the course CNN at 32x32, untrained, registered in a temporary store) is
 served by `imgcls serve`'s command with two HTTP fronts. An open loop starts `--rate`
-requests per second whatever the answers do (bench.loadgen.open_loop): /predict,
+requests per second whatever the answers do (bench.loadgen.drive's open loop, sent by
+Locust): /predict,
 /predict_batch (4 images), /explain and bad inputs (not an image, a truncated JPEG, a
 wrong form field, an upload over the byte limit) in the fixed mix of bench/soak.py.
 Good requests must answer 200 and bad ones a 4xx. The server's process tree is sampled
@@ -26,7 +27,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -53,7 +53,7 @@ def per_process(proc, server_pid: int) -> str:
     return f"{bentoml_role(proc, server_pid)} {proc.pid}"
 
 
-def run_soak(args: argparse.Namespace, work: Path, jpegs: list[bytes], stop: threading.Event) -> dict:
+def run_soak(args: argparse.Namespace, work: Path, jpegs: list[bytes], stop) -> dict:
     """Register the demo model, serve it, drive the open loop, analyse."""
     from service.settings import ServiceSettings
 
@@ -65,19 +65,16 @@ def run_soak(args: argparse.Namespace, work: Path, jpegs: list[bytes], stop: thr
     with (
         service_server(case, True, args, args.log_dir / "soak-service.log") as srv,
         TreeSampler(srv.pid, interval_s=1.0, classify=per_process) as sampler,
-        loadgen.http_client(args.max_in_flight, args.request_timeout) as http,
     ):
-        send = soak.mixed_sender(http, srv.url, jpegs, max_upload)
-        records: list[loadgen.Record] = []
-        since = time.perf_counter()
-        load = threading.Thread(target=lambda: records.extend(loadgen.open_loop(
-            send, args.rate, duration_s=duration_s, stop=stop, max_in_flight=args.max_in_flight)))  # fmt: skip
-        load.start()
-        while load.is_alive():
-            load.join(timeout=min(60.0, duration_s))
+        load = soak.mixed_load(srv.url, work / "load", jpegs, max_upload, args.request_timeout)
+        with loadgen.Locust(load, args.max_in_flight, duration_s=duration_s, rate_per_s=args.rate) as child:
+            started = time.perf_counter()
+            child.go()
+            while (run := child.wait(stop, timeout_s=min(60.0, duration_s))) is None:
+                loads.append((time.perf_counter(), os.getloadavg()[0]))
+                print(f"  {(time.perf_counter() - started) / 60:.1f} min", flush=True)
             loads.append((time.perf_counter(), os.getloadavg()[0]))
-            print(f"  {(time.perf_counter() - since) / 60:.1f} min", flush=True)
-        until = time.perf_counter()
+        since, until, records = run.started, time.perf_counter(), run.records
     minutes = soak.minute_rows(records, since, args.minutes)
     for row in minutes:  # the load average sampled nearest the end of each minute
         end = since + row["minute"] * 60
@@ -97,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--minutes", type=int, default=10, help="length of the soak in minutes (10)")
     parser.add_argument("--rate", type=float, default=DEFAULT_RATE, help="requests started per second (20)")
-    parser.add_argument("--max-in-flight", type=int, default=64, help="client threads, at most (64)")
+    parser.add_argument("--max-in-flight", type=int, default=64, help="Locust users, at most (64)")
     parser.add_argument(
         "--request-timeout", type=float, default=30, help="client timeout per request, s (30)"
     )

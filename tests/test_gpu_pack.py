@@ -1,7 +1,7 @@
 """The GPU run's wheelhouse (issue 11): it resolves offline against the GPU machine's own
 jax and numpy, a pin that would break there is caught here, and it fits the carry limit.
 
-The slow test downloads the real 3.12 wheelhouse (about 22 MiB, from pip's cache after
+The slow test downloads the real 3.12 wheelhouse (about 30 MiB with locust, from pip's cache after
 the first run) into a temporary folder: the packaging check cannot rot unnoticed.
 """
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from bench import rollout
-from bench.loadgen import Answer, Record
+from bench.loadgen import Record
 from bench.sampling import Usage
 
 MOVE = rollout.Move(at=10.0, old="1", new="2", kind="promote")
@@ -95,25 +95,27 @@ def test_tables_have_a_row_per_model_and_per_move():
     assert summary[2].startswith("| demo | 62 | 0 | 3.5 (2 + 0.5 + 1) | 2.10 s | 2.90 s | 400 / 100 |")
 
 
-def test_watch_waits_until_every_recent_answer_has_the_new_version():
-    watch = rollout.Watch()
-    versions = iter(["1", "1", "2", "2", "2"])
-    send = watch.wrap(lambda i: Answer(200, next(versions)))
+def test_waiting_ends_once_every_recent_answer_has_the_new_version():
+    records, versions = [], iter(["1", "1", "2", "2", "2"])
+
+    def send(i: int) -> None:
+        now = time.perf_counter()
+        records.append(Record(i, now, now, 200, next(versions), None))
+
     since = time.perf_counter()
     for i in range(2):
         send(i)
     now = time.perf_counter()
-    assert not watch.switched("2", since, hold_s=now - since, now=now)  # only v1 so far
+    assert not rollout.switched(records, "2", since, hold_s=now - since, now=now)  # only v1 so far
     mark = time.perf_counter()
     for i in range(3):
         send(i)
     now = time.perf_counter()
-    assert watch.switched("2", mark, hold_s=now - mark, now=now)  # every answer since mark is v2
-    assert not watch.switched("2", since, hold_s=now - since, now=now)  # v1 answers in the hold
+    assert rollout.switched(records, "2", mark, hold_s=now - mark, now=now)  # every answer since mark is v2
+    assert not rollout.switched(records, "2", since, hold_s=now - since, now=now)  # v1 answers in the hold
     stop = threading.Event()
     stop.set()
-    assert watch.wait_switched("3", since, 0.0, timeout_s=5, stop=stop) is False
-    assert len(watch) == 5
+    assert rollout.wait_switched(records, "3", since, 0.0, timeout_s=5, stop=stop) is False
 
 
 def test_where_time_goes_splits_the_switch_at_the_last_old_answer():

@@ -1,16 +1,13 @@
 """bench.soak's mix, verdicts, per-minute table, memory growth and targets on synthetic data,
-and bench.loadgen.open_loop's pacing."""
+and its cycle of requests for the Locust child (its pacing: tests/test_locust_load.py)."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections import Counter
-
-import pytest
+from pathlib import Path
 
 from bench import soak
-from bench.loadgen import Answer, Record, open_loop
+from bench.loadgen import Record
 from bench.sampling import Usage
 
 
@@ -21,12 +18,19 @@ def test_the_mix_is_spread_over_each_cycle():
     assert first_half["predict"] == 14 and first_half["explain"] == 1  # evenly, not in runs
 
 
-def test_judge_wants_200_for_good_and_4xx_for_bad_requests():
-    assert soak.judge("predict", 200).error is None
-    assert soak.judge("not_image", 400).error is None and soak.judge("too_big", 413).error is None
-    assert "HTTP 500" in soak.judge("predict", 500, "boom").error
-    assert soak.judge("wrong_field", 200).error  # a bad input answered 200 is a failure
-    assert soak.judge("truncated", 503).error
+def test_the_mix_wants_200_for_good_and_4xx_for_bad_requests(tmp_path):
+    load = soak.mixed_load("http://x", tmp_path, [b"a", b"b", b"c"], max_upload_bytes=10, timeout_s=5)
+    assert len(load.cycle) == 120  # every kind on every JPEG: lcm(40, 3)
+    for i, request in enumerate(load.cycle):
+        kind = soak.kind_of(i)
+        assert request["label"] == kind and request["expect"] == ("200" if kind in soak.GOOD else "4xx")
+    by_kind = {soak.kind_of(i): r for i, r in enumerate(load.cycle)}
+    assert (
+        by_kind["predict_batch"]["path"] == "/predict_batch" and len(by_kind["predict_batch"]["files"]) == 4
+    )
+    assert by_kind["wrong_field"]["files"][0][0] == "file" and by_kind["explain"]["path"] == "/explain"
+    huge = by_kind["too_big"]["files"][0][2]
+    assert Path(huge).read_bytes() == b"\0" * 11  # one byte over the limit
 
 
 def _records(minutes: int, per_minute: int, slow_minute: int | None = None, fail_at: int | None = None):
@@ -67,29 +71,3 @@ def test_a_5xx_growing_memory_and_a_slow_minute_fail_their_targets():
     assert any("5xx: 1" in line for line in failed)
     assert any("model 1" in line for line in failed) and not any("front 2" in line for line in failed)
     assert any("p99 per minute" in line for line in failed)
-
-
-@pytest.mark.timing
-def test_open_loop_keeps_its_rate_when_answers_are_slow():
-    """At 50 requests/s with each answer taking 0.2 s, an open loop still starts ~50 in a
-    second (a closed loop of 4 threads would start 20)."""
-    calls = []
-
-    def send(i: int) -> Answer:
-        calls.append(time.perf_counter())
-        time.sleep(0.2)
-        return Answer(200)
-
-    started = time.perf_counter()
-    records = open_loop(send, 50, duration_s=1.0, max_in_flight=32)
-    assert 45 <= len(records) <= 51
-    assert calls[-1] - started < 1.2
-    assert all(r.ok and r.latency_ms >= 190 for r in records)
-
-
-@pytest.mark.timing
-def test_open_loop_stops_on_the_event():
-    stop = threading.Event()
-    threading.Timer(0.3, stop.set).start()
-    records = open_loop(lambda i: Answer(200), 100, duration_s=30, stop=stop)
-    assert 15 <= len(records) <= 40

@@ -8,7 +8,7 @@ Each accepts the upload the service takes (POST /predict, multipart field `image
 it with imgcls.images.decode_image + prepare_image, batches, calls `predict_on_batch` (or,
 with `--runtime openvino`, the file's OpenVINO build compiled as the service compiles it) and
 answers `{"predictions": [{"label", "probability"}, ...]}` (the top 3), so the load
-generator's `service_sender` drives them unchanged. Pinned in bench/peers/requirements.txt
+generator's `predict_load` drives them unchanged. Pinned in bench/peers/requirements.txt
 (`make bench-serve` installs it).
 """
 
