@@ -15,16 +15,18 @@ export KERAS_HOME := $(CURDIR)/.imgcls/keras
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
+# --no-compile: Python compiles what is imported, on first use; compiling every installed file
+# (TensorFlow's included) took more than half of the install.
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c requirements.lock -e ".[cpu,dev]"
+	$(BIN)/pip install -q --no-compile -c requirements.lock -e ".[cpu,dev]"
 	touch $@
 
 install: $(BIN)/.installed ## create .venv and install the pinned dependencies
 
 $(BIN)/.peers-installed: $(BIN)/.installed bench/peers/requirements.txt
-	$(BIN)/pip install -q -c requirements.lock -r bench/peers/requirements.txt
+	$(BIN)/pip install -q --no-compile -c requirements.lock -r bench/peers/requirements.txt
 	touch $@
 
 peers: $(BIN)/.peers-installed ## LitServe and Ray Serve, the serving benchmark's peers (pinned in bench/peers/requirements.txt)
