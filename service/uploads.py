@@ -6,8 +6,8 @@ as received, holding at most `front_upload_memory_mib` of them at once. The mode
 holds at most `upload_memory_mib` of uploads at once and decodes each upload once, at its
 served model's input size (`imgcls.images.model_input`, training's own preprocessing), on a
 pool of threads (Pillow releases the GIL while it decodes and resizes, so the decodes spread
-over the cores), each within its decode slots, so its memory stays bounded: a decode reserves, from the image's
-header, what it will hold (service.limits.DecodeSlots).
+over the cores), each within its decode slots, so its memory stays bounded: a decode
+reserves, from the image's header, what it will hold (service.limits.DecodeSlots).
 """
 
 from __future__ import annotations
