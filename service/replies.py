@@ -1,11 +1,13 @@
 """What the model process answers the HTTP front: each upload decoded once, every answer
 computed by one model and naming it.
 
-The front forwards an upload's bytes. When they arrive, the model process decodes them at
-its served model's input size, on its decode threads, while the previous batch runs. It
-reads the served model once per batch: an image decoded for a model that a swap replaced
-meanwhile (another input size) is decoded again from its bytes for the model that now
-computes the batch. A request's images stay together in one batch (service/batching.py),
+The front forwards an upload's bytes. The model process decodes them at its served model's
+input size, on its decode threads: on the CPU, in the batch, just before its forward pass;
+with a GPU (`--gpu`), on arrival, while the previous batch runs there. On the CPU the
+forward pass already uses every core: a decode beside it slows it down, and a request shed
+in the queue is never decoded (docs/benchmarks.md, "Decodes between forward passes"). The
+batch reads the served model once: an image decoded for a model that a swap replaced meanwhile
+(another input size) is decoded again from its bytes for the model that now computes it. A request's images stay together in one batch (service/batching.py),
 so one version answers all of them, and each answer names it: no retry, nothing stale.
 """
 
@@ -66,10 +68,14 @@ async def decode_uploads(decoder: Decoder, blobs: list[bytes], k: int, size: tup
 
 def classify_uploads(predictor: Predictor, uploads: list[Upload], decoder: Decoder, step: int) -> list[dict]:
     """One reply per upload, all computed by `predictor`, in forward passes of at most
-    `step` images: its top-k labels, or the error that kept it from being decoded."""
+    `step` images: its top-k labels, or the error that kept it from being decoded. Uploads
+    not decoded yet at its input size are decoded first (a lone one on this thread)."""
     size = tuple(predictor.card.image_size)
-    stale = [u for u in uploads if u.error is None and u.size != size]  # for a model swapped out
-    list(decoder.pool.map(lambda upload: upload.decode(decoder, size), stale))
+    stale = [u for u in uploads if u.error is None and u.size != size]
+    if len(stale) == 1:
+        stale[0].decode(decoder, size)
+    else:
+        list(decoder.pool.map(lambda upload: upload.decode(decoder, size), stale))
     fits = [u for u in uploads if u.error is None]
     origin = model_origin(predictor)
     for start in range(0, len(fits), step):

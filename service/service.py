@@ -147,11 +147,14 @@ class ClassifierModel:
 
     async def classify_here(self, images: list[bytes], k: int) -> list[dict]:
         """`classify` for a caller in this process (service/link.py), without BentoML's
-        per-call wrapping of an API method. When an upload cannot be used, no image of
-        the request is classified: the replies are its errors (`{}` for the others, which
-        the front never reads: it answers the first error)."""
+        per-call wrapping of an API method. On the CPU the batch decodes the uploads,
+        between forward passes (service/replies.py); with a GPU they are decoded here, and
+        when one cannot be used no image of the request is classified (`{}` for the
+        others). The front answers the first error either way."""
         try:
             with self.held.hold(sum(map(len, images))):
+                if not SETTINGS.gpu:
+                    return await self.batcher.submit([Upload(data, k) for data in images])
                 uploads = await decode_uploads(self.decoder, images, k, self._input_size())
                 if any(u.error for u in uploads):
                     return [u.error or {} for u in uploads]

@@ -92,7 +92,8 @@ def test_check_model_compares_the_model_with_its_card(versions):
 
 
 def test_an_upload_decoded_for_a_model_swapped_out_is_decoded_again_for_the_one_that_answers(versions):
-    """Uploads are decoded on arrival at the served size; the batch's model answers all of
+    """Uploads decoded on arrival at the served size (a GPU computes meanwhile) and uploads
+    not decoded yet (on the CPU: the batch decodes them); the batch's model answers all of
     them, decoding again from the bytes an upload prepared for another input size."""
     from imgcls.images import model_input
     from service.settings import ServiceSettings
@@ -118,6 +119,12 @@ def test_an_upload_decoded_for_a_model_swapped_out_is_decoded_again_for_the_one_
     assert replies[0]["batch"] == 1  # forward passes of at most `step` images
     assert replies[2]["status"] == 400 and "error" in replies[2]
     assert decodes == [(32, 32), (40, 40), (32, 32), (32, 32)]  # once each; the stale one again
+    decodes.clear()
+    later = [Upload(data, 1), Upload(b"not an image", 1), Upload(data, 2)]  # not decoded yet
+    replies = classify_uploads(versions["2"], later, decoder, step=8)
+    assert decodes == [(32, 32)] * 3 and replies[1]["status"] == 400
+    assert replies[0]["predictions"] == replies[2]["predictions"][:1] == fresh.reply["predictions"][:1]
+    assert classify_uploads(versions["2"], [Upload(data, 1)], decoder, step=8)[0]["version"] == "2"  # one: inline
 
     def failing(data, size, since=None):
         raise RuntimeError("a decoder bug")
