@@ -11,8 +11,9 @@ in this process; it raises on failure).
 
 Each `drive` of an `Http` load is a fresh child, so each level's users bring their own
 connections (a c=128 burst's kept-alive ones once slowed the lone level after it: run 6 in
-docs/benchmarks.md). Times are `time.perf_counter()` seconds, in the child as here
-(CLOCK_MONOTONIC: one clock for the machine), so a swap made here falls among the records.
+docs/benchmarks.md, in git history: commit 821bf54). Times are `time.perf_counter()`
+seconds, in the child as here (CLOCK_MONOTONIC: one clock for the machine), so a swap
+made here falls among the records.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ model process restart while the fronts answer 503. One process saves the second 
 the pickled hand-over, a second HTTP request and BentoML's per-request work in the model
 process (metrics, access log): a lone request answers ~4 ms sooner. Under load it
 is slower: HTTP handling, the front's work and the batch then share one interpreter and its GIL
-(docs/benchmarks.md, "Serving beside LitServe and Ray Serve", run 3). The front's code is
+(docs/benchmarks.md's run 3 of 2026-12-01, in git history: commit 821bf54). The front's code is
 the same either way: it calls a `ModelLink`.
 """
 
