@@ -13,24 +13,15 @@ the bursts. Prints a Markdown table and writes JSON.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python bench/burst_bench.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import harness, loadgen
+from bench.cases import CASES, register_case
+from bench.inprocess import compiled_engines, raw_predict
+from bench.photos import photo_jpegs
+from bench.serve_bench import FRONT_WORKERS
+from bench.servers import service_runtime, service_server
 
-from bench import loadgen  # noqa: E402
-from bench.cases import CASES, register_case  # noqa: E402
-from bench.inprocess import compiled_engines, raw_predict  # noqa: E402
-from bench.machine import bench_home, machine, quiet_environment  # noqa: E402
-from bench.photos import photo_jpegs  # noqa: E402
-from bench.serve_bench import FRONT_WORKERS, stop_on_signals  # noqa: E402
-from bench.servers import service_runtime, service_server  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 # Requests per level: a c=1 level of 48 gives a steady p50; 8 per client at c=32.
 LONE_REQUESTS = {"resnet50": 48, "demo": 200}
 BURST_PER_CLIENT = {"resnet50": 8, "demo": 24}
@@ -39,7 +30,7 @@ BURST = 32
 MAX_ADDED_MS = 5.0
 
 
-def bench_case(key: str, jpegs: list[bytes], args: argparse.Namespace, work: Path, stop) -> dict:
+def bench_case(key: str, jpegs: list[bytes], args, work: Path, stop) -> dict:
     """The model's own batch-1 latency, then the levels against one running service."""
     import numpy as np
 
@@ -73,57 +64,50 @@ def bench_case(key: str, jpegs: list[bytes], args: argparse.Namespace, work: Pat
 
 def render(results: dict) -> str:
     """Markdown: one row per level of each case, and PASS/FAIL for the c=1 target."""
-    lines = ["| model | # | concurrency | images/s | p50 ms | p99 ms | errors | c=1 p50 - own batch-1 p50 |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    verdicts = []
+    rows, verdicts = [], []
     for key, result in results["results"].items():
         own = result["own_batch1_p50_ms"]
         for n, row in enumerate(result["levels"], 1):
             added = f"{row['p50_ms'] - own:+.1f} ms" if row["concurrency"] == 1 else ""
-            lines.append(f"| {key} | {n} | {row['concurrency']} | {row['images_per_s']:.1f} | "
-                         f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['errors']} | {added} |")  # fmt: skip
+            rows.append([key, n, row["concurrency"], f"{row['images_per_s']:.1f}", f"{row['p50_ms']:.1f}",
+                         f"{row['p99_ms']:.1f}", row["errors"], added])  # fmt: skip
         lone = [r["p50_ms"] - own for r in result["levels"] if r["concurrency"] == 1]
         ok = all(x <= MAX_ADDED_MS for x in lone)
         runtime = result.get("runtime", {"name": "keras", "precision": "f32"})
         verdicts.append(f"{'PASS' if ok else 'FAIL'} {key}: every c=1 p50 within {MAX_ADDED_MS:g} ms of the "
                         f"model's own batch-1 p50 {own:.1f} ms ({runtime['name']} {runtime['precision']}): "
                         f"{', '.join(f'{x:+.1f}' for x in lone)} ms")  # fmt: skip
-    return "\n".join(lines + [""] + verdicts)
+    header = [
+        "model",
+        "#",
+        "concurrency",
+        "images/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "c=1 p50 - own batch-1 p50",
+    ]
+    return "\n".join([harness.table(header, rows), "", *verdicts])
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--models", default="resnet50,demo", help="comma-separated cases: resnet50, demo")
-    parser.add_argument("--rounds", type=int, default=2, help="[c=1, c=32] rounds before the last c=1 (2)")
-    parser.add_argument("--front-workers", type=int, default=FRONT_WORKERS, help="service's HTTP fronts (2)")
-    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="folder with data/")
-    parser.add_argument("--logs", type=Path, help="keep the server logs in this folder")
-    parser.add_argument("--out", type=Path, default=ROOT / ".imgcls/bench/burst_bench.json", help="JSON file")
-    args = parser.parse_args(argv)
-    args.cases = [m.strip() for m in args.models.split(",") if m.strip()]
-    if set(args.cases) - set(CASES):
-        parser.error(f"--models: choose from {sorted(CASES)}")
+def parse_args(argv: list[str] | None = None):
+    p = harness.parser(__doc__, "burst_bench.json", front_workers=FRONT_WORKERS)
+    p.add_argument("--models", default="resnet50,demo", help="comma-separated cases: resnet50, demo")
+    p.add_argument("--rounds", type=int, default=2, help="[c=1, c=32] rounds before the last c=1 (2)")
+    args = p.parse_args(argv)
+    args.cases = harness.names(p, args.models, CASES, "--models")
     args.max_batch_size = args.max_latency_ms = None  # the service's defaults
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    quiet_environment()
     args = parse_args(argv)
-    stop = stop_on_signals()
-    with bench_home("imgcls-burst-bench-", args.logs) as (work, args.log_dir):
+
+    def measure(work: Path, stop) -> dict:
         jpegs, _source = photo_jpegs(args.shared, 32)
-        results = {
-            "machine": machine(),
-            "results": {k: bench_case(k, jpegs, args, work, stop) for k in args.cases},
-        }
-        results["load_average_at_end"] = os.getloadavg()[0]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, default=str))
-    print(render(results))
-    print(f"\nJSON: {args.out}")
+        return {"results": {k: bench_case(k, jpegs, args, work, stop) for k in args.cases}}
+
+    harness.run("burst-bench", args, measure, render)
 
 
 if __name__ == "__main__":

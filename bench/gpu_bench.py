@@ -39,17 +39,13 @@ import threading
 import time
 from pathlib import Path
 
-if not __package__:  # `python bench/gpu_bench.py` from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import harness, loadgen, sampling
+from bench.gpu_model import NAME
+from bench.gpu_report import render
+from bench.harness import ROOT, cpu_name, quiet_environment
+from bench.photos import varied_jpegs
+from imgcls.processes import HOST
 
-from bench import loadgen, sampling  # noqa: E402
-from bench.gpu_model import NAME  # noqa: E402
-from bench.gpu_photos import varied_jpegs  # noqa: E402
-from bench.gpu_report import render  # noqa: E402
-from bench.machine import cpu_name, quiet_environment  # noqa: E402
-from imgcls.processes import HOST  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 # Every model process reports real GPU memory instead of JAX's 75% preallocation, and the
 # model children and the service share compiled shapes through one JAX cache folder.
 MODEL_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "KERAS_BACKEND": "jax"}
@@ -183,18 +179,12 @@ def stage_times(jpegs: list[bytes], size: int) -> dict:
     from imgcls.images import decode_image, prepare_image
 
     prepare_image(np.zeros((8, 8, 3), np.uint8), (size, size))  # first-call set-up, untimed
-    decode, first, again = [], [], []
-    for data in jpegs:
-        t0 = time.perf_counter()
-        pixels = decode_image(data)
-        t1 = time.perf_counter()
-        prepare_image(pixels, (size, size))
-        t2 = time.perf_counter()
-        prepare_image(pixels, (size, size))
-        t3 = time.perf_counter()
-        decode.append(t1 - t0), first.append(t2 - t1), again.append(t3 - t2)
-    median = lambda xs: 1000 * float(np.median(xs))  # noqa: E731
-    return {"decode_ms": median(decode), "resize_first_ms": median(first), "resize_ms": median(again)}
+    pixels = [decode_image(data) for data in jpegs]
+    n = len(jpegs)
+    out = {"decode_ms": harness.timed(lambda i: decode_image(jpegs[i]), n, warm=0).median_ms}
+    for key in ("resize_first_ms", "resize_ms"):  # the second pass meets every size again
+        out[key] = harness.timed(lambda i: prepare_image(pixels[i], (size, size)), n, warm=0).median_ms
+    return out
 
 
 def split(concurrency: int, parts: int) -> list[int]:
@@ -326,10 +316,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ready-timeout-s", type=float, default=240, help="wait for /readyz (240 s)")
     p.add_argument(
-        "--budget-s",
-        type=float,
-        default=450,
-        help="skip a served precision that would end past this (450 s)",
+        "--budget-s", type=float, default=450, help="skip a served precision that would end past this (450 s)"
     )
     p.add_argument(
         "--out",
@@ -338,7 +325,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="results folder ($OUT)",
     )
     p.add_argument(
-        "--shared", type=Path, default=ROOT.parent / "shared", help="../shared (photos without scikit-image)"
+        "--shared", type=Path, default=harness.SHARED, help="../shared (photos without scikit-image)"
     )
     args = p.parse_args(argv)
     quick = args.quick

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import statistics
 
+from bench import harness
+from bench.harness import ms
+
 # The peers serving the Keras model, as their users do: issue 10's targets compare with
 # them (mlflow is shown beside them, not raced); issue 20's with LitServe on Keras and on
 # the same compiled build.
@@ -43,14 +46,6 @@ F32_LONE_SHARE = 0.6
 BF16_SPEEDUP = 3.0
 # The CPU flags that decide what the compiled build can use, printed with the machine.
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def _line(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
 
 
 def in_process(result: dict, batch: int, method: str = "predict_on_batch") -> dict | None:
@@ -87,22 +82,31 @@ def steps(result: dict) -> list[tuple[int, int]]:
     return sorted({(r["step"], r["concurrency"]) for r in result["rounds"]})
 
 
-def rows_of(result: dict, server: str, step: int) -> list[dict]:
-    """One server's rows of one step, a row per round."""
-    return [r for r in result["rounds"] if r["server"] == server and r["step"] == step]
+def rows_of(result: dict, server: str, step: int | None = None, concurrency: int | None = None) -> list[dict]:
+    """One server's rows of one step (a row per round), or of every step at one concurrency."""
+    return [r for r in result["rounds"] if r["server"] == server and step in (None, r["step"])
+            and concurrency in (None, r["concurrency"])]  # fmt: skip
 
 
 def spread(rows: list[dict], key: str) -> tuple[float, float, float] | None:
     """(min, median, max) of `key` over rows (rounds); None when none has it."""
-    values = [r[key] for r in rows if r.get(key) is not None]
+    values = [v for r in rows if (v := _get(r, key)) is not None]
     return (min(values), statistics.median(values), max(values)) if values else None
+
+
+def _get(row: dict, key: str):
+    """`key` of a row; "cpu:GROUP": its CPU ms per image of that group; "server_cpu": of all
+    groups but the client."""
+    cpu = row.get("cpu_ms_per_image") or {}
+    if key == "server_cpu":
+        return sum(v for g, v in cpu.items() if g != "client") if cpu else None
+    return cpu.get(key[4:]) if key.startswith("cpu:") else row.get(key)
 
 
 def median_of(result: dict, server: str, concurrency: int, key: str) -> float | None:
     """The median of `key` over every round and step of one server at one concurrency."""
-    values = [r[key] for r in result["rounds"]
-              if r["server"] == server and r["concurrency"] == concurrency and r.get(key) is not None]  # fmt: skip
-    return statistics.median(values) if values else None
+    s = spread(rows_of(result, server, concurrency=concurrency), key)
+    return None if s is None else s[1]
 
 
 def _spread_cell(rows: list[dict], key: str) -> str:
@@ -110,79 +114,64 @@ def _spread_cell(rows: list[dict], key: str) -> str:
     return "-" if s is None else " / ".join(f"{v:.1f}" for v in s)
 
 
+def _levels(results: dict):
+    """(case, server, step, concurrency, rows of the rounds) of every measured level."""
+    for key, result in results.items():
+        for server in servers(result):
+            for step, concurrency in steps(result):
+                if rows := rows_of(result, server, step):
+                    yield key, server, step, concurrency, rows
+
+
 def table(results: dict) -> str:
     """Markdown: the model in process, then each server's levels in round order, each cell
     min / median / max across rounds."""
-    lines = [
-        "| case | server | step | concurrency | images/s min / med / max | p50 ms min / med / max "
-        "| p99 ms min / med / max | errors |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for key, result in results.items():
-        for row in result["a"]:
-            cells = [key, f"in process {row['method']}", "-", f"batch {row['batch']}",
-                     f"{row['images_per_s']:.1f}", _ms(row["p50_ms"]), _ms(row["p99_ms"]), "0"]  # fmt: skip
-            lines.append(_line(cells))
-        for server in servers(result):
-            for step, concurrency in steps(result):
-                rows = rows_of(result, server, step)
-                if not rows:
-                    continue
-                errors = sum(r["errors"] for r in rows) + sum(bool(r.get("capped")) for r in rows)
-                cells = [key, server, str(step), str(concurrency)]
-                cells += [_spread_cell(rows, k) for k in ("images_per_s", "p50_ms", "p99_ms")]
-                lines.append(_line([*cells, str(errors)]))
-    return "\n".join(lines)
+    header = ["case", "server", "step", "concurrency", "images/s min / med / max", "p50 ms min / med / max",
+              "p99 ms min / med / max", "errors"]  # fmt: skip
+    rows = [[key, f"in process {row['method']}", "-", f"batch {row['batch']}", f"{row['images_per_s']:.1f}",
+             ms(row["p50_ms"]), ms(row["p99_ms"]), "0"] for key, result in results.items() for row in result["a"]]  # fmt: skip
+    for key, server, step, concurrency, level in _levels(results):
+        errors = sum(r["errors"] for r in level) + sum(bool(r.get("capped")) for r in level)
+        cells = [_spread_cell(level, k) for k in ("images_per_s", "p50_ms", "p99_ms")]
+        rows.append([key, server, step, concurrency, *cells, errors])
+    return harness.table(header, rows)
+
+
+BREAKDOWN = ("p50_ms", "front_predict_ms_p50", "model_classify_ms_p50", "forward_ms_mean", "mean_batch")
 
 
 def breakdown(results: dict) -> str:
     """Markdown: where the time goes, medians across rounds: client p50 beside the
     service's own access-log times and mean batch, CPU ms per image of each process group."""
-    lines = [
-        "| case | server | step | concurrency | client p50 ms | front /predict p50 ms | model /classify p50 ms "
-        "| forward pass mean ms | mean batch | CPU ms/image: " + " / ".join(GROUPS) + " |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["case", "server", "step", "concurrency", "client p50 ms", "front /predict p50 ms",
+              "model /classify p50 ms", "forward pass mean ms", "mean batch", "CPU ms/image: " + " / ".join(GROUPS)]  # fmt: skip
+    rows = []
     for key, result in results.items():
-        methods = dict.fromkeys(r["method"] for r in result["a"] if r.get("method") != "predict")
-        for method in methods:
+        for method in dict.fromkeys(r["method"] for r in result["a"] if r.get("method") != "predict"):
             for batch in (1, 32):
-                row = in_process(result, batch, method)
-                if row:
+                if row := in_process(result, batch, method):
                     cpu = row.get("cpu_ms_per_image", {}).get("in-process")
-                    lines.append(_line([key, f"in process {method}", "-", f"batch {batch}",
-                                        *["-"] * 5, f"in process {_ms(cpu)}"]))  # fmt: skip
-        for server in servers(result):
-            for step, concurrency in steps(result):
-                rows = rows_of(result, server, step)
-                if not rows:
-                    continue
-                cells = [key, server, str(step), str(concurrency)]
-                for k in (
-                    "p50_ms",
-                    "front_predict_ms_p50",
-                    "model_classify_ms_p50",
-                    "forward_ms_mean",
-                    "mean_batch",
-                ):
-                    s = spread(rows, k)
-                    cells.append("-" if s is None else f"{s[1]:.1f}")
-                cpu = [statistics.median(v) if (v := [r["cpu_ms_per_image"][g] for r in rows
-                                                      if g in r.get("cpu_ms_per_image", {})]) else None
-                       for g in GROUPS]  # fmt: skip
-                lines.append(_line([*cells, " / ".join(_ms(c) for c in cpu)]))
-    return "\n".join(lines)
+                    rows.append(
+                        [
+                            key,
+                            f"in process {method}",
+                            "-",
+                            f"batch {batch}",
+                            *["-"] * 5,
+                            f"in process {ms(cpu)}",
+                        ]
+                    )
+    for key, server, step, concurrency, level in _levels(results):
+        medians = [ms(s and s[1]) for k in BREAKDOWN for s in [spread(level, k)]]
+        cpu = " / ".join(ms(s and s[1]) for g in GROUPS for s in [spread(level, f"cpu:{g}")])
+        rows.append([key, server, step, concurrency, *medians, cpu])
+    return harness.table(header, rows)
 
 
 def _cpu(result: dict, server: str, concurrency: int) -> dict[str, float]:
     """Median CPU ms per image of each process group of a server at one concurrency."""
-    rows = [r for r in result["rounds"] if r["server"] == server and r["concurrency"] == concurrency]
-    out = {}
-    for group in GROUPS:
-        values = [r["cpu_ms_per_image"][group] for r in rows if group in r.get("cpu_ms_per_image", {})]
-        if values:
-            out[group] = statistics.median(values)
-    return out
+    found = {g: median_of(result, server, concurrency, f"cpu:{g}") for g in GROUPS}
+    return {g: v for g, v in found.items() if v is not None}
 
 
 def _cpu_text(cpu: dict[str, float]) -> str:
@@ -191,10 +180,7 @@ def _cpu_text(cpu: dict[str, float]) -> str:
 
 def server_cpu_ms(result: dict, server: str, concurrency: int) -> float | None:
     """Median over rounds of a server's own CPU ms per image (every group but the client)."""
-    rows = [r for r in result["rounds"] if r["server"] == server and r["concurrency"] == concurrency]
-    values = [sum(v for g, v in r["cpu_ms_per_image"].items() if g != "client")
-              for r in rows if r.get("cpu_ms_per_image")]  # fmt: skip
-    return statistics.median(values) if values else None
+    return median_of(result, server, concurrency, "server_cpu")
 
 
 def peer_stage(result: dict, server: str, peer: str, concurrency: int, cores: int) -> str:
@@ -349,8 +335,8 @@ def tail_target(
         front = median_of(result, server, concurrency, "front_predict_ms_p50")
         model = median_of(result, server, concurrency, "model_classify_ms_p50")
         batch = median_of(result, server, concurrency, "mean_batch")
-        checks.append((None, f"{key}:   stage: {server} front /predict p50 {_ms(front)} ms, model /classify p50 "
-                             f"{_ms(model)} ms, mean batch {_ms(batch)}"))  # fmt: skip
+        checks.append((None, f"{key}:   stage: {server} front /predict p50 {ms(front)} ms, model /classify p50 "
+                             f"{ms(model)} ms, mean batch {ms(batch)}"))  # fmt: skip
     return checks
 
 
@@ -386,9 +372,9 @@ def lone_speed_target(key: str, result: dict, server: str) -> list[tuple[bool | 
     if not ok:
         front = median_of(result, server, 1, "front_predict_ms_p50")
         model = median_of(result, server, 1, "model_classify_ms_p50")
-        checks.append((None, f"{key}:   stage: {server} front /predict p50 {_ms(front)} ms, model /classify p50 "
-                             f"{_ms(model)} ms, its model's own batch-1 p50 {_ms(own_median_ms(result, server))} ms; "
-                             f"{KERAS_PEER}'s model's own {_ms(own_median_ms(result, KERAS_PEER))} ms"))  # fmt: skip
+        checks.append((None, f"{key}:   stage: {server} front /predict p50 {ms(front)} ms, model /classify p50 "
+                             f"{ms(model)} ms, its model's own batch-1 p50 {ms(own_median_ms(result, server))} ms; "
+                             f"{KERAS_PEER}'s model's own {ms(own_median_ms(result, KERAS_PEER))} ms"))  # fmt: skip
     return checks
 
 
@@ -459,9 +445,9 @@ def runtime_lines(results: dict) -> list[str]:
             for key, result in results.items() for server, runtime in result.get("runtime", {}).items()]  # fmt: skip
 
 
-def render(report: dict, out: str) -> str:
+def render(report: dict) -> str:
     """The whole printed report: machine, both tables, per-case notes, PASS/FAIL lines
-    (a failed one followed by its stage) and where the JSON went (`out`)."""
+    (a failed one followed by its stage)."""
     m, settings = report["machine"], report["settings"]
     parts = [
         f"\nMachine: {m['cpu']}, {m['cores']} cores, keras {m['keras']}, mlflow {m['mlflow']}, bentoml {m['bentoml']}",
@@ -486,5 +472,5 @@ def render(report: dict, out: str) -> str:
                          f"macro-F1 {q['macro_f1']:.3f}, top-1 agreement with Keras {q['agreement_with_keras']:.3f}")  # fmt: skip
     for ok, line in all_targets(report["results"], m["cores"]):
         parts.append(f"{'    ' if ok is None else 'PASS' if ok else 'FAIL'} {line}")
-    parts.append(f"\n{report['seconds']:.0f} s in all; JSON: {out}")
+    parts.append(f"\n{report['seconds']:.0f} s in all")
     return "\n".join(parts)

@@ -20,30 +20,12 @@ Needs ../shared (not shipped with the package); prints a Markdown table and writ
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 
-if not __package__:  # `python bench/train_bench.py` from a checkout: make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.machine import machine, quiet_environment  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def extract(archive: Path, dest: Path) -> Path:
-    """Unpack a shared data archive once; returns the folder holding train/ and test/."""
-    marker = dest / ".done"
-    if not marker.exists():
-        with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter="data")
-        marker.touch()
-    return next(p.parent for p in dest.rglob("train") if p.is_dir())
+from bench import harness
+from bench.train_data import extract
 
 
 def run(config, home: Path):
@@ -293,36 +275,10 @@ def backbone_pass_and_probe(result, config) -> dict:
     return out
 
 
-def main() -> None:
-    quiet_environment()
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--only", choices=["quality", "speed", "defaults"], help="run one part only")
-    parser.add_argument(
-        "--rows",
-        default=",".join(DEFAULT_ROWS),
-        help=f"defaults rows, comma-separated ({', '.join(DEFAULT_ROWS)})",
-    )
-    parser.add_argument(
-        "--seeds", help="defaults rows: run each once per seed, comma-separated (e.g. 42,0,1,2)"
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="defaults rows: a config field added to every row (e.g. ensemble_fit=train); repeatable",
-    )
-    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="the shared data folder")
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / ".imgcls/bench/train_bench.json", help="JSON results file"
-    )
-    args = parser.parse_args()
+def measure(args, work: Path) -> dict:
     if not (args.shared / "data").is_dir():
         raise SystemExit(f"shared data not found at {args.shared} (pass --shared)")
-    work = Path(tempfile.mkdtemp(prefix="imgcls-bench-"))
-    results: dict = {"machine": machine()}
+    results: dict = {}
     if args.only in (None, "quality"):
         results["quality"] = quality(args.shared, work)
     if args.only in (None, "speed"):
@@ -331,11 +287,32 @@ def main() -> None:
         seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else None
         extra = dict(field.split("=", 1) for field in args.set)
         results["defaults"] = defaults(args.shared, work, args.rows.split(","), seeds, extra)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    print(json.dumps(results, indent=1))
-    if "defaults" in results:
-        print(defaults_table(results["defaults"]))
+    return results
+
+
+def render(results: dict) -> str:
+    text = json.dumps(results, indent=1)
+    return text + ("\n" + defaults_table(results["defaults"]) if "defaults" in results else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = harness.parser(__doc__, "train_bench.json", logs=False)
+    p.add_argument("--only", choices=["quality", "speed", "defaults"], help="run one part only")
+    p.add_argument(
+        "--rows",
+        default=",".join(DEFAULT_ROWS),
+        help=f"defaults rows, comma-separated ({', '.join(DEFAULT_ROWS)})",
+    )
+    p.add_argument("--seeds", help="defaults rows: run each once per seed, comma-separated (e.g. 42,0,1,2)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="defaults rows: a config field added to every row (e.g. ensemble_fit=train); repeatable",
+    )
+    args = p.parse_args(argv)
+    harness.run("train-bench", args, lambda work, _stop: measure(args, work), render)
 
 
 if __name__ == "__main__":
