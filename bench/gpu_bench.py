@@ -44,7 +44,6 @@ from bench.gpu_model import NAME
 from bench.gpu_report import render
 from bench.harness import ROOT, cpu_name, quiet_environment
 from bench.photos import varied_jpegs
-from imgcls.processes import HOST
 
 # Every model process reports real GPU memory instead of JAX's 75% preallocation, and the
 # model children and the service share compiled shapes through one JAX cache folder.
@@ -220,33 +219,24 @@ def warm_up(load: loadgen.Http, args, log: Log) -> None:
         concurrency *= 2
 
 
-def service_options(tag: str, port: int, args) -> argparse.Namespace:
-    """`imgcls serve` options for the benchmark's service (exact tag, no following)."""
-    return argparse.Namespace(
-        source="bentoml", model_name=NAME, bento_tag=tag, poll_interval_s=0, batching=True,
-        max_batch_size=args.max_batch_size, max_latency_ms=args.max_latency_ms, gpu=args.gpu or None,
-        front_workers=args.front_workers, host=HOST, port=port,
-    )  # fmt: skip
-
-
 def bench_service(
     tag: str, precision: str, jpegs, args, env: dict, work: Path, gpu: GpuSampler, log: Log
 ) -> list[dict]:
     """Warm-up, then each concurrency level against the real service; one row each."""
-    from bench.servers import server_side, service_probe
-    from imgcls.processes import ServerProcess, free_port
-    from service.cli import serve_command, settings_env
+    from bench.servers import imgcls_server, server_side, service_probe
 
-    port = free_port()
     server_log = work / f"service-{precision}.log"
-    serve_env = {**env, **settings_env(service_options(tag, port, args))}
+    server = imgcls_server(
+        server_log, env=env, timeout_s=args.ready_timeout_s, source="bentoml", model_name=NAME, bento_tag=tag,
+        poll_interval_s=0, batching=True, max_batch_size=args.max_batch_size, max_latency_ms=args.max_latency_ms,
+        gpu=args.gpu or None, front_workers=args.front_workers,
+    )  # fmt: skip
     log(f"service {precision}: {args.front_workers} fronts, max batch {args.max_batch_size}, gpu={args.gpu}")
     t0 = time.perf_counter()
     rows = []
     try:
         with (
-            ServerProcess(serve_command(HOST, port), f"http://{HOST}:{port}/readyz", server_log, env=serve_env,
-                          cwd=ROOT, port=port, timeout_s=args.ready_timeout_s) as srv,
+            server as srv,
             loadgen.probe_client() as probe_client,
         ):  # fmt: skip
             log(f"  ready in {time.perf_counter() - t0:.0f} s")
