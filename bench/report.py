@@ -12,6 +12,7 @@ server's answers (/metadata "runtime": name, precision, reason).
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 
 from bench import harness
 from bench.harness import ms
@@ -219,28 +220,37 @@ def own_median_ms(result: dict, server: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def lone_target(key: str, result: dict, server: str = "imgcls") -> list[tuple[bool | None, str]]:
+Check = tuple[bool | None, str]
+
+
+def _check(key: str, ok: bool, line: str, stage: Callable[[], str]) -> list[Check]:
+    """A target's (passed, line), and when it failed, the stage line that explains it."""
+    return [(ok, f"{key}: {line}")] + ([] if ok else [(None, f"{key}:   stage: {stage()}")])
+
+
+def _service_times(result: dict, server: str, concurrency: int) -> str:
+    """The service's own access-log times at one concurrency (medians over rounds)."""
+    front = median_of(result, server, concurrency, "front_predict_ms_p50")
+    model = median_of(result, server, concurrency, "model_classify_ms_p50")
+    return f"{server} front /predict p50 {ms(front)} ms, model /classify p50 {ms(model)} ms"
+
+
+def lone_target(key: str, result: dict, server: str = "imgcls") -> list[Check]:
     """c=1: the median over rounds of the service's p50 within MAX_ADDED_MS of the median
     of the model's own batch-1 p50 in process, each taken just before; when not, the stages
     of the median level."""
-    lone = [r for r in result["rounds"] if r["server"] == server and r["concurrency"] == 1]
+    lone = rows_of(result, server, concurrency=1)
     pairs = [(r, own_batch1_ms(result, r["round"], r["step"], server)) for r in lone]
     if not pairs or any(r["p50_ms"] is None or own is None for r, own in pairs):
         return [(False, f"{key}: c=1: no figures for the service or the model")] if lone else []
     served = statistics.median(r["p50_ms"] for r, _ in pairs)
     own = statistics.median(own for _, own in pairs)
-    ok = served - own <= MAX_ADDED_MS
     each = ", ".join(f"r{r['round']}s{r['step']} {r['p50_ms']:.1f}/{o:.1f}" for r, o in pairs)
-    used = engine(result, server)
-    checks: list[tuple[bool | None, str]] = [
-        (ok, f"{key}: {server} c=1 p50 within {MAX_ADDED_MS:g} ms of the model's own batch-1 p50 ({used}), "
-             f"medians over rounds: {served:.1f} vs {own:.1f} ms, {served - own:+.1f} ms "
-             f"(round r step s, service/model: {each})"),
-    ]  # fmt: skip
-    if not ok:
-        middle, own_there = sorted(pairs, key=lambda pair: pair[0]["p50_ms"])[(len(pairs) - 1) // 2]
-        checks.append((None, f"{key}:   stage: {lone_stages(middle, own_there)}"))
-    return checks
+    middle = sorted(pairs, key=lambda pair: pair[0]["p50_ms"])[(len(pairs) - 1) // 2]
+    return _check(key, served - own <= MAX_ADDED_MS,
+                  f"{server} c=1 p50 within {MAX_ADDED_MS:g} ms of the model's own batch-1 p50 "
+                  f"({engine(result, server)}), medians over rounds: {served:.1f} vs {own:.1f} ms, "
+                  f"{served - own:+.1f} ms (round r step s, service/model: {each})", lambda: lone_stages(*middle))  # fmt: skip
 
 
 def lone_stages(row: dict, own_ms: float) -> str:
@@ -270,31 +280,26 @@ def lone_stages(row: dict, own_ms: float) -> str:
 
 def throughput_targets(
     key: str, result: dict, concurrency: int, cores: int = 2, server: str = "imgcls"
-) -> list[tuple[bool | None, str]]:
+) -> list[Check]:
     """At `concurrency`: the service's median images/s >= the best peer's and >=
     MIN_SHARE_OF_MODEL x its engine's own in process at batch 32 (Keras: predict_on_batch);
     stages when not."""
     mine = median_of(result, server, concurrency, "images_per_s")
     if mine is None:
         return []
-    checks: list[tuple[bool | None, str]] = []
+    checks: list[Check] = []
     peers = {p: v for p in PEERS if (v := median_of(result, p, concurrency, "images_per_s")) is not None}
     if peers:
         best = max(peers, key=peers.get)
-        ok = mine >= peers[best]
-        checks.append((ok, f"{key}: {server} c={concurrency} {mine:.1f} images/s >= best peer {best} "
-                           f"{peers[best]:.1f} ({mine / peers[best]:.2f}x)"))  # fmt: skip
-        if not ok:
-            checks.append((None, f"{key}:   stage: {peer_stage(result, server, best, concurrency, cores)}"))
+        checks += _check(key, mine >= peers[best], f"{server} c={concurrency} {mine:.1f} images/s >= best peer "
+                         f"{best} {peers[best]:.1f} ({mine / peers[best]:.2f}x)",
+                         lambda: peer_stage(result, server, best, concurrency, cores))  # fmt: skip
     method = engine_method(engine(result, server))
-    model = in_process(result, 32, method)
-    if model:
-        ok = mine >= MIN_SHARE_OF_MODEL * model["images_per_s"]
-        checks.append((ok, f"{key}: {server} c={concurrency} {mine:.1f} images/s >= {MIN_SHARE_OF_MODEL:g}x in-process "
-                           f"{method} at batch 32 {model['images_per_s']:.1f} "
-                           f"({mine / model['images_per_s']:.2f}x)"))  # fmt: skip
-        if not ok:
-            checks.append((None, f"{key}:   stage: {model_stages(result, concurrency, model, server)}"))
+    if model := in_process(result, 32, method):
+        rate = model["images_per_s"]
+        checks += _check(key, mine >= MIN_SHARE_OF_MODEL * rate, f"{server} c={concurrency} {mine:.1f} images/s >= "
+                         f"{MIN_SHARE_OF_MODEL:g}x in-process {method} at batch 32 {rate:.1f} ({mine / rate:.2f}x)",
+                         lambda: model_stages(result, concurrency, model, server))  # fmt: skip
     return checks
 
 
@@ -318,67 +323,44 @@ def model_stages(result: dict, concurrency: int, model: dict, server: str = "img
     return "; ".join(parts)
 
 
-def tail_target(
-    key: str, result: dict, concurrency: int = 32, server: str = "imgcls"
-) -> list[tuple[bool | None, str]]:
+def tail_target(key: str, result: dict, concurrency: int = 32, server: str = "imgcls") -> list[Check]:
     """p99 at `concurrency` (median across rounds) no worse than the best peer's."""
     mine = median_of(result, server, concurrency, "p99_ms")
     peers = {p: v for p in PEERS if (v := median_of(result, p, concurrency, "p99_ms")) is not None}
     if mine is None or not peers:
         return []
     best = min(peers, key=peers.get)
-    ok = mine <= peers[best]
-    checks: list[tuple[bool | None, str]] = [
-        (ok, f"{key}: {server} c={concurrency} p99 {mine:.1f} ms <= best peer {best} {peers[best]:.1f} ms")
-    ]
-    if not ok:
-        front = median_of(result, server, concurrency, "front_predict_ms_p50")
-        model = median_of(result, server, concurrency, "model_classify_ms_p50")
-        batch = median_of(result, server, concurrency, "mean_batch")
-        checks.append((None, f"{key}:   stage: {server} front /predict p50 {ms(front)} ms, model /classify p50 "
-                             f"{ms(model)} ms, mean batch {ms(batch)}"))  # fmt: skip
-    return checks
+    batch = median_of(result, server, concurrency, "mean_batch")
+    return _check(key, mine <= peers[best], f"{server} c={concurrency} p99 {mine:.1f} ms <= best peer {best} "
+                  f"{peers[best]:.1f} ms", lambda: f"{_service_times(result, server, concurrency)}, mean batch {ms(batch)}")  # fmt: skip
 
 
-def rate_target(
-    key: str, result: dict, server: str, peer: str, concurrency: int, factor: float, cores: int = 2, note=""
-) -> list[tuple[bool | None, str]]:
+def rate_target(key: str, result: dict, server: str, peer: str, concurrency: int, factor: float, cores: int = 2,
+                note: str = "") -> list[Check]:  # fmt: skip
     """Median images/s of `server` at `concurrency` >= `factor` x `peer`'s; the stage when not."""
     mine = median_of(result, server, concurrency, "images_per_s")
     theirs = median_of(result, peer, concurrency, "images_per_s")
     if mine is None or theirs is None:
         return []
-    ok = mine >= factor * theirs
-    checks: list[tuple[bool | None, str]] = [
-        (ok, f"{key}: {server} ({engine(result, server)}) c={concurrency} {mine:.1f} images/s >= {factor:g}x "
-             f"{peer} ({engine(result, peer)}) {theirs:.1f} ({mine / theirs:.2f}x){note}"),
-    ]  # fmt: skip
-    if not ok:
-        checks.append((None, f"{key}:   stage: {peer_stage(result, server, peer, concurrency, cores)}"))
-    return checks
+    return _check(key, mine >= factor * theirs, f"{server} ({engine(result, server)}) c={concurrency} {mine:.1f} "
+                  f"images/s >= {factor:g}x {peer} ({engine(result, peer)}) {theirs:.1f} ({mine / theirs:.2f}x){note}",
+                  lambda: peer_stage(result, server, peer, concurrency, cores))  # fmt: skip
 
 
-def lone_speed_target(key: str, result: dict, server: str) -> list[tuple[bool | None, str]]:
+def lone_speed_target(key: str, result: dict, server: str) -> list[Check]:
     """Median c=1 p50 of `server` <= F32_LONE_SHARE x LitServe's on Keras; the stage when not:
     the service's own times beside each model's own batch-1 p50."""
     mine, theirs = median_of(result, server, 1, "p50_ms"), median_of(result, KERAS_PEER, 1, "p50_ms")
     if mine is None or theirs is None:
         return []
-    ok = mine <= F32_LONE_SHARE * theirs
-    checks: list[tuple[bool | None, str]] = [
-        (ok, f"{key}: {server} ({engine(result, server)}) c=1 p50 {mine:.1f} ms <= {F32_LONE_SHARE:g}x "
-             f"{KERAS_PEER} ({engine(result, KERAS_PEER)}) {theirs:.1f} ms ({mine / theirs:.2f}x)"),
-    ]  # fmt: skip
-    if not ok:
-        front = median_of(result, server, 1, "front_predict_ms_p50")
-        model = median_of(result, server, 1, "model_classify_ms_p50")
-        checks.append((None, f"{key}:   stage: {server} front /predict p50 {ms(front)} ms, model /classify p50 "
-                             f"{ms(model)} ms, its model's own batch-1 p50 {ms(own_median_ms(result, server))} ms; "
-                             f"{KERAS_PEER}'s model's own {ms(own_median_ms(result, KERAS_PEER))} ms"))  # fmt: skip
-    return checks
+    return _check(key, mine <= F32_LONE_SHARE * theirs, f"{server} ({engine(result, server)}) c=1 p50 {mine:.1f} ms "
+                  f"<= {F32_LONE_SHARE:g}x {KERAS_PEER} ({engine(result, KERAS_PEER)}) {theirs:.1f} ms "
+                  f"({mine / theirs:.2f}x)", lambda: f"{_service_times(result, server, 1)}, its model's own batch-1 p50 "
+                  f"{ms(own_median_ms(result, server))} ms; {KERAS_PEER}'s model's own "
+                  f"{ms(own_median_ms(result, KERAS_PEER))} ms")  # fmt: skip
 
 
-def compiled_targets(key: str, result: dict, server: str, cores: int = 2) -> list[tuple[bool | None, str]]:
+def compiled_targets(key: str, result: dict, server: str, cores: int = 2) -> list[Check]:
     """Issue 20's targets of a service serving a compiled build (none for Keras): f32 against
     LitServe on Keras (c=32, c=128 images/s; c=1 p50) and on the same build (images/s);
     bf16 against LitServe on Keras at c=32."""
@@ -391,19 +373,19 @@ def compiled_targets(key: str, result: dict, server: str, cores: int = 2) -> lis
         return rate_target(key, result, server, KERAS_PEER, 32, BF16_SPEEDUP, cores, note)
     if used != "openvino-f32":
         return []
-    checks: list[tuple[bool | None, str]] = []
+    checks: list[Check] = []
     for concurrency in (c for c in COMPILED_LEVELS if c in measured):
         checks += rate_target(key, result, server, KERAS_PEER, concurrency, F32_SPEEDUP, cores)
         checks += rate_target(key, result, server, COMPILED_PEER, concurrency, SHARE_OF_COMPILED_PEER, cores)
     return checks + lone_speed_target(key, result, server)
 
 
-def targets(key: str, result: dict, cores: int = 2) -> list[tuple[bool | None, str]]:
+def targets(key: str, result: dict, cores: int = 2) -> list[Check]:
     """Issue 10's and issue 20's targets for one case as (passed, line), for each way of
     running the service that was measured (SERVICES); None marks a stage line that
     explains the failed target before it. Also: every request answered. `cores`: the
     machine's, for the CPU-bound ceilings of the stage lines."""
-    checks: list[tuple[bool | None, str]] = []
+    checks: list[Check] = []
     measured = {r["server"] for r in result["rounds"]}
     for server in (s for s in SERVICES if s in measured):
         checks += lone_target(key, result, server)
@@ -416,7 +398,7 @@ def targets(key: str, result: dict, cores: int = 2) -> list[tuple[bool | None, s
     return checks
 
 
-def all_targets(results: dict, cores: int = 2) -> list[tuple[bool | None, str]]:
+def all_targets(results: dict, cores: int = 2) -> list[Check]:
     """`targets` of every case, in order."""
     return [check for key, result in results.items() for check in targets(key, result, cores)]
 
