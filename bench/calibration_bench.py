@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from bench import harness
+from bench.train_bench import train_with
 from bench.train_data import extract
 
 CASES = {
@@ -29,18 +30,13 @@ def calibration_case(name: str, data: Path, shared: Path, work: Path) -> dict:
     """One training run with the defaults of `name`; its calibration figures."""
     from mlflow import MlflowClient
 
-    from imgcls.settings import TrackingSettings
-    from training.config import load_config
-    from training.train import train
-
     options = dict(CASES[name])
     if options["backbone"] == "vgg16":
         options["weights"] = str(shared / "weights/vgg16_imagenet_notop.h5")
-    settings = TrackingSettings(home=work, tracking_uri=f"sqlite:///{work}/bench.db", experiment_name="calib")
     start = time.perf_counter()
-    result = train(load_config(None, data=data, **options), settings)
+    result = train_with(work, data=data, **options)
     seconds = time.perf_counter() - start
-    run = MlflowClient(settings.resolved_tracking_uri()).get_run(result.run_id)
+    run = MlflowClient(f"sqlite:///{work}/bench.db").get_run(result.run_id)
     figures = {
         k.removeprefix("calibration."): v for k, v in run.data.metrics.items() if k.startswith("calibration.")
     }

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.cases import CLASSES
+from bench.cases import CLASSES, untrained_model
 from bench.harness import percentiles, timed
 
 NAME = "gpu-bench-resnet50"
@@ -29,20 +29,9 @@ def build(precision: str, size: int):
     """ResNet50 at `size` with the training head, weights=None, in `precision`."""
     import keras
 
-    from training.config import load_config
-    from training.model import build_model
-
     if precision == "bfloat16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    config = load_config(
-        None,
-        data=Path("."),
-        backbone="resnet50",
-        weights="none",
-        image_size=size,
-        **{"augment.enabled": False},
-    )
-    return build_model(config, len(CLASSES))
+    return untrained_model("resnet50", size)
 
 
 def time_batch(predictor, batch: int, size: int, seconds: float) -> dict:

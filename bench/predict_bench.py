@@ -41,16 +41,12 @@ def make_files(folder: Path, count: int, size: tuple[int, int], fmt: str) -> lis
 
 def build_predictor(backbone: str, image_size: int, work: Path):
     """A Predictor on a freshly built model (random weights) with its card."""
+    from bench.cases import untrained_model
     from imgcls.modelcard import ModelCard
     from service.predictor import Predictor
-    from training.config import load_config
-    from training.model import build_model
 
-    config = load_config(None, data=work, backbone=backbone, weights="none", image_size=image_size,
-                         **{"augment.enabled": False})  # fmt: skip
-    model = build_model(config, len(CLASSES))
-    card = ModelCard(class_names=CLASSES, image_size=config.input_size, backbone=backbone)
-    predictor = Predictor(model, card, "bench")
+    card = ModelCard(class_names=CLASSES, image_size=(image_size, image_size), backbone=backbone)
+    predictor = Predictor(untrained_model(backbone, image_size, len(CLASSES)), card, "bench")
     predictor.warm_up()
     return predictor
 

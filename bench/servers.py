@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.cases import ALIAS, CLASSES, Case, tracking_settings
+from bench.cases import ALIAS, CLASSES, Case, tracking_settings, untrained_model
 from imgcls.processes import HOST, QUIET_ENV, ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,12 +37,8 @@ def bento_model(work: Path, name: str, size: int) -> None:
     os.environ["BENTOML_HOME"] = str(work / "bentoml")
     from imgcls.modelcard import ModelCard
     from service.store import save_to_bento_store
-    from training.config import load_config
-    from training.model import build_model
 
-    config = load_config(None, data=work, backbone="simple_cnn", weights="none", image_size=size,
-                         **{"augment.enabled": False})  # fmt: skip
-    build_model(config, 3).save(work / "model.keras")
+    untrained_model("simple_cnn", size, 3).save(work / "model.keras")
     card = ModelCard(class_names=["a", "b", "c"], image_size=(size, size), backbone="simple_cnn",
                      dataset_fingerprint=name)  # fmt: skip
     save_to_bento_store(work / "model.keras", card, name=name, version=1)

@@ -29,6 +29,7 @@ from bench.train_data import extract
 
 
 def run(config, home: Path):
+    """One tracked training run of `config` into a SQLite MLflow store in `home`."""
     from imgcls.settings import TrackingSettings
     from training.train import train
 
@@ -36,48 +37,31 @@ def run(config, home: Path):
     return train(config, settings)
 
 
-def quality(shared: Path, work: Path) -> dict:
+def train_with(home: Path, **options):
+    """`run` of the default config with `options` (config fields; "augment.enabled" and such too)."""
     from training.config import load_config
 
-    out = {}
+    return run(load_config(None, **options), home)
+
+
+def quality(shared: Path, work: Path) -> dict:
+    off = {"augment.enabled": False}
     mnist = extract(shared / "data/mnist-png.tar.gz", work / "mnist")
-    config = load_config(
-        None,
-        data=mnist,
-        backbone="simple_cnn",
-        image_size=28,
-        epochs=5,
-        batch_size=32,
-        **{"augment.enabled": False},
+    result = train_with(
+        work / "runs", data=mnist, backbone="simple_cnn", image_size=28, epochs=5, batch_size=32, **off
     )
-    result = run(config, work / "runs")
-    out["mnist_simple_cnn"] = {
-        "test_images": len(result.evaluation.y_true),
-        "epochs": len(result.history["loss"]),
-        "test_accuracy": result.metrics["accuracy"],
-        "seconds": sum(result.epoch_seconds),
-    }
+    out = {"mnist_simple_cnn": {"test_images": len(result.evaluation.y_true), "epochs": len(result.history["loss"]),
+                                "test_accuracy": result.metrics["accuracy"], "seconds": sum(result.epoch_seconds)}}  # fmt: skip
     cifar = extract(shared / "data/cifar10-small.tar.gz", work / "cifar")
-    weights = shared / "weights/vgg16_imagenet_notop.h5"
+    weights = str(shared / "weights/vgg16_imagenet_notop.h5")
     # The course's figures read the last block; the third row is today's default at 96 px.
-    rows = (("pretrained", str(weights), "last"), ("random", "none", "last"))
-    for label, value, blocks in (*rows, ("pretrained_two_blocks", str(weights), "auto")):
-        config = load_config(
-            None,
-            data=cifar,
-            backbone="vgg16",
-            weights=value,
-            image_size=96,
-            epochs=30,
-            backbone_blocks=blocks,
-            **{"augment.enabled": False},
-        )
-        result = run(config, work / "runs")
-        out[f"cifar10_vgg16_{label}"] = {
-            "test_images": len(result.evaluation.y_true),
-            "test_accuracy": result.metrics["accuracy"],
-            "test_macro_f1": result.metrics["macro_f1"],
-        }
+    for label, value, blocks in (("pretrained", weights, "last"), ("random", "none", "last"),
+                                 ("pretrained_two_blocks", weights, "auto")):  # fmt: skip
+        result = train_with(work / "runs", data=cifar, backbone="vgg16", weights=value, image_size=96, epochs=30,
+                            backbone_blocks=blocks, **off)  # fmt: skip
+        out[f"cifar10_vgg16_{label}"] = {"test_images": len(result.evaluation.y_true),
+                                         "test_accuracy": result.metrics["accuracy"],
+                                         "test_macro_f1": result.metrics["macro_f1"]}  # fmt: skip
     return out
 
 
@@ -99,8 +83,6 @@ def forward_throughput(backbone: str, size: int, images: int, batch: int) -> flo
 
 
 def speed(shared: Path, work: Path, backbone: str = "vgg16", size: int = 96, epochs: int = 4) -> dict:
-    from training.config import load_config
-
     cifar = extract(shared / "data/cifar10-small.tar.gz", work / "cifar")
     base = {"data": cifar, "backbone": backbone, "weights": "none", "image_size": size, "epochs": epochs}
     base |= {"early_stopping_patience": 100, "batch_size": 32}
@@ -111,15 +93,11 @@ def speed(shared: Path, work: Path, backbone: str = "vgg16", size: int = 96, epo
         ("augmented", {"augment.enabled": True, "augment_passes": 0}),
         ("augmented_cached_passes", {"augment.enabled": True}),
     ):
-        result = run(load_config(None, **base, **extra), work / "runs")
-        n = len(result.scan.files["train"])
-        seconds = result.epoch_seconds
-        out[label] = {
-            "train_images": n,
-            "epoch1_images_per_s": n / seconds[0],
-            "later_epochs_images_per_s": n / (sum(seconds[1:]) / len(seconds[1:])),
-            "later_epoch_fraction_of_epoch1": (sum(seconds[1:]) / len(seconds[1:])) / seconds[0],
-        }
+        result = train_with(work / "runs", **base, **extra)
+        n, first, *later = len(result.scan.files["train"]), *result.epoch_seconds
+        later_s = sum(later) / len(later)
+        out[label] = {"train_images": n, "epoch1_images_per_s": n / first, "later_epochs_images_per_s": n / later_s,
+                      "later_epoch_fraction_of_epoch1": later_s / first}  # fmt: skip
     out["forward_images_per_s"] = forward_throughput(backbone, size, images=1000, batch=32)
     out["augmented_vs_forward"] = out["augmented"]["later_epochs_images_per_s"] / out["forward_images_per_s"]
     return out
