@@ -145,16 +145,9 @@ def versions() -> dict:
 def model_speed(precision: str, args, env: dict, work: Path, log: Log, save: bool) -> dict:
     """bench.gpu_model in a child process (its GPU memory goes when it exits)."""
     out = work / f"model-{precision}.json"
-    cmd = [sys.executable, "-m", "bench.gpu_model", "--precision", precision, "--size", str(args.size)]
-    cmd += [
-        "--batches",
-        ",".join(map(str, args.batches)),
-        "--seconds",
-        str(args.model_seconds),
-        "--out",
-        str(out),
-    ]
-    cmd += ["--save"] if save else []
+    cmd = [sys.executable, "-m", "bench.gpu_model", "--precision", precision, "--size", str(args.size),
+           "--batches", ",".join(map(str, args.batches)), "--seconds", str(args.model_seconds), "--out", str(out),
+           *(["--save"] if save else [])]  # fmt: skip
     log(f"in-process model speed, {precision}: {' '.join(cmd[1:])}")
     child = subprocess.Popen(
         cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -152,11 +152,18 @@ def run(name: str, args, measure: Callable[[Path, threading.Event], dict], rende
 
 
 def write(results: dict, out: Path, render: Callable[[dict], str]) -> None:
-    """The JSON file, then the printed report and where the JSON went."""
+    """The JSON file, then the machine, the printed report and where the JSON went."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=str))
-    print(render(results))
-    print(f"\nJSON: {out}")
+    print("\n".join(["", *machine_lines(results), render(results), f"\nJSON: {out}"]))
+
+
+def machine_lines(results: dict) -> list[str]:
+    """The machine a report's figures come from, and the load average at its start and end."""
+    m = results["machine"]
+    return [f"Machine: {m['cpu']}, {m['cores']} cores, CPU flags {m['cpu_flags']}; keras {m['keras']}, mlflow "
+            f"{m['mlflow']}, bentoml {m['bentoml']}",
+            f"Load average: {m['load_average_at_start']:.1f} at start, {results['load_average_at_end']:.1f} at end"]  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,6 @@ def measure(name, backbone, image_size, file_size, fmt, count, batch_size, work:
 
 
 def render(results: dict) -> str:
-    info = results["machine"]
     rows = ([r["model"], r["input"], r["files"], r["runtime"], f"{r['model_images_per_s']:,} img/s",
              f"{r['imgcls_predict_images_per_s']:,} img/s", f"{r['ratio']:.2f}x", f"{r['vs_keras']:.2f}x"]
             for r in results["results"])  # fmt: skip
@@ -113,8 +112,7 @@ def render(results: dict) -> str:
         "vs Keras",
     ]
     reasons = [f"{r['model']} {r['runtime']}: {r['reason']}" for r in results["results"]]
-    return "\n".join([f"{info['cpu']}, {info['cores']} cores, flags: {info['cpu_flags']}\n",
-                      harness.table(header, rows), *reasons])  # fmt: skip
+    return "\n".join([harness.table(header, rows), *reasons])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -432,9 +432,8 @@ def render(report: dict) -> str:
     (a failed one followed by its stage)."""
     m, settings = report["machine"], report["settings"]
     parts = [
-        f"\nMachine: {m['cpu']}, {m['cores']} cores, keras {m['keras']}, mlflow {m['mlflow']}, bentoml {m['bentoml']}",
+        "",
         flags_line(m),
-        f"Load average: {m['load_average_at_start']:.1f} at start, {report['load_average_at_end']:.1f} at end",
         *runtime_lines(report["results"]),
         f"Images: {report['images']}. Rounds: {settings['rounds']} of concurrency "
         f"{', '.join(map(str, settings['levels']))} against each server in turn. mlflow: the client decodes "

@@ -283,10 +283,7 @@ def with_targets(report: dict) -> dict:
 
 def render(report: dict) -> str:
     """The printed report: machine, both tables, PASS/FAIL lines."""
-    m = report["machine"]
     parts = [
-        f"\nMachine: {m['cpu']}, {m['cores']} cores, keras {m['keras']}, mlflow {m['mlflow']}, bentoml {m['bentoml']}",
-        f"Load average: {m['load_average_at_start']:.1f} at start, {report['load_average_at_end']:.1f} at end",
         f"Images: {report['images']}. Load time: {report['load_time_how']}\n",
         summary_table(report["results"]),
         "",

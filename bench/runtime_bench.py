@@ -133,7 +133,7 @@ def render(results: dict) -> str:
                            ([r["batch"], f"{r['first_ms']:.1f}", f"{r['steady_ms']:.1f}", r["padded_to"],
                              f"{r['padded_ms']:.1f}"] for r in results["shapes"]))  # fmt: skip
     return "\n".join([
-        f"\n{info['cpu']}, {info['cores']} cores; {info['model']}; flags: {info['cpu_flags']}\n", runtimes_table,
+        f"\n{info['model']}\n", runtimes_table,
         "\nopenvino-f32 on the batch sizes the batcher forms: a new shape's first call, then steady, "
         "against padding to the next power of two (what the JAX path does)\n", shapes,
         f"\nopenvino-f32 batch 1 right after a Keras call (TensorFlow's threads just busy): "

@@ -176,7 +176,7 @@ def with_targets(results: dict) -> dict:
 
 def render(results: dict) -> str:
     """The Markdown report: settings, the per-minute table, memory per process, targets."""
-    result, machine = results["result"], results["machine"]
+    result = results["result"]
     minutes = harness.table(
         ["minute", "requests", "failed", "5xx", "bad inputs 4xx", "p50 ms", "p99 ms", "/predict p99 ms", "load"],
         ([r["minute"], r["requests"], r["failed"], r["status_5xx"], r["bad_4xx"], ms(r["p50_ms"], 0),
@@ -188,9 +188,7 @@ def render(results: dict) -> str:
     rss = harness.table(["process", "RSS after warm-up MB", "RSS at end MB", "peak MB", "growth"],
                         ([key, ms(mem["after_warm_up_mb"], 0), ms(mem["end_mb"], 0), ms(mem["peak_mb"], 0),
                           growth[key]] for key, mem in memory))  # fmt: skip
-    lines = [f"soak: {results['settings']}", f"machine: {machine['cpu']}, {machine['cores']} cores; load average "
-             f"{machine['load_average_at_start']:.2f} at start, {results['load_average_at_end']:.2f} at end",
-             "", minutes, "", rss, "", "RSS per process at the end of each minute, MB (mean of its last 10 s):"]  # fmt: skip
+    lines = [f"soak: {results['settings']}", "", minutes, "", rss, "", "RSS per process at the end of each minute, MB (mean of its last 10 s):"]  # fmt: skip
     lines += [f"  {key}: {' '.join(ms(mb, 0) for mb in mem.get('per_minute_mb', []))}" for key, mem in memory]
     lines += ["", "targets:", *(f"  {'PASS' if ok else 'FAIL'} {line}" for ok, line in targets(result))]
     if result.get("first_errors"):
