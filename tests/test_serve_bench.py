@@ -18,7 +18,7 @@ import pytest
 
 from bench import report, serve_bench, servers
 from bench.cases import Case
-from bench.peers import args as peer_args
+from bench.peers import parse as parse_peer_args
 
 ROOT = Path(__file__).resolve().parents[1]
 # The slow run's servers: both ways the service runs as it ships (compiled), LitServe on the
@@ -72,7 +72,7 @@ def test_litserve_serves_the_keras_file_or_its_openvino_build(tmp_path):
     assert cmds["litserve"][2] == cmds["litserve-ov"][2] == "bench.peers.litserve_app"
     assert cmds["litserve"][-4:] == ["--runtime", "keras", "--precision", "f32"]
     assert cmds["litserve-ov"][-4:] == ["--runtime", "openvino", "--precision", "f32"]
-    parsed = peer_args.parse("peer", cmds["litserve-ov"][3:])
+    parsed = parse_peer_args("peer", cmds["litserve-ov"][3:])
     assert (parsed.runtime, parsed.precision, parsed.class_names[:2]) == (
         "openvino",
         "f32",
