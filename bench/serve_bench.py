@@ -40,7 +40,6 @@ import functools
 import json
 import os
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench import harness, loadgen, report, rounds, sampling
@@ -101,13 +100,17 @@ def make_server(name: str, case: Case, args, work: Path):
 
 
 def start_servers(names: list[str], case: Case, args, work: Path, stack) -> list:
-    """Every server of `names`, START_AT_ONCE at a time, each stopped with `stack`."""
+    """Every server of `names` and its log, launched START_AT_ONCE at a time and waited for
+    in this thread (a stop signal ends the wait at once), each stopped with `stack`."""
     made = [make_server(name, case, args, work) for name in names]
-    for srv, _log in made:
-        stack.callback(srv.stop)
-    print(f"  starting {', '.join(names)}", flush=True)
-    with ThreadPoolExecutor(START_AT_ONCE) as pool:
-        list(pool.map(lambda pair: pair[0].start(), made))
+    for i in range(0, len(made), START_AT_ONCE):
+        batch = [srv for srv, _log in made[i : i + START_AT_ONCE]]
+        print(f"  starting {', '.join(names[i : i + START_AT_ONCE])}", flush=True)
+        for srv in batch:
+            stack.callback(srv.stop)
+            srv.launch()
+        for srv in batch:
+            srv.wait_ready()
     return made
 
 
