@@ -8,6 +8,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.harness import SHARED
 from imgcls import parity
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -19,8 +20,6 @@ TRAINED = ("vgg16",)
 # splits (test 15%, validation 30 a class) give the parity set the 200 images bf16 needs.
 TRAINED_PER_CLASS = 80
 ALIAS = "champion"
-# ../shared: the CIFAR-10 photos the benchmarks send (bench/photos.py), if it has them.
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 @dataclass

@@ -31,9 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.harness import percentiles
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench.harness import ROOT, percentiles
 
 
 @dataclass(frozen=True)

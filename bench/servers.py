@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.cases import ALIAS, CLASSES, Case, tracking_settings, untrained_model
+from bench.harness import ROOT
 from imgcls.processes import HOST, QUIET_ENV, ServerProcess, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 # BentoML loads ResNet50 and warms it before /readyz answers: minutes on 2 busy cores.
 READY_TIMEOUT_S = 240
 
