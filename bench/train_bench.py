@@ -182,11 +182,9 @@ PASS_TARGET = ("run / pass", lambda r: r["seconds_vs_backbone_pass"] <= 2, "<= 2
 
 def defaults_table(rows: dict) -> str:
     """The defaults rows as the Markdown table of docs/benchmarks.md."""
-    lines = [
-        "| row | options | images train/val/test | augmentation | epochs | test accuracy | seconds "
-        "| backbone pass (all images) | run / pass | linear probe | target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["row", "options", "images train/val/test", "augmentation", "epochs", "test accuracy", "seconds",
+              "backbone pass (all images)", "run / pass", "linear probe", "target"]  # fmt: skip
+    lines = []
     for name, r in rows.items():
         images = "/".join(str(r["images"][s]) for s in ("train", "val", "test"))
         options = ", ".join(f"{k}={Path(v).name if k == 'weights' else v}" for k, v in r["options"].items())
@@ -199,11 +197,9 @@ def defaults_table(rows: dict) -> str:
         if "seconds_vs_backbone_pass" in r and "search" not in r["options"]:
             targets.append(PASS_TARGET)  # any folder, the default command
         target = "; ".join(f"{text}: {'met' if met(r) else 'missed'}" for _, met, text in targets)
-        lines.append(
-            f"| {name} | {options} | {images} | {augmentation} | {r['epochs']} | {r['test_accuracy']:.4f} "
-            f"| {r['seconds']:.1f} | {pass_s} | {ratio} | {probe} | {target} |"
-        )
-    return "\n".join(lines)
+        lines.append([name, options, images, augmentation, r["epochs"], f"{r['test_accuracy']:.4f}",
+                      f"{r['seconds']:.1f}", pass_s, ratio, probe, target])  # fmt: skip
+    return harness.table(header, lines)
 
 
 def _mlflow_run(run_id: str):
