@@ -8,6 +8,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.harness import SHARED
 from imgcls import parity
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -19,8 +20,6 @@ TRAINED = ("vgg16",)
 # splits (test 15%, validation 30 a class) give the parity set the 200 images bf16 needs.
 TRAINED_PER_CLASS = 80
 ALIAS = "champion"
-# ../shared: the CIFAR-10 photos the benchmarks send (bench/photos.py), if it has them.
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 @dataclass
@@ -44,16 +43,14 @@ def tracking_settings(work: Path):
     )
 
 
-def build_case_model(key: str, work: Path):
-    """The untrained classifier of a case, built as training builds it (augment off)."""
+def untrained_model(backbone: str, size: int, classes: int = len(CLASSES)):
+    """An untrained classifier (`weights=none`: speed does not depend on weight values),
+    built as training builds it, augmentation off."""
     from training.config import load_config
     from training.model import build_model
 
-    backbone, size = CASES[key]
-    config = load_config(
-        None, data=work, backbone=backbone, weights="none", image_size=size, **{"augment.enabled": False}
-    )
-    return build_model(config, len(CLASSES))
+    options = {"backbone": backbone, "weights": "none", "image_size": size, "augment.enabled": False}
+    return build_model(load_config(None, data=Path("."), **options), classes)
 
 
 def parity_images(size: int, shared: Path = SHARED, count: int = parity.PARITY_IMAGES):
@@ -84,7 +81,7 @@ def register_case(key: str, work: Path, name: str | None = None, parity_set=None
     card = ModelCard(
         class_names=CLASSES, image_size=(size, size), backbone=backbone, dataset_fingerprint="serve-bench"
     )
-    model = build_case_model(key, work)
+    model = untrained_model(backbone, size)
     example = np.zeros((1, size, size, 3), np.float32)
     with tracked_run(tracking_settings(work), run_name=f"serve-bench-{key}"):
         uri = log_keras_model(model, card, example, parity_images(size) if parity_set is None else parity_set)

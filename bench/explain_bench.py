@@ -13,25 +13,19 @@ BentoML store; one front, one model process, as `imgcls serve` runs by default.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-from bench import loadgen
-from bench.machine import machine, quiet_environment
+from bench import harness, loadgen
 from bench.photos import photo_jpegs
 from bench.servers import bento_model, bento_server
 
-ROOT = Path(__file__).resolve().parents[1]
 NAME = "explain-bench"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None):
+    p = harness.parser(__doc__, "explain_bench.json", logs=False)
     p.add_argument("--size", type=int, default=224, help="model input size (224)")
     p.add_argument("--predict-clients", type=int, default=4, help="closed-loop /predict clients (4)")
     p.add_argument(
@@ -42,7 +36,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seconds", type=float, default=20, help="length of each phase (20)")
     p.add_argument("--ignore-retry-after", action="store_true", help="explain clients retry a 503 at once")
-    p.add_argument("--out", type=Path, help="write the results as JSON here")
     return p.parse_args(argv)
 
 
@@ -54,7 +47,7 @@ def explain_load(url: str, folder: Path, jpegs: list[bytes], honour_retry_after:
     return loadgen.Http(url, tuple(cycle), timeout_s=120)
 
 
-def measure(url: str, args: argparse.Namespace, jpegs: list[bytes], work: Path) -> dict:
+def measure(url: str, args, jpegs: list[bytes], work: Path) -> dict:
     """/predict percentiles in steady state and during the /explain burst."""
     predict = loadgen.predict_load(url, work / "load", jpegs, timeout_s=120)
     loadgen.drive(predict, args.predict_clients, requests=32)  # warm-up
@@ -74,46 +67,36 @@ def measure(url: str, args: argparse.Namespace, jpegs: list[bytes], work: Path) 
 
 
 def render(results: dict) -> str:
-    lines = [
-        f"/predict ({results['predict_clients']} clients) with {results['explain_clients']} concurrent /explain "
-        f"clients, simple_cnn at {results['size']}, {results['seconds']:g} s per phase",
-        "",
-        "| explain limit | steady p50 / p99 | burst p50 / p99 | p99 burst / steady | /predict errors | /explain answers |",
-        "|---|---|---|---|---|---|",
-    ]
+    rows = []
     for limit, row in results["runs"].items():
         s, b = row["steady"], row["burst"]
         ratio = b["p99_ms"] / s["p99_ms"] if s["p99_ms"] and b["p99_ms"] else float("nan")
         statuses = ", ".join(f"{v} x {k}" for k, v in row["explain_statuses"].items())
-        lines.append(
-            f"| {limit} | {s['p50_ms']:.0f} / {s['p99_ms']:.0f} ms | {b['p50_ms']:.0f} / {b['p99_ms']:.0f} ms "
-            f"| **{ratio:.2f}x** (target <= 2x) | {s['errors'] + b['errors']} | {statuses} |"
-        )
-    return "\n".join(lines)
+        rows.append([limit, f"{s['p50_ms']:.0f} / {s['p99_ms']:.0f} ms", f"{b['p50_ms']:.0f} / {b['p99_ms']:.0f} ms",
+                     f"**{ratio:.2f}x** (target <= 2x)", s["errors"] + b["errors"], statuses])  # fmt: skip
+    header = ["explain limit", "steady p50 / p99", "burst p50 / p99", "p99 burst / steady", "/predict errors",
+              "/explain answers"]  # fmt: skip
+    return (f"/predict ({results['predict_clients']} clients) with {results['explain_clients']} concurrent /explain "
+            f"clients, simple_cnn at {results['size']}, {results['phase_seconds']:g} s per phase\n\n"
+            + harness.table(header, rows))  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    quiet_environment()
-    limits = [int(x) for x in args.explain_limits.split(",") if x.strip()]
-    results = {
-        "machine": machine(),
-        **{k: getattr(args, k) for k in ("size", "predict_clients", "explain_clients", "seconds")},
-    }
-    results["ignore_retry_after"], results["runs"] = args.ignore_retry_after, {}
-    jpegs, _ = photo_jpegs(ROOT.parent / "shared", 16)
-    with tempfile.TemporaryDirectory(prefix="explain-bench-") as tmp:
-        work = Path(tmp)
+
+    def runs(work: Path, _stop) -> dict:
+        results = {k: getattr(args, k) for k in ("size", "predict_clients", "explain_clients")}
+        results["phase_seconds"] = args.seconds
+        results["ignore_retry_after"], results["runs"] = args.ignore_retry_after, {}
+        jpegs, _ = photo_jpegs(args.shared, 16)
         bento_model(work, NAME, args.size)
-        for limit in limits:
-            log = work / f"server-{limit}.log"
-            with bento_server(work, NAME, log, max_concurrent_explains=limit) as srv:
+        for limit in [int(x) for x in args.explain_limits.split(",") if x.strip()]:
+            with bento_server(work, NAME, work / f"server-{limit}.log", max_concurrent_explains=limit) as srv:
                 results["runs"][limit] = measure(srv.url, args, jpegs, work)
-    print(render(results))
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1, default=str))
-    return 0
+        return results
+
+    harness.run("explain-bench", args, runs, render)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

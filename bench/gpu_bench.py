@@ -39,17 +39,12 @@ import threading
 import time
 from pathlib import Path
 
-if not __package__:  # `python bench/gpu_bench.py` from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import harness, loadgen, sampling
+from bench.gpu_model import NAME
+from bench.gpu_report import render
+from bench.harness import ROOT, cpu_name, quiet_environment
+from bench.photos import varied_jpegs
 
-from bench import loadgen, sampling  # noqa: E402
-from bench.gpu_model import NAME  # noqa: E402
-from bench.gpu_photos import varied_jpegs  # noqa: E402
-from bench.gpu_report import render  # noqa: E402
-from bench.machine import cpu_name, quiet_environment  # noqa: E402
-from imgcls.processes import HOST  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 # Every model process reports real GPU memory instead of JAX's 75% preallocation, and the
 # model children and the service share compiled shapes through one JAX cache folder.
 MODEL_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "KERAS_BACKEND": "jax"}
@@ -150,16 +145,9 @@ def versions() -> dict:
 def model_speed(precision: str, args, env: dict, work: Path, log: Log, save: bool) -> dict:
     """bench.gpu_model in a child process (its GPU memory goes when it exits)."""
     out = work / f"model-{precision}.json"
-    cmd = [sys.executable, "-m", "bench.gpu_model", "--precision", precision, "--size", str(args.size)]
-    cmd += [
-        "--batches",
-        ",".join(map(str, args.batches)),
-        "--seconds",
-        str(args.model_seconds),
-        "--out",
-        str(out),
-    ]
-    cmd += ["--save"] if save else []
+    cmd = [sys.executable, "-m", "bench.gpu_model", "--precision", precision, "--size", str(args.size),
+           "--batches", ",".join(map(str, args.batches)), "--seconds", str(args.model_seconds), "--out", str(out),
+           *(["--save"] if save else [])]  # fmt: skip
     log(f"in-process model speed, {precision}: {' '.join(cmd[1:])}")
     child = subprocess.Popen(
         cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -183,18 +171,12 @@ def stage_times(jpegs: list[bytes], size: int) -> dict:
     from imgcls.images import decode_image, prepare_image
 
     prepare_image(np.zeros((8, 8, 3), np.uint8), (size, size))  # first-call set-up, untimed
-    decode, first, again = [], [], []
-    for data in jpegs:
-        t0 = time.perf_counter()
-        pixels = decode_image(data)
-        t1 = time.perf_counter()
-        prepare_image(pixels, (size, size))
-        t2 = time.perf_counter()
-        prepare_image(pixels, (size, size))
-        t3 = time.perf_counter()
-        decode.append(t1 - t0), first.append(t2 - t1), again.append(t3 - t2)
-    median = lambda xs: 1000 * float(np.median(xs))  # noqa: E731
-    return {"decode_ms": median(decode), "resize_first_ms": median(first), "resize_ms": median(again)}
+    pixels = [decode_image(data) for data in jpegs]
+    n = len(jpegs)
+    out = {"decode_ms": harness.timed(lambda i: decode_image(jpegs[i]), n, warm=0).median_ms}
+    for key in ("resize_first_ms", "resize_ms"):  # the second pass meets every size again
+        out[key] = harness.timed(lambda i: prepare_image(pixels[i], (size, size)), n, warm=0).median_ms
+    return out
 
 
 def split(concurrency: int, parts: int) -> list[int]:
@@ -230,33 +212,24 @@ def warm_up(load: loadgen.Http, args, log: Log) -> None:
         concurrency *= 2
 
 
-def service_options(tag: str, port: int, args) -> argparse.Namespace:
-    """`imgcls serve` options for the benchmark's service (exact tag, no following)."""
-    return argparse.Namespace(
-        source="bentoml", model_name=NAME, bento_tag=tag, poll_interval_s=0, batching=True,
-        max_batch_size=args.max_batch_size, max_latency_ms=args.max_latency_ms, gpu=args.gpu or None,
-        front_workers=args.front_workers, host=HOST, port=port,
-    )  # fmt: skip
-
-
 def bench_service(
     tag: str, precision: str, jpegs, args, env: dict, work: Path, gpu: GpuSampler, log: Log
 ) -> list[dict]:
     """Warm-up, then each concurrency level against the real service; one row each."""
-    from bench.servers import server_side, service_probe
-    from imgcls.processes import ServerProcess, free_port
-    from service.cli import serve_command, settings_env
+    from bench.servers import imgcls_server, server_side, service_probe
 
-    port = free_port()
     server_log = work / f"service-{precision}.log"
-    serve_env = {**env, **settings_env(service_options(tag, port, args))}
+    server = imgcls_server(
+        server_log, env=env, timeout_s=args.ready_timeout_s, source="bentoml", model_name=NAME, bento_tag=tag,
+        poll_interval_s=0, batching=True, max_batch_size=args.max_batch_size, max_latency_ms=args.max_latency_ms,
+        gpu=args.gpu or None, front_workers=args.front_workers,
+    )  # fmt: skip
     log(f"service {precision}: {args.front_workers} fronts, max batch {args.max_batch_size}, gpu={args.gpu}")
     t0 = time.perf_counter()
     rows = []
     try:
         with (
-            ServerProcess(serve_command(HOST, port), f"http://{HOST}:{port}/readyz", server_log, env=serve_env,
-                          cwd=ROOT, port=port, timeout_s=args.ready_timeout_s) as srv,
+            server as srv,
             loadgen.probe_client() as probe_client,
         ):  # fmt: skip
             log(f"  ready in {time.perf_counter() - t0:.0f} s")
@@ -326,10 +299,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ready-timeout-s", type=float, default=240, help="wait for /readyz (240 s)")
     p.add_argument(
-        "--budget-s",
-        type=float,
-        default=450,
-        help="skip a served precision that would end past this (450 s)",
+        "--budget-s", type=float, default=450, help="skip a served precision that would end past this (450 s)"
     )
     p.add_argument(
         "--out",
@@ -338,7 +308,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="results folder ($OUT)",
     )
     p.add_argument(
-        "--shared", type=Path, default=ROOT.parent / "shared", help="../shared (photos without scikit-image)"
+        "--shared", type=Path, default=harness.SHARED, help="../shared (photos without scikit-image)"
     )
     args = p.parse_args(argv)
     quick = args.quick

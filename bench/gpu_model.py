@@ -15,16 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-if not __package__:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.cases import CLASSES  # noqa: E402
-from bench.loadgen import percentiles  # noqa: E402
+from bench.cases import CLASSES, untrained_model
+from bench.harness import percentiles, timed
 
 NAME = "gpu-bench-resnet50"
 
@@ -33,20 +29,9 @@ def build(precision: str, size: int):
     """ResNet50 at `size` with the training head, weights=None, in `precision`."""
     import keras
 
-    from training.config import load_config
-    from training.model import build_model
-
     if precision == "bfloat16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    config = load_config(
-        None,
-        data=Path("."),
-        backbone="resnet50",
-        weights="none",
-        image_size=size,
-        **{"augment.enabled": False},
-    )
-    return build_model(config, len(CLASSES))
+    return untrained_model("resnet50", size)
 
 
 def time_batch(predictor, batch: int, size: int, seconds: float) -> dict:
@@ -54,18 +39,13 @@ def time_batch(predictor, batch: int, size: int, seconds: float) -> dict:
     import numpy as np
 
     x = np.random.default_rng(batch).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
-    predictor.probabilities(x)  # compile this shape
-    predictor.probabilities(x)
-    latencies, start = [], time.perf_counter()
-    while time.perf_counter() - start < seconds or len(latencies) < 3:
-        t0 = time.perf_counter()
-        predictor.probabilities(x)
-        latencies.append((time.perf_counter() - t0) * 1000)
-    wall = time.perf_counter() - start
-    row = {"batch": batch, "calls": len(latencies), "images_per_s": batch * len(latencies) / wall}
+    timing = timed(
+        lambda _: predictor.probabilities(x), seconds=seconds
+    )  # two untimed calls compile this shape
+    row = {"batch": batch, "calls": len(timing.ms), "images_per_s": batch * len(timing.ms) / timing.wall_s}
     row["transfer_ms"] = transfer_ms(x)
     print(f"    batch {batch}: {row['images_per_s']:.1f} images/s", flush=True)
-    return row | percentiles(latencies)
+    return row | percentiles(timing.ms)
 
 
 def transfer_ms(x) -> float | None:
@@ -74,12 +54,7 @@ def transfer_ms(x) -> float | None:
         import jax
     except ImportError:
         return None
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        jax.device_put(x).block_until_ready()
-        times.append((time.perf_counter() - t0) * 1000)
-    return sorted(times)[len(times) // 2]
+    return timed(lambda _: jax.device_put(x).block_until_ready(), 5, warm=0).median_ms
 
 
 def device() -> str:

@@ -5,17 +5,12 @@ from __future__ import annotations
 
 import datetime
 
+from bench import harness
+from bench.harness import ms
+
 ROLES = ("client", "front", "model")
 # Issue 11's targets on one H200 (ResNet50 at 224, JPEG in, JSON out).
 TARGET_RATE, TARGET_P99_MS, TARGET_RATIO = 2000, 50, 0.8
-
-
-def _f(value, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _line(cells) -> str:
-    return "| " + " | ".join(cells) + " |"
 
 
 def model_row(m: dict, precision: str, batch: int) -> dict | None:
@@ -43,47 +38,22 @@ def reference(results: dict, row: dict) -> dict | None:
 
 
 def main_table(results: dict) -> list[str]:
-    lines = [
-        "| what | precision | batch / concurrency | images/s | p50 ms | p95 ms | p99 ms | GPU util % | GPU MiB "
-        "| CPU ms/image " + " / ".join(ROLES) + " | mean batch | vs in-process | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for run in results["model"]:
-        for r in run["rows"]:
-            cells = ["in-process `Predictor.probabilities`", run["precision"], f"batch {r['batch']}"]
-            cells += [
-                _f(r["images_per_s"]),
-                _f(r["p50_ms"]),
-                _f(r["p95_ms"]),
-                _f(r["p99_ms"]),
-                "-",
-                "-",
-                "-",
-                "-",
-                "-",
-                "0",
-            ]
-            lines.append(_line(cells))
+    header = ["what", "precision", "batch / concurrency", "images/s", "p50 ms", "p95 ms", "p99 ms", "GPU util %",
+              "GPU MiB", "CPU ms/image " + " / ".join(ROLES), "mean batch", "vs in-process", "errors"]  # fmt: skip
+    rows = [["in-process `Predictor.probabilities`", run["precision"], f"batch {r['batch']}",
+             *(ms(r[k]) for k in ("images_per_s", "p50_ms", "p95_ms", "p99_ms")), *["-"] * 5, "0"]
+            for run in results["model"] for r in run["rows"]]  # fmt: skip
     for row in results["service"]:
         ref = reference(results, row)
         ratio = f"{row['images_per_s'] / ref['images_per_s']:.2f}x of batch {ref['batch']}" if ref else "-"
         cpu = row.get("cpu_ms_per_image", {})
-        cells = [
-            "service POST /predict",
-            row["precision"],
-            f"c={row['concurrency']}",
-            _f(row["images_per_s"]),
-        ]
-        cells += [_f(row["p50_ms"]), _f(row["p95_ms"]), _f(row["p99_ms"])]
-        cells += [_f(row.get("gpu_util_pct"), 0), _f(row.get("gpu_mem_mib"), 0)]
-        cells += [
-            " / ".join(_f(cpu.get(g)) for g in ROLES),
-            _f(row.get("server", {}).get("mean_batch")),
-            ratio,
-        ]
-        cells.append(str(row["errors"]) + (f" ({row['first_error'][:60]})" if row["errors"] else ""))
-        lines.append(_line(cells))
-    return lines
+        errors = str(row["errors"]) + (f" ({row['first_error'][:60]})" if row["errors"] else "")
+        rows.append(["service POST /predict", row["precision"], f"c={row['concurrency']}",
+                     *(ms(row[k]) for k in ("images_per_s", "p50_ms", "p95_ms", "p99_ms")),
+                     ms(row.get("gpu_util_pct"), 0), ms(row.get("gpu_mem_mib"), 0),
+                     " / ".join(ms(cpu.get(g)) for g in ROLES), ms(row.get("server", {}).get("mean_batch")), ratio,
+                     errors])  # fmt: skip
+    return harness.table(header, rows).splitlines()
 
 
 def capacities(results: dict) -> list[tuple[str, float | None, float | None, str]]:
@@ -127,10 +97,8 @@ def capacities(results: dict) -> list[tuple[str, float | None, float | None, str
 
 
 def stage_table(results: dict) -> list[str]:
-    lines = ["| stage | ms per image | allows images/s | how |", "|---|---|---|---|"]
-    for name, ms, cap, how in capacities(results):
-        lines.append(_line([name, _f(ms, 2), _f(cap, 0), how]))
-    return lines
+    rows = [[name, ms(per, 2), ms(cap, 0), how] for name, per, cap, how in capacities(results)]
+    return harness.table(["stage", "ms per image", "allows images/s", "how"], rows).splitlines()
 
 
 def verdict(results: dict) -> list[str]:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.cases import ALIAS, Case
-from bench.loadgen import percentiles
+from bench.harness import percentiles, timed
 
 RAW_BATCHES = (1, 8, 32)
 # The compiled build: batch 1 (a lone request) and 32 (a full batch).
@@ -107,20 +107,15 @@ def _raw_batch_level(method: str, call, inputs, batch: int, requests: int) -> di
     import numpy as np
 
     batches = [np.take(inputs, range(i, i + batch), axis=0, mode="wrap") for i in range(0, requests, batch)]
-    call(batches[0])  # trace this shape
-    call(batches[0])
-    latencies = []
-    start, cpu = time.perf_counter(), time.process_time()
-    for x in batches:
-        t0 = time.perf_counter()
-        call(x)
-        latencies.append((time.perf_counter() - t0) * 1000)
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    timing = timed(lambda i: call(batches[i]), len(batches))  # two untimed calls trace this shape
     images = batch * len(batches)
-    row = {"method": method, "batch": batch, "requests": images, "errors": 0, "seconds": wall}
-    row |= {"images_per_s": images / wall, "cpu_ms_per_image": {"in-process": 1000 * cpu / images}}
+    row = {"method": method, "batch": batch, "requests": images, "errors": 0, "seconds": timing.wall_s}
+    row |= {
+        "images_per_s": images / timing.wall_s,
+        "cpu_ms_per_image": {"in-process": 1000 * timing.cpu_s / images},
+    }
     print(f"    {method} batch={batch}: {row['images_per_s']:.1f} images/s", flush=True)
-    return row | percentiles(latencies) | {"load": os.getloadavg()[0]}
+    return row | percentiles(timing.ms) | {"load": os.getloadavg()[0]}
 
 
 def keras_engine(case: Case) -> Callable:
@@ -146,16 +141,9 @@ def batch1_sender(engine: Callable, inputs):
 
 def preprocess_ms(jpegs: list[bytes], size: int) -> float:
     """Median ms of imgcls.images.load_image (decode + resize) per JPEG, in this process."""
-    import numpy as np
-
     from imgcls.images import load_image
 
-    times = []
-    for data in jpegs:
-        t0 = time.perf_counter()
-        load_image(data, (size, size))
-        times.append((time.perf_counter() - t0) * 1000)
-    return float(np.median(times))
+    return timed(lambda i: load_image(jpegs[i], (size, size)), len(jpegs), warm=0).median_ms
 
 
 def follower_load_s(case: Case, cache_dir) -> float:

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.harness import ROOT, percentiles
 
 
 @dataclass(frozen=True)
@@ -221,16 +221,6 @@ def _in_process(send: Sender, concurrency: int, requests, duration_s, stop) -> R
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(lambda _: worker(), range(concurrency)))
     return Run(sorted(records, key=lambda r: r.start), start, time.perf_counter())
-
-
-def percentiles(latencies_ms: Sequence[float]) -> dict[str, float | None]:
-    """p50, p95 and p99 of latencies in ms (None each when there are none)."""
-    import numpy as np
-
-    if not len(latencies_ms):
-        return {"p50_ms": None, "p95_ms": None, "p99_ms": None}
-    p50, p95, p99 = np.percentile(latencies_ms, [50, 95, 99])
-    return {"p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99)}
 
 
 def summarize(records: Iterable[Record], seconds: float) -> dict:

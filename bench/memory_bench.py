@@ -15,46 +15,34 @@ summed, and the model process's. Prints a Markdown table and writes JSON (`--out
 
 from __future__ import annotations
 
-import argparse
-import json
 import mimetypes
 import statistics
-import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
+from bench import harness
 from bench.hostile import WORST_CASES
 from bench.loadgen import Http, body_files, drive, upload
-from bench.machine import machine, quiet_environment
 from bench.sampling import TreeSampler, sample_tree
 from bench.servers import bento_model, bento_server
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 224
 NAME = "memory-bench"
 TARGET_BYTES = 2 * 1024**3  # the issue's target for four fronts, summed
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def parse_args(argv: list[str] | None = None):
+    p = harness.parser(__doc__, "memory_bench.json", shared=False, logs=False)
+    p.add_argument("--fronts", type=int, default=4, help="HTTP front processes (IMGCLS_SERVE_FRONT_WORKERS)")
+    p.add_argument("--clients", type=int, default=64, help="concurrent clients")
+    p.add_argument("--seconds", type=float, default=40, help="length of the load")
+    p.add_argument("--decode-repeats", type=int, default=9, help="timed decodes of the 12 MP JPEG, each way")
+    p.add_argument(
+        "--root", type=Path, default=harness.ROOT, help="checkout the server runs from (compare versions)"
     )
-    parser.add_argument(
-        "--fronts", type=int, default=4, help="HTTP front processes (IMGCLS_SERVE_FRONT_WORKERS)"
-    )
-    parser.add_argument("--clients", type=int, default=64, help="concurrent clients")
-    parser.add_argument("--seconds", type=float, default=40, help="length of the load")
-    parser.add_argument(
-        "--decode-repeats", type=int, default=9, help="timed decodes of the 12 MP JPEG, each way"
-    )
-    parser.add_argument(
-        "--root", type=Path, default=ROOT, help="checkout the server runs from (compare versions)"
-    )
-    parser.add_argument("--idle-only", action="store_true", help="only the idle fronts' memory, no load")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    return parser.parse_args(argv)
+    p.add_argument("--idle-only", action="store_true", help="only the idle fronts' memory, no load")
+    return p.parse_args(argv)
 
 
 def decode_speed(repeats: int) -> dict:
@@ -63,21 +51,11 @@ def decode_speed(repeats: int) -> dict:
 
     data = WORST_CASES["jpeg-12mp"]()
     ways = {
-        "draft": lambda: model_input(data, (SIZE, SIZE)),
-        "full": lambda: prepare_image(decode_image(data), (SIZE, SIZE)),
+        "draft": lambda _: model_input(data, (SIZE, SIZE)),
+        "full": lambda _: prepare_image(decode_image(data), (SIZE, SIZE)),
     }
-    out = {}
-    for name, run in ways.items():
-        run()  # warm
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append(1000 * (time.perf_counter() - start))
-        out[f"{name}_ms"] = statistics.median(times)
-    out["speedup"] = out["full_ms"] / out["draft_ms"]
-    out["jpeg_bytes"] = len(data)
-    return out
+    out = {f"{name}_ms": harness.timed(way, repeats, warm=1).median_ms for name, way in ways.items()}
+    return out | {"speedup": out["full_ms"] / out["draft_ms"], "jpeg_bytes": len(data)}
 
 
 def uploads_load(url: str, folder: Path, files: list[tuple[str, bytes]]) -> Http:
@@ -89,7 +67,7 @@ def uploads_load(url: str, folder: Path, files: list[tuple[str, bytes]]) -> Http
     return Http(url, tuple(cycle), timeout_s=120)
 
 
-def measure(args: argparse.Namespace, work: Path) -> dict:
+def measure(args, work: Path) -> dict:
     files = [(name, make()) for name, make in WORST_CASES.items()]
     with bento_server(work, NAME, work / "server.log", args.root, front_workers=args.fronts) as srv:
         time.sleep(2)
@@ -125,48 +103,36 @@ def _per_case(records, files) -> dict[str, int]:
 
 
 def render(results: dict) -> str:
-    mb = 1024**2
-    lines = [f"fronts: {results['memory']['fronts']}, clients: {results['clients']}, {results['seconds']} s"]
-    lines += ["", "| figure | value |", "|---|---|"]
-    mem = results["memory"]
-    lines.append(f"| idle fronts, RSS summed | {mem['idle_front_rss_bytes'] / mb:.0f} MB |")
+    mem, mb = results["memory"], 1024**2
+    rows = [["idle fronts, RSS summed", f"{mem['idle_front_rss_bytes'] / mb:.0f} MB"]]
     if "peak_front_rss_bytes" in mem:
         ok = "met" if mem["peak_front_rss_bytes"] < TARGET_BYTES else "MISSED"
-        lines.append(
-            f"| peak fronts RSS summed under load | {mem['peak_front_rss_bytes'] / mb:.0f} MB (target 2048 MB: {ok}) |"
-        )
-        lines.append(f"| mean fronts RSS summed under load | {mem['mean_front_rss_bytes'] / mb:.0f} MB |")
+        rows += [["peak fronts RSS summed under load", f"{mem['peak_front_rss_bytes'] / mb:.0f} MB (target 2048 MB: {ok})"],
+                 ["mean fronts RSS summed under load", f"{mem['mean_front_rss_bytes'] / mb:.0f} MB"]]  # fmt: skip
         if mem.get("idle_model_rss_bytes"):
-            lines.append(
-                f"| model process RSS, idle / peak under load (it decodes) | "
-                f"{mem['idle_model_rss_bytes'] / mb:.0f} / {mem['peak_model_rss_bytes'] / mb:.0f} MB |"
-            )
-        lines.append(f"| requests, by status | {mem['requests']}: {mem['statuses']} |")
-        lines.append(f"| answered 200, by file | {mem['answered_200_per_case']} |")
-    if "decode" in results:
-        d = results["decode"]
-        lines.append(f"| 12 MP JPEG -> 224x224, full decode | {d['full_ms']:.1f} ms |")
-        lines.append(
-            f"| 12 MP JPEG -> 224x224, draft decode | {d['draft_ms']:.1f} ms ({d['speedup']:.1f}x) |"
-        )
-    return "\n".join(lines)  # fmt: skip
+            rows.append(["model process RSS, idle / peak under load (it decodes)",
+                         f"{mem['idle_model_rss_bytes'] / mb:.0f} / {mem['peak_model_rss_bytes'] / mb:.0f} MB"])  # fmt: skip
+        rows += [["requests, by status", f"{mem['requests']}: {mem['statuses']}"],
+                 ["answered 200, by file", mem["answered_200_per_case"]]]  # fmt: skip
+    if d := results.get("decode"):
+        rows += [["12 MP JPEG -> 224x224, full decode", f"{d['full_ms']:.1f} ms"],
+                 ["12 MP JPEG -> 224x224, draft decode", f"{d['draft_ms']:.1f} ms ({d['speedup']:.1f}x)"]]  # fmt: skip
+    head = f"fronts: {mem['fronts']}, clients: {results['clients']}, {results['load_seconds']} s\n\n"
+    return head + harness.table(["figure", "value"], rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    quiet_environment()
-    results = {"machine": machine(), "clients": args.clients, "seconds": args.seconds, "root": str(args.root)}
-    if not args.idle_only:
-        results["decode"] = decode_speed(args.decode_repeats)
-    with tempfile.TemporaryDirectory(prefix="memory-bench-") as tmp:
-        work = Path(tmp)
+
+    def run(work: Path, _stop) -> dict:
+        results = {"clients": args.clients, "load_seconds": args.seconds, "root": str(args.root)}
+        if not args.idle_only:
+            results["decode"] = decode_speed(args.decode_repeats)
         bento_model(work, NAME, SIZE)
-        results["memory"] = measure(args, work)
-    print(render(results))
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1, default=str))
-    return 0
+        return results | {"memory": measure(args, work)}
+
+    harness.run("memory-bench", args, run, render)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

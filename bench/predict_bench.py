@@ -16,19 +16,10 @@ and writes JSON. Speed does not depend on weight values.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import tempfile
-import time
 from pathlib import Path
 
-if not __package__:  # `python bench/predict_bench.py` from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import harness
 
-from bench.machine import cpu_flags, machine, quiet_environment  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [str(i) for i in range(10)]
 
 
@@ -50,16 +41,12 @@ def make_files(folder: Path, count: int, size: tuple[int, int], fmt: str) -> lis
 
 def build_predictor(backbone: str, image_size: int, work: Path):
     """A Predictor on a freshly built model (random weights) with its card."""
+    from bench.cases import untrained_model
     from imgcls.modelcard import ModelCard
     from service.predictor import Predictor
-    from training.config import load_config
-    from training.model import build_model
 
-    config = load_config(None, data=work, backbone=backbone, weights="none", image_size=image_size,
-                         **{"augment.enabled": False})  # fmt: skip
-    model = build_model(config, len(CLASSES))
-    card = ModelCard(class_names=CLASSES, image_size=config.input_size, backbone=backbone)
-    predictor = Predictor(model, card, "bench")
+    card = ModelCard(class_names=CLASSES, image_size=(image_size, image_size), backbone=backbone)
+    predictor = Predictor(untrained_model(backbone, image_size, len(CLASSES)), card, "bench")
     predictor.warm_up()
     return predictor
 
@@ -71,12 +58,8 @@ def model_rate(predictor, batch_size: int, images: int) -> float:
 
     h, w = predictor.card.image_size
     batch = np.random.default_rng(1).uniform(0, 255, (batch_size, h, w, 3)).astype(np.float32)
-    predictor.probabilities(batch)  # this batch size traced once, not timed
-    steps = max(1, images // batch_size)
-    start = time.perf_counter()
-    for _ in range(steps):
-        predictor.probabilities(batch)
-    return steps * batch_size / (time.perf_counter() - start)
+    steps = max(1, images // batch_size)  # this batch size traced once first, not timed
+    return steps * batch_size / harness.timed(lambda _: predictor.probabilities(batch), steps, warm=1).wall_s
 
 
 def command_rate(predictor, files: list[Path], batch_size: int, out: Path) -> float:
@@ -114,44 +97,37 @@ def measure(name, backbone, image_size, file_size, fmt, count, batch_size, work:
     return rows
 
 
-def table(results: list[dict]) -> str:
-    lines = [
-        "| model | input | files | runtime | model alone | `imgcls predict` | of the model | vs Keras |",
-        "|---|---|---|---|---|---|---|---|",
+def render(results: dict) -> str:
+    rows = ([r["model"], r["input"], r["files"], r["runtime"], f"{r['model_images_per_s']:,} img/s",
+             f"{r['imgcls_predict_images_per_s']:,} img/s", f"{r['ratio']:.2f}x", f"{r['vs_keras']:.2f}x"]
+            for r in results["results"])  # fmt: skip
+    header = [
+        "model",
+        "input",
+        "files",
+        "runtime",
+        "model alone",
+        "`imgcls predict`",
+        "of the model",
+        "vs Keras",
     ]
-    for r in results:
-        lines.append(
-            f"| {r['model']} | {r['input']} | {r['files']} | {r['runtime']} | {r['model_images_per_s']:,} img/s "
-            f"| {r['imgcls_predict_images_per_s']:,} img/s | {r['ratio']:.2f}x | {r['vs_keras']:.2f}x |"
-        )
-    return "\n".join(lines)
+    reasons = [f"{r['model']} {r['runtime']}: {r['reason']}" for r in results["results"]]
+    return "\n".join([harness.table(header, rows), *reasons])
 
 
-def main(argv: list[str] | None = None) -> int:
-    quiet_environment()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer files, ResNet50 at 96x96")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per model call (32)")
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / ".imgcls/bench/predict_bench.json", help="JSON results"
-    )
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None) -> None:
+    p = harness.parser(__doc__, "predict_bench.json", shared=False, logs=False)
+    p.add_argument("--quick", action="store_true", help="fewer files, ResNet50 at 96x96")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call (32)")
+    args = p.parse_args(argv)
     size = 96 if args.quick else 224
     cases = [
         ("demo simple_cnn", "simple_cnn", 32, (32, 32), "PNG", 512 if args.quick else 2048),
         ("ResNet50", "resnet50", size, (480, 640), "JPEG", 128 if args.quick else 512),
     ]
-    with tempfile.TemporaryDirectory(prefix="imgcls-predict-bench-") as tmp:
-        results = [row for case in cases for row in measure(*case, args.batch_size, Path(tmp))]
-    info = machine() | {"cpu_flags": cpu_flags()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": info, "results": results}, indent=1))
-    print(f"{info['cpu']}, {info['cores']} cores, flags: {info['cpu_flags']}\n")
-    print(table(results))
-    for r in results:
-        print(f"{r['model']} {r['runtime']}: {r['reason']}")
-    return 0
+    harness.run("predict-bench", args, lambda work, _stop: {
+        "results": [row for case in cases for row in measure(*case, args.batch_size, work)]}, render)  # fmt: skip
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

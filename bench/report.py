@@ -12,6 +12,10 @@ server's answers (/metadata "runtime": name, precision, reason).
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
+
+from bench import harness
+from bench.harness import ms
 
 # The peers serving the Keras model, as their users do: issue 10's targets compare with
 # them (mlflow is shown beside them, not raced); issue 20's with LitServe on Keras and on
@@ -43,14 +47,6 @@ F32_LONE_SHARE = 0.6
 BF16_SPEEDUP = 3.0
 # The CPU flags that decide what the compiled build can use, printed with the machine.
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def _line(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
 
 
 def in_process(result: dict, batch: int, method: str = "predict_on_batch") -> dict | None:
@@ -87,22 +83,31 @@ def steps(result: dict) -> list[tuple[int, int]]:
     return sorted({(r["step"], r["concurrency"]) for r in result["rounds"]})
 
 
-def rows_of(result: dict, server: str, step: int) -> list[dict]:
-    """One server's rows of one step, a row per round."""
-    return [r for r in result["rounds"] if r["server"] == server and r["step"] == step]
+def rows_of(result: dict, server: str, step: int | None = None, concurrency: int | None = None) -> list[dict]:
+    """One server's rows of one step (a row per round), or of every step at one concurrency."""
+    return [r for r in result["rounds"] if r["server"] == server and step in (None, r["step"])
+            and concurrency in (None, r["concurrency"])]  # fmt: skip
 
 
 def spread(rows: list[dict], key: str) -> tuple[float, float, float] | None:
     """(min, median, max) of `key` over rows (rounds); None when none has it."""
-    values = [r[key] for r in rows if r.get(key) is not None]
+    values = [v for r in rows if (v := _get(r, key)) is not None]
     return (min(values), statistics.median(values), max(values)) if values else None
+
+
+def _get(row: dict, key: str):
+    """`key` of a row; "cpu:GROUP": its CPU ms per image of that group; "server_cpu": of all
+    groups but the client."""
+    cpu = row.get("cpu_ms_per_image") or {}
+    if key == "server_cpu":
+        return sum(v for g, v in cpu.items() if g != "client") if cpu else None
+    return cpu.get(key[4:]) if key.startswith("cpu:") else row.get(key)
 
 
 def median_of(result: dict, server: str, concurrency: int, key: str) -> float | None:
     """The median of `key` over every round and step of one server at one concurrency."""
-    values = [r[key] for r in result["rounds"]
-              if r["server"] == server and r["concurrency"] == concurrency and r.get(key) is not None]  # fmt: skip
-    return statistics.median(values) if values else None
+    s = spread(rows_of(result, server, concurrency=concurrency), key)
+    return None if s is None else s[1]
 
 
 def _spread_cell(rows: list[dict], key: str) -> str:
@@ -110,79 +115,64 @@ def _spread_cell(rows: list[dict], key: str) -> str:
     return "-" if s is None else " / ".join(f"{v:.1f}" for v in s)
 
 
+def _levels(results: dict):
+    """(case, server, step, concurrency, rows of the rounds) of every measured level."""
+    for key, result in results.items():
+        for server in servers(result):
+            for step, concurrency in steps(result):
+                if rows := rows_of(result, server, step):
+                    yield key, server, step, concurrency, rows
+
+
 def table(results: dict) -> str:
     """Markdown: the model in process, then each server's levels in round order, each cell
     min / median / max across rounds."""
-    lines = [
-        "| case | server | step | concurrency | images/s min / med / max | p50 ms min / med / max "
-        "| p99 ms min / med / max | errors |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for key, result in results.items():
-        for row in result["a"]:
-            cells = [key, f"in process {row['method']}", "-", f"batch {row['batch']}",
-                     f"{row['images_per_s']:.1f}", _ms(row["p50_ms"]), _ms(row["p99_ms"]), "0"]  # fmt: skip
-            lines.append(_line(cells))
-        for server in servers(result):
-            for step, concurrency in steps(result):
-                rows = rows_of(result, server, step)
-                if not rows:
-                    continue
-                errors = sum(r["errors"] for r in rows) + sum(bool(r.get("capped")) for r in rows)
-                cells = [key, server, str(step), str(concurrency)]
-                cells += [_spread_cell(rows, k) for k in ("images_per_s", "p50_ms", "p99_ms")]
-                lines.append(_line([*cells, str(errors)]))
-    return "\n".join(lines)
+    header = ["case", "server", "step", "concurrency", "images/s min / med / max", "p50 ms min / med / max",
+              "p99 ms min / med / max", "errors"]  # fmt: skip
+    rows = [[key, f"in process {row['method']}", "-", f"batch {row['batch']}", f"{row['images_per_s']:.1f}",
+             ms(row["p50_ms"]), ms(row["p99_ms"]), "0"] for key, result in results.items() for row in result["a"]]  # fmt: skip
+    for key, server, step, concurrency, level in _levels(results):
+        errors = sum(r["errors"] for r in level) + sum(bool(r.get("capped")) for r in level)
+        cells = [_spread_cell(level, k) for k in ("images_per_s", "p50_ms", "p99_ms")]
+        rows.append([key, server, step, concurrency, *cells, errors])
+    return harness.table(header, rows)
+
+
+BREAKDOWN = ("p50_ms", "front_predict_ms_p50", "model_classify_ms_p50", "forward_ms_mean", "mean_batch")
 
 
 def breakdown(results: dict) -> str:
     """Markdown: where the time goes, medians across rounds: client p50 beside the
     service's own access-log times and mean batch, CPU ms per image of each process group."""
-    lines = [
-        "| case | server | step | concurrency | client p50 ms | front /predict p50 ms | model /classify p50 ms "
-        "| forward pass mean ms | mean batch | CPU ms/image: " + " / ".join(GROUPS) + " |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["case", "server", "step", "concurrency", "client p50 ms", "front /predict p50 ms",
+              "model /classify p50 ms", "forward pass mean ms", "mean batch", "CPU ms/image: " + " / ".join(GROUPS)]  # fmt: skip
+    rows = []
     for key, result in results.items():
-        methods = dict.fromkeys(r["method"] for r in result["a"] if r.get("method") != "predict")
-        for method in methods:
+        for method in dict.fromkeys(r["method"] for r in result["a"] if r.get("method") != "predict"):
             for batch in (1, 32):
-                row = in_process(result, batch, method)
-                if row:
+                if row := in_process(result, batch, method):
                     cpu = row.get("cpu_ms_per_image", {}).get("in-process")
-                    lines.append(_line([key, f"in process {method}", "-", f"batch {batch}",
-                                        *["-"] * 5, f"in process {_ms(cpu)}"]))  # fmt: skip
-        for server in servers(result):
-            for step, concurrency in steps(result):
-                rows = rows_of(result, server, step)
-                if not rows:
-                    continue
-                cells = [key, server, str(step), str(concurrency)]
-                for k in (
-                    "p50_ms",
-                    "front_predict_ms_p50",
-                    "model_classify_ms_p50",
-                    "forward_ms_mean",
-                    "mean_batch",
-                ):
-                    s = spread(rows, k)
-                    cells.append("-" if s is None else f"{s[1]:.1f}")
-                cpu = [statistics.median(v) if (v := [r["cpu_ms_per_image"][g] for r in rows
-                                                      if g in r.get("cpu_ms_per_image", {})]) else None
-                       for g in GROUPS]  # fmt: skip
-                lines.append(_line([*cells, " / ".join(_ms(c) for c in cpu)]))
-    return "\n".join(lines)
+                    rows.append(
+                        [
+                            key,
+                            f"in process {method}",
+                            "-",
+                            f"batch {batch}",
+                            *["-"] * 5,
+                            f"in process {ms(cpu)}",
+                        ]
+                    )
+    for key, server, step, concurrency, level in _levels(results):
+        medians = [ms(s and s[1]) for k in BREAKDOWN for s in [spread(level, k)]]
+        cpu = " / ".join(ms(s and s[1]) for g in GROUPS for s in [spread(level, f"cpu:{g}")])
+        rows.append([key, server, step, concurrency, *medians, cpu])
+    return harness.table(header, rows)
 
 
 def _cpu(result: dict, server: str, concurrency: int) -> dict[str, float]:
     """Median CPU ms per image of each process group of a server at one concurrency."""
-    rows = [r for r in result["rounds"] if r["server"] == server and r["concurrency"] == concurrency]
-    out = {}
-    for group in GROUPS:
-        values = [r["cpu_ms_per_image"][group] for r in rows if group in r.get("cpu_ms_per_image", {})]
-        if values:
-            out[group] = statistics.median(values)
-    return out
+    found = {g: median_of(result, server, concurrency, f"cpu:{g}") for g in GROUPS}
+    return {g: v for g, v in found.items() if v is not None}
 
 
 def _cpu_text(cpu: dict[str, float]) -> str:
@@ -191,10 +181,7 @@ def _cpu_text(cpu: dict[str, float]) -> str:
 
 def server_cpu_ms(result: dict, server: str, concurrency: int) -> float | None:
     """Median over rounds of a server's own CPU ms per image (every group but the client)."""
-    rows = [r for r in result["rounds"] if r["server"] == server and r["concurrency"] == concurrency]
-    values = [sum(v for g, v in r["cpu_ms_per_image"].items() if g != "client")
-              for r in rows if r.get("cpu_ms_per_image")]  # fmt: skip
-    return statistics.median(values) if values else None
+    return median_of(result, server, concurrency, "server_cpu")
 
 
 def peer_stage(result: dict, server: str, peer: str, concurrency: int, cores: int) -> str:
@@ -233,28 +220,37 @@ def own_median_ms(result: dict, server: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def lone_target(key: str, result: dict, server: str = "imgcls") -> list[tuple[bool | None, str]]:
+Check = tuple[bool | None, str]
+
+
+def _check(key: str, ok: bool, line: str, stage: Callable[[], str]) -> list[Check]:
+    """A target's (passed, line), and when it failed, the stage line that explains it."""
+    return [(ok, f"{key}: {line}")] + ([] if ok else [(None, f"{key}:   stage: {stage()}")])
+
+
+def _service_times(result: dict, server: str, concurrency: int) -> str:
+    """The service's own access-log times at one concurrency (medians over rounds)."""
+    front = median_of(result, server, concurrency, "front_predict_ms_p50")
+    model = median_of(result, server, concurrency, "model_classify_ms_p50")
+    return f"{server} front /predict p50 {ms(front)} ms, model /classify p50 {ms(model)} ms"
+
+
+def lone_target(key: str, result: dict, server: str = "imgcls") -> list[Check]:
     """c=1: the median over rounds of the service's p50 within MAX_ADDED_MS of the median
     of the model's own batch-1 p50 in process, each taken just before; when not, the stages
     of the median level."""
-    lone = [r for r in result["rounds"] if r["server"] == server and r["concurrency"] == 1]
+    lone = rows_of(result, server, concurrency=1)
     pairs = [(r, own_batch1_ms(result, r["round"], r["step"], server)) for r in lone]
     if not pairs or any(r["p50_ms"] is None or own is None for r, own in pairs):
         return [(False, f"{key}: c=1: no figures for the service or the model")] if lone else []
     served = statistics.median(r["p50_ms"] for r, _ in pairs)
     own = statistics.median(own for _, own in pairs)
-    ok = served - own <= MAX_ADDED_MS
     each = ", ".join(f"r{r['round']}s{r['step']} {r['p50_ms']:.1f}/{o:.1f}" for r, o in pairs)
-    used = engine(result, server)
-    checks: list[tuple[bool | None, str]] = [
-        (ok, f"{key}: {server} c=1 p50 within {MAX_ADDED_MS:g} ms of the model's own batch-1 p50 ({used}), "
-             f"medians over rounds: {served:.1f} vs {own:.1f} ms, {served - own:+.1f} ms "
-             f"(round r step s, service/model: {each})"),
-    ]  # fmt: skip
-    if not ok:
-        middle, own_there = sorted(pairs, key=lambda pair: pair[0]["p50_ms"])[(len(pairs) - 1) // 2]
-        checks.append((None, f"{key}:   stage: {lone_stages(middle, own_there)}"))
-    return checks
+    middle = sorted(pairs, key=lambda pair: pair[0]["p50_ms"])[(len(pairs) - 1) // 2]
+    return _check(key, served - own <= MAX_ADDED_MS,
+                  f"{server} c=1 p50 within {MAX_ADDED_MS:g} ms of the model's own batch-1 p50 "
+                  f"({engine(result, server)}), medians over rounds: {served:.1f} vs {own:.1f} ms, "
+                  f"{served - own:+.1f} ms (round r step s, service/model: {each})", lambda: lone_stages(*middle))  # fmt: skip
 
 
 def lone_stages(row: dict, own_ms: float) -> str:
@@ -284,31 +280,26 @@ def lone_stages(row: dict, own_ms: float) -> str:
 
 def throughput_targets(
     key: str, result: dict, concurrency: int, cores: int = 2, server: str = "imgcls"
-) -> list[tuple[bool | None, str]]:
+) -> list[Check]:
     """At `concurrency`: the service's median images/s >= the best peer's and >=
     MIN_SHARE_OF_MODEL x its engine's own in process at batch 32 (Keras: predict_on_batch);
     stages when not."""
     mine = median_of(result, server, concurrency, "images_per_s")
     if mine is None:
         return []
-    checks: list[tuple[bool | None, str]] = []
+    checks: list[Check] = []
     peers = {p: v for p in PEERS if (v := median_of(result, p, concurrency, "images_per_s")) is not None}
     if peers:
         best = max(peers, key=peers.get)
-        ok = mine >= peers[best]
-        checks.append((ok, f"{key}: {server} c={concurrency} {mine:.1f} images/s >= best peer {best} "
-                           f"{peers[best]:.1f} ({mine / peers[best]:.2f}x)"))  # fmt: skip
-        if not ok:
-            checks.append((None, f"{key}:   stage: {peer_stage(result, server, best, concurrency, cores)}"))
+        checks += _check(key, mine >= peers[best], f"{server} c={concurrency} {mine:.1f} images/s >= best peer "
+                         f"{best} {peers[best]:.1f} ({mine / peers[best]:.2f}x)",
+                         lambda: peer_stage(result, server, best, concurrency, cores))  # fmt: skip
     method = engine_method(engine(result, server))
-    model = in_process(result, 32, method)
-    if model:
-        ok = mine >= MIN_SHARE_OF_MODEL * model["images_per_s"]
-        checks.append((ok, f"{key}: {server} c={concurrency} {mine:.1f} images/s >= {MIN_SHARE_OF_MODEL:g}x in-process "
-                           f"{method} at batch 32 {model['images_per_s']:.1f} "
-                           f"({mine / model['images_per_s']:.2f}x)"))  # fmt: skip
-        if not ok:
-            checks.append((None, f"{key}:   stage: {model_stages(result, concurrency, model, server)}"))
+    if model := in_process(result, 32, method):
+        rate = model["images_per_s"]
+        checks += _check(key, mine >= MIN_SHARE_OF_MODEL * rate, f"{server} c={concurrency} {mine:.1f} images/s >= "
+                         f"{MIN_SHARE_OF_MODEL:g}x in-process {method} at batch 32 {rate:.1f} ({mine / rate:.2f}x)",
+                         lambda: model_stages(result, concurrency, model, server))  # fmt: skip
     return checks
 
 
@@ -332,67 +323,44 @@ def model_stages(result: dict, concurrency: int, model: dict, server: str = "img
     return "; ".join(parts)
 
 
-def tail_target(
-    key: str, result: dict, concurrency: int = 32, server: str = "imgcls"
-) -> list[tuple[bool | None, str]]:
+def tail_target(key: str, result: dict, concurrency: int = 32, server: str = "imgcls") -> list[Check]:
     """p99 at `concurrency` (median across rounds) no worse than the best peer's."""
     mine = median_of(result, server, concurrency, "p99_ms")
     peers = {p: v for p in PEERS if (v := median_of(result, p, concurrency, "p99_ms")) is not None}
     if mine is None or not peers:
         return []
     best = min(peers, key=peers.get)
-    ok = mine <= peers[best]
-    checks: list[tuple[bool | None, str]] = [
-        (ok, f"{key}: {server} c={concurrency} p99 {mine:.1f} ms <= best peer {best} {peers[best]:.1f} ms")
-    ]
-    if not ok:
-        front = median_of(result, server, concurrency, "front_predict_ms_p50")
-        model = median_of(result, server, concurrency, "model_classify_ms_p50")
-        batch = median_of(result, server, concurrency, "mean_batch")
-        checks.append((None, f"{key}:   stage: {server} front /predict p50 {_ms(front)} ms, model /classify p50 "
-                             f"{_ms(model)} ms, mean batch {_ms(batch)}"))  # fmt: skip
-    return checks
+    batch = median_of(result, server, concurrency, "mean_batch")
+    return _check(key, mine <= peers[best], f"{server} c={concurrency} p99 {mine:.1f} ms <= best peer {best} "
+                  f"{peers[best]:.1f} ms", lambda: f"{_service_times(result, server, concurrency)}, mean batch {ms(batch)}")  # fmt: skip
 
 
-def rate_target(
-    key: str, result: dict, server: str, peer: str, concurrency: int, factor: float, cores: int = 2, note=""
-) -> list[tuple[bool | None, str]]:
+def rate_target(key: str, result: dict, server: str, peer: str, concurrency: int, factor: float, cores: int = 2,
+                note: str = "") -> list[Check]:  # fmt: skip
     """Median images/s of `server` at `concurrency` >= `factor` x `peer`'s; the stage when not."""
     mine = median_of(result, server, concurrency, "images_per_s")
     theirs = median_of(result, peer, concurrency, "images_per_s")
     if mine is None or theirs is None:
         return []
-    ok = mine >= factor * theirs
-    checks: list[tuple[bool | None, str]] = [
-        (ok, f"{key}: {server} ({engine(result, server)}) c={concurrency} {mine:.1f} images/s >= {factor:g}x "
-             f"{peer} ({engine(result, peer)}) {theirs:.1f} ({mine / theirs:.2f}x){note}"),
-    ]  # fmt: skip
-    if not ok:
-        checks.append((None, f"{key}:   stage: {peer_stage(result, server, peer, concurrency, cores)}"))
-    return checks
+    return _check(key, mine >= factor * theirs, f"{server} ({engine(result, server)}) c={concurrency} {mine:.1f} "
+                  f"images/s >= {factor:g}x {peer} ({engine(result, peer)}) {theirs:.1f} ({mine / theirs:.2f}x){note}",
+                  lambda: peer_stage(result, server, peer, concurrency, cores))  # fmt: skip
 
 
-def lone_speed_target(key: str, result: dict, server: str) -> list[tuple[bool | None, str]]:
+def lone_speed_target(key: str, result: dict, server: str) -> list[Check]:
     """Median c=1 p50 of `server` <= F32_LONE_SHARE x LitServe's on Keras; the stage when not:
     the service's own times beside each model's own batch-1 p50."""
     mine, theirs = median_of(result, server, 1, "p50_ms"), median_of(result, KERAS_PEER, 1, "p50_ms")
     if mine is None or theirs is None:
         return []
-    ok = mine <= F32_LONE_SHARE * theirs
-    checks: list[tuple[bool | None, str]] = [
-        (ok, f"{key}: {server} ({engine(result, server)}) c=1 p50 {mine:.1f} ms <= {F32_LONE_SHARE:g}x "
-             f"{KERAS_PEER} ({engine(result, KERAS_PEER)}) {theirs:.1f} ms ({mine / theirs:.2f}x)"),
-    ]  # fmt: skip
-    if not ok:
-        front = median_of(result, server, 1, "front_predict_ms_p50")
-        model = median_of(result, server, 1, "model_classify_ms_p50")
-        checks.append((None, f"{key}:   stage: {server} front /predict p50 {_ms(front)} ms, model /classify p50 "
-                             f"{_ms(model)} ms, its model's own batch-1 p50 {_ms(own_median_ms(result, server))} ms; "
-                             f"{KERAS_PEER}'s model's own {_ms(own_median_ms(result, KERAS_PEER))} ms"))  # fmt: skip
-    return checks
+    return _check(key, mine <= F32_LONE_SHARE * theirs, f"{server} ({engine(result, server)}) c=1 p50 {mine:.1f} ms "
+                  f"<= {F32_LONE_SHARE:g}x {KERAS_PEER} ({engine(result, KERAS_PEER)}) {theirs:.1f} ms "
+                  f"({mine / theirs:.2f}x)", lambda: f"{_service_times(result, server, 1)}, its model's own batch-1 p50 "
+                  f"{ms(own_median_ms(result, server))} ms; {KERAS_PEER}'s model's own "
+                  f"{ms(own_median_ms(result, KERAS_PEER))} ms")  # fmt: skip
 
 
-def compiled_targets(key: str, result: dict, server: str, cores: int = 2) -> list[tuple[bool | None, str]]:
+def compiled_targets(key: str, result: dict, server: str, cores: int = 2) -> list[Check]:
     """Issue 20's targets of a service serving a compiled build (none for Keras): f32 against
     LitServe on Keras (c=32, c=128 images/s; c=1 p50) and on the same build (images/s);
     bf16 against LitServe on Keras at c=32."""
@@ -405,19 +373,19 @@ def compiled_targets(key: str, result: dict, server: str, cores: int = 2) -> lis
         return rate_target(key, result, server, KERAS_PEER, 32, BF16_SPEEDUP, cores, note)
     if used != "openvino-f32":
         return []
-    checks: list[tuple[bool | None, str]] = []
+    checks: list[Check] = []
     for concurrency in (c for c in COMPILED_LEVELS if c in measured):
         checks += rate_target(key, result, server, KERAS_PEER, concurrency, F32_SPEEDUP, cores)
         checks += rate_target(key, result, server, COMPILED_PEER, concurrency, SHARE_OF_COMPILED_PEER, cores)
     return checks + lone_speed_target(key, result, server)
 
 
-def targets(key: str, result: dict, cores: int = 2) -> list[tuple[bool | None, str]]:
+def targets(key: str, result: dict, cores: int = 2) -> list[Check]:
     """Issue 10's and issue 20's targets for one case as (passed, line), for each way of
     running the service that was measured (SERVICES); None marks a stage line that
     explains the failed target before it. Also: every request answered. `cores`: the
     machine's, for the CPU-bound ceilings of the stage lines."""
-    checks: list[tuple[bool | None, str]] = []
+    checks: list[Check] = []
     measured = {r["server"] for r in result["rounds"]}
     for server in (s for s in SERVICES if s in measured):
         checks += lone_target(key, result, server)
@@ -430,7 +398,7 @@ def targets(key: str, result: dict, cores: int = 2) -> list[tuple[bool | None, s
     return checks
 
 
-def all_targets(results: dict, cores: int = 2) -> list[tuple[bool | None, str]]:
+def all_targets(results: dict, cores: int = 2) -> list[Check]:
     """`targets` of every case, in order."""
     return [check for key, result in results.items() for check in targets(key, result, cores)]
 
@@ -459,14 +427,13 @@ def runtime_lines(results: dict) -> list[str]:
             for key, result in results.items() for server, runtime in result.get("runtime", {}).items()]  # fmt: skip
 
 
-def render(report: dict, out: str) -> str:
+def render(report: dict) -> str:
     """The whole printed report: machine, both tables, per-case notes, PASS/FAIL lines
-    (a failed one followed by its stage) and where the JSON went (`out`)."""
+    (a failed one followed by its stage)."""
     m, settings = report["machine"], report["settings"]
     parts = [
-        f"\nMachine: {m['cpu']}, {m['cores']} cores, keras {m['keras']}, mlflow {m['mlflow']}, bentoml {m['bentoml']}",
+        "",
         flags_line(m),
-        f"Load average: {m['load_average_at_start']:.1f} at start, {report['load_average_at_end']:.1f} at end",
         *runtime_lines(report["results"]),
         f"Images: {report['images']}. Rounds: {settings['rounds']} of concurrency "
         f"{', '.join(map(str, settings['levels']))} against each server in turn. mlflow: the client decodes "
@@ -486,5 +453,5 @@ def render(report: dict, out: str) -> str:
                          f"macro-F1 {q['macro_f1']:.3f}, top-1 agreement with Keras {q['agreement_with_keras']:.3f}")  # fmt: skip
     for ok, line in all_targets(report["results"], m["cores"]):
         parts.append(f"{'    ' if ok is None else 'PASS' if ok else 'FAIL'} {line}")
-    parts.append(f"\n{report['seconds']:.0f} s in all; JSON: {out}")
+    parts.append(f"\n{report['seconds']:.0f} s in all")
     return "\n".join(parts)

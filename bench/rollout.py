@@ -25,7 +25,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from statistics import fmean as mean
 
-from bench.loadgen import Record, percentiles
+from bench import harness
+from bench.harness import ms, percentiles
+from bench.loadgen import Record
 
 # The swap window runs this long past the last old answer: requests queued behind the
 # swap (the new model's first batches) still count as "during the swap".
@@ -187,7 +189,7 @@ def targets(key: str, result: dict) -> list[tuple[bool, str]]:
          f"first answer by the new version <= {limit} on every move: max {_max(first)}, over on {over_first}"),
         (over_last == 0,
          f"last answer by the old version <= {limit} on every move: max {_max(last)}, over on {over_last}"),
-        (ratio <= 2, f"p99 in swap windows {_ms(swap)} ms <= 2x steady {_ms(steady)} ms ({ratio:.2f}x)"),
+        (ratio <= 2, f"p99 in swap windows {ms(swap, 0)} ms <= 2x steady {ms(steady, 0)} ms ({ratio:.2f}x)"),
     ]  # fmt: skip
     return [(ok, f"{key}: {line}") for ok, line in checks]
 
@@ -216,7 +218,7 @@ def where_time_goes(key: str, result: dict) -> list[str]:
         f"move -> last old answer {last_old:.2f} s on average (poll wait ~{result['poll_interval_s'] / 2:g} s "
         f"+ load and warm-up beside the old model, {result['load_s']:.1f} s before the load, + one batch); "
         f"last old -> first new answer {gap:.2f} s: the new model's first answer took {first_ms:.0f} ms "
-        f"(steady p50 {_ms(result['steady']['p50_ms'])} ms)",
+        f"(steady p50 {ms(result['steady']['p50_ms'], 0)} ms)",
         "CPU cores of the server's processes, swap / steady: "
         + ", ".join(
             f"{role} {cores['swap'].get(role, 0):.2f} / {cores['steady'].get(role, 0):.2f}"
@@ -234,68 +236,54 @@ def _max(values: Sequence[float | None]) -> str:
     return (f"{max(known):.2f} s" if known else "-") + (f" ({missing} never switched)" if missing else "")
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}"
-
-
-def _s(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
 def _mib(value: float) -> str:
     return f"{value / 2**20:,.0f}"
 
 
 def moves_table(results: dict) -> str:
     """Markdown: one row per alias move of every model."""
-    lines = [
-        "| model | # | move | requests after | first new s | last old s | target s | old after first new "
-        "| first new answer ms | window p99 ms | window max ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["model", "#", "move", "requests after", "first new s", "last old s", "target s", "old after first new",
+              "first new answer ms", "window p99 ms", "window max ms"]  # fmt: skip
+    rows = []
     for key, result in results.items():
         for n, m in enumerate(result["moves"], 1):
-            cells = [key, str(n), f"{m['kind']} v{m['old']} -> v{m['new']}", str(m["requests"])]
-            target = m.get("target_s", result["target_s"])
             load = "" if m.get("service_load_s") is None else f" (load {m['service_load_s']:.1f})"
-            cells += [_s(m["first_new_s"]), _s(m["last_old_s"]), f"{target:.1f}{load}"]
-            cells += [str(m["old_after_first_new"]), _ms(m.get("first_new_latency_ms"))]
-            cells += [_ms(m["window_p99_ms"]), _ms(m.get("window_max_ms"))]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append([key, n, f"{m['kind']} v{m['old']} -> v{m['new']}", m["requests"], ms(m["first_new_s"], 2),
+                         ms(m["last_old_s"], 2), f"{m.get('target_s', result['target_s']):.1f}{load}",
+                         m["old_after_first_new"], ms(m.get("first_new_latency_ms"), 0), ms(m["window_p99_ms"], 0),
+                         ms(m.get("window_max_ms"), 0)])  # fmt: skip
+    return harness.table(header, rows)
 
 
 def summary_table(results: dict) -> str:
     """Markdown: one row per model: counts, worst switch times, p99, memory, model CPU."""
-    lines = [
-        "| model | requests | failed | target s (poll + load + 1) | max first new s | max last old s "
-        "| p99 ms swap / steady | images/s swap / steady | peak RSS MiB swap / steady "
-        "| model proc. RSS MiB swap / steady | model proc. cores swap / steady |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["model", "requests", "failed", "target s (poll + load + 1)", "max first new s", "max last old s",
+              "p99 ms swap / steady", "images/s swap / steady", "peak RSS MiB swap / steady",
+              "model proc. RSS MiB swap / steady", "model proc. cores swap / steady"]  # fmt: skip
+    rows = []
     for key, r in results.items():
-        swap, steady, usage = r["swap"], r["steady"], r["usage"]
-        rate = r["images_per_s"]
-        model_rss = [usage[s]["peak_rss_by_role"].get("model", 0) for s in ("swap", "steady")]
-        cores = [usage[s]["cores"].get("model") for s in ("swap", "steady")]
-        cells = [key, str(r["requests"]), str(r["failed"])]
-        cells.append(f"{r['target_s']:.1f} ({r['poll_interval_s']:g} + {r['load_s']:.1f} + 1)")
-        cells += [_max([m["first_new_s"] for m in r["moves"]]), _max([m["last_old_s"] for m in r["moves"]])]
-        cells.append(f"{_ms(swap['p99_ms'])} / {_ms(steady['p99_ms'])}")
-        cells.append(" / ".join("-" if v is None else f"{v:.1f}" for v in (rate["swap"], rate["steady"])))
-        cells.append(f"{_mib(usage['swap']['peak_rss_bytes'])} / {_mib(usage['steady']['peak_rss_bytes'])}")
-        cells.append(" / ".join(_mib(v) for v in model_rss))
-        cells.append(" / ".join("-" if v is None else f"{v:.2f}" for v in cores))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        usage, sides = r["usage"], ("swap", "steady")
+        rows.append([
+            key, r["requests"], r["failed"], f"{r['target_s']:.1f} ({r['poll_interval_s']:g} + {r['load_s']:.1f} + 1)",
+            _max([m["first_new_s"] for m in r["moves"]]), _max([m["last_old_s"] for m in r["moves"]]),
+            " / ".join(ms(r[side]["p99_ms"], 0) for side in sides),
+            " / ".join(ms(r["images_per_s"][side]) for side in sides),
+            " / ".join(_mib(usage[side]["peak_rss_bytes"]) for side in sides),
+            " / ".join(_mib(usage[side]["peak_rss_by_role"].get("model", 0)) for side in sides),
+            " / ".join(ms(usage[side]["cores"].get("model"), 2) for side in sides),
+        ])  # fmt: skip
+    return harness.table(header, rows)
 
 
-def render(report: dict, out: str) -> str:
-    """The printed report: machine, both tables, PASS/FAIL lines, where the JSON went."""
-    m = report["machine"]
+def with_targets(report: dict) -> dict:
+    """The report with "targets" ({passed, check}) filled in."""
+    checks = [(ok, line) for key, result in report["results"].items() for ok, line in targets(key, result)]
+    return report | {"targets": [{"passed": ok, "check": line} for ok, line in checks]}
+
+
+def render(report: dict) -> str:
+    """The printed report: machine, both tables, PASS/FAIL lines."""
     parts = [
-        f"\nMachine: {m['cpu']}, {m['cores']} cores, keras {m['keras']}, mlflow {m['mlflow']}, bentoml {m['bentoml']}",
-        f"Load average: {m['load_average_at_start']:.1f} at start, {report['load_average_at_end']:.1f} at end",
         f"Images: {report['images']}. Load time: {report['load_time_how']}\n",
         summary_table(report["results"]),
         "",
@@ -307,7 +295,6 @@ def render(report: dict, out: str) -> str:
             parts.append(f"{key} served by {runtime['name']} {runtime['precision']} ({runtime['reason']})")
         parts += [f"{'PASS' if ok else 'FAIL'} {line}" for ok, line in targets(key, result)]
         parts += [f"NOTE {line}" for line in where_time_goes(key, result)]
-    parts.append(f"\nJSON: {out}")
     return "\n".join(parts)
 
 

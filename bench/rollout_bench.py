@@ -19,36 +19,22 @@ poll interval + load time + 1 s, the load time being the follower's own swap pat
 once in this process before the load (bench.inprocess.follower_load_s); p99 in the swap windows against
 steady state; images/s, CPU of the model process and peak RSS of the server's process
 tree (bench.sampling.TreeSampler) in the swap windows against steady state.
-
-This script only parses arguments and calls the shared modules: bench.cases (models),
-bench.photos (JPEGs), bench.servers (the following service), bench.loadgen (the load, from
-a Locust child process on the same clock as the moves),
-bench.sampling (CPU and memory), bench.rollout (the analysis and the report).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
-if not __package__:  # `python bench/rollout_bench.py` from a checkout: make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import harness, loadgen, rollout
+from bench.cases import ALIAS, CASES, register_case
+from bench.inprocess import follower_load_s
+from bench.photos import PHOTO_SIZE, photo_jpegs
+from bench.sampling import TreeSampler
+from bench.servers import following_server
 
-from bench import loadgen, rollout  # noqa: E402
-from bench.cases import ALIAS, CASES, register_case  # noqa: E402
-from bench.inprocess import follower_load_s  # noqa: E402
-from bench.machine import bench_home, machine, quiet_environment  # noqa: E402
-from bench.photos import PHOTO_SIZE, photo_jpegs  # noqa: E402
-from bench.sampling import TreeSampler  # noqa: E402
-from bench.serve_bench import stop_on_signals  # noqa: E402
-from bench.servers import following_server  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 # ResNet50 answers ~20 images/s on 2 cores: 8 clients keep the model busy with batches
 # of ~8 without queueing past a second; the demo model needs more to be busy at all.
 DEFAULT_CONCURRENCY = {"resnet50": 8, "demo": 16}
@@ -107,7 +93,7 @@ def poll_phase(n: int) -> float:
     return (n * 0.618034) % 1
 
 
-def bench_case(key: str, jpegs: list[bytes], args: argparse.Namespace, work: Path, stop) -> dict:
+def bench_case(key: str, jpegs: list[bytes], args, work: Path, stop) -> dict:
     """Register two versions, serve the first, move the alias under load, analyse."""
     from mlflow import MlflowClient
 
@@ -144,75 +130,57 @@ def bench_case(key: str, jpegs: list[bytes], args: argparse.Namespace, work: Pat
             "runtime": runtime, **result}  # fmt: skip
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--models", default="resnet50,demo", help="comma-separated cases: resnet50, demo")
-    parser.add_argument("--swaps", type=int, default=5, help="promote + rollback cycles (5: 10 alias moves)")
-    parser.add_argument("--poll-interval", type=float, default=2.0, help="service's --poll-interval, s (2)")
-    parser.add_argument(
-        "--concurrency", type=int, help="clients (default: resnet50 8, demo 16, as for 2 cores)"
-    )
-    parser.add_argument("--steady", type=float, default=8.0, help="steady load after each switch, s (8)")
-    parser.add_argument("--min-requests", type=int, default=2000, help="drive at least this many (2000)")
-    parser.add_argument("--switch-timeout", type=float, default=120, help="most to wait for a switch, s")
-    parser.add_argument("--request-timeout", type=float, default=60, help="client timeout per request, s")
-    parser.add_argument("--front-workers", type=int, default=FRONT_WORKERS, help="service's HTTP fronts (2)")
-    parser.add_argument(
+def parse_args(argv: list[str] | None = None):
+    p = harness.parser(__doc__, "rollout_bench.json", front_workers=FRONT_WORKERS)
+    p.add_argument("--models", default="resnet50,demo", help="comma-separated cases: resnet50, demo")
+    p.add_argument("--swaps", type=int, default=5, help="promote + rollback cycles (5: 10 alias moves)")
+    p.add_argument("--poll-interval", type=float, default=2.0, help="service's --poll-interval, s (2)")
+    p.add_argument("--concurrency", type=int, help="clients (default: resnet50 8, demo 16, as for 2 cores)")
+    p.add_argument("--steady", type=float, default=8.0, help="steady load after each switch, s (8)")
+    p.add_argument("--min-requests", type=int, default=2000, help="drive at least this many (2000)")
+    p.add_argument("--switch-timeout", type=float, default=120, help="most to wait for a switch, s")
+    p.add_argument("--request-timeout", type=float, default=60, help="client timeout per request, s")
+    p.add_argument(
         "--model-workers",
         type=int,
         default=1,
         help="model processes, each following on its own: 'last old' is when all of them agree (1)",
     )
-    parser.add_argument("--quick", action="store_true", help="demo only, 2 cycles, 300 requests (~2 min)")
-    parser.add_argument(
-        "--shared", type=Path, default=ROOT.parent / "shared", help="folder with data/ (photos)"
-    )
-    parser.add_argument("--logs", type=Path, help="keep the server logs in this folder (default: dropped)")
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / ".imgcls/bench/rollout_bench.json", help="JSON results file"
-    )
-    parser.add_argument(
+    p.add_argument("--quick", action="store_true", help="demo only, 2 cycles, 300 requests (~2 min)")
+    p.add_argument(
         "--records", type=Path, help="also write every request as JSON into this folder, one file per model"
     )
-    args = parser.parse_args(argv)
+    args = p.parse_args(argv)
     if args.quick:
         args.models, args.swaps, args.min_requests, args.steady = "demo", 2, 300, 4.0
-    args.cases = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = sorted(set(args.cases) - set(CASES))
-    if unknown:
-        parser.error(f"--models: unknown {unknown}; choose from {sorted(CASES)}")
+    args.cases = harness.names(p, args.models, CASES, "--models")
     if args.swaps < 1 or args.poll_interval <= 0:
-        parser.error("--swaps must be 1 or more and --poll-interval above 0 (0 turns following off)")
+        p.error("--swaps must be 1 or more and --poll-interval above 0 (0 turns following off)")
     return args
+
+
+def measure(args, work: Path, stop) -> dict:
+    jpegs, source = photo_jpegs(args.shared, DISTINCT_IMAGES)
+    results: dict = {"images": f"{len(jpegs)} JPEGs at {PHOTO_SIZE}: {source}"}
+    results["load_time_how"] = (
+        "the follower's swap path (MLflow download, load .keras, check, warm-up) timed once in the "
+        "benchmark process before its load starts (other jobs on the machine still run)"
+    )
+    results["settings"] = {k: getattr(args, k) for k in ("swaps", "poll_interval", "steady", "min_requests",
+                                                         "front_workers", "model_workers")}  # fmt: skip
+    return results | {"results": {key: bench_case(key, jpegs, args, work, stop) for key in args.cases}}
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the arguments, run every case in a temporary MLflow and BentoML home, report."""
-    quiet_environment()
     args = parse_args(argv)
-    stop = stop_on_signals()
-    started = time.perf_counter()
-    with bench_home("imgcls-rollout-bench-", args.logs) as (work, args.log_dir):
-        jpegs, source = photo_jpegs(args.shared, DISTINCT_IMAGES)
-        results: dict = {"machine": machine(), "images": f"{len(jpegs)} JPEGs at {PHOTO_SIZE}: {source}"}
-        results["load_time_how"] = (
-            "the follower's swap path (MLflow download, load .keras, check, warm-up) timed once in the "
-            "benchmark process before its load starts (other jobs on the machine still run)"
-        )
-        results["settings"] = {k: getattr(args, k) for k in ("swaps", "poll_interval", "steady", "min_requests",
-                                                             "front_workers", "model_workers")}  # fmt: skip
-        results["results"] = {key: bench_case(key, jpegs, args, work, stop) for key in args.cases}
-        results |= {"seconds": time.perf_counter() - started, "load_average_at_end": os.getloadavg()[0]}
-    results["targets"] = [
-        {"passed": ok, "check": line}
-        for key, result in results["results"].items()
-        for ok, line in rollout.targets(key, result)
-    ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, default=str))
-    print(rollout.render(results, str(args.out)))
+    harness.run(
+        "rollout-bench",
+        args,
+        lambda work, stop: measure(args, work, stop),
+        rollout.render,
+        rollout.with_targets,
+    )
 
 
 if __name__ == "__main__":

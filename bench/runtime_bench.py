@@ -16,34 +16,18 @@ the served runtime from these figures (docs/benchmarks.md). `make bench-runtime`
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-if not __package__:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.machine import cpu_flags, machine, quiet_environment  # noqa: E402
-from service.compiled import config, export_build, openvino  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench import harness
+from service.compiled import config, export_build, openvino
 
 
-def timed(call, x, repeats: int) -> float:
-    """Median seconds of `call(x)` over `repeats` calls, after two untimed ones."""
-    call(x)
-    call(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_ms(call, x, repeats: int) -> float:
+    """Median ms of `call(x)` over `repeats` calls, after two untimed ones."""
+    return harness.timed(lambda _: call(x), repeats).median_ms
 
 
 def batch_shapes(call, x, repeats: int) -> list[dict]:
@@ -55,8 +39,8 @@ def batch_shapes(call, x, repeats: int) -> list[dict]:
         first = time.perf_counter() - start
         padded = 1 << (batch - 1).bit_length()
         rows.append({"batch": batch, "first_ms": 1000 * first, "padded_to": padded,
-                     "steady_ms": 1000 * timed(call, x[:batch], max(3, repeats // 3)),
-                     "padded_ms": 1000 * timed(call, x[:padded], max(3, repeats // 3))})  # fmt: skip
+                     "steady_ms": median_ms(call, x[:batch], max(3, repeats // 3)),
+                     "padded_ms": median_ms(call, x[:padded], max(3, repeats // 3))})  # fmt: skip
     return rows
 
 
@@ -66,9 +50,7 @@ def interleaved(keras_call, call, x, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         keras_call(x)
-        start = time.perf_counter()
-        call(x)
-        times.append(1000 * (time.perf_counter() - start))
+        times += harness.timed(lambda _: call(x), 1, warm=0).ms
     return statistics.median(times)
 
 
@@ -110,68 +92,64 @@ def runtimes(model, work: Path, seconds: dict) -> dict:
     return calls
 
 
-def main(argv: list[str] | None = None) -> int:
-    quiet_environment()
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--backbone", default="resnet50")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--out", type=Path, default=ROOT / ".imgcls/bench/runtime_bench.json")
-    args = parser.parse_args(argv)
+def measure(args, work: Path) -> dict:
     import numpy as np
 
     from bench.predict_bench import build_predictor
 
-    with tempfile.TemporaryDirectory(prefix="imgcls-runtime-") as tmp:
-        model = build_predictor(args.backbone, args.image_size, Path(tmp)).model
-        rng = np.random.default_rng(0)
-        x32 = rng.integers(0, 256, (32, args.image_size, args.image_size, 3)).astype(np.float32)
-        seconds: dict[str, float] = {}
-        calls = runtimes(model, Path(tmp), seconds)
-        reference = calls["keras"](x32)
-        rows = []
-        for name, call in calls.items():
-            out = call(x32)
-            batch1 = timed(call, x32[:1], args.repeats)
-            batch32 = timed(call, x32, max(3, args.repeats // 3))
-            rows.append({
-                "runtime": name, "batch1_ms": 1000 * batch1, "batch32_images_per_s": 32 / batch32,
-                "max_abs_prob_diff": float(np.abs(out - reference).max()),
-                "top1_agreement": float((out.argmax(1) == reference.argmax(1)).mean()),
-            })  # fmt: skip
-        shapes = batch_shapes(calls["openvino-f32"], x32, args.repeats)
-        after_keras = interleaved(calls["keras"], calls["openvino-f32"], x32[:1], args.repeats)
-    keras_rate = rows[0]["batch32_images_per_s"]
-    info = machine() | {"cpu_flags": cpu_flags(), "model": f"{args.backbone} at {args.image_size}"}
-    print(f"\n{info['cpu']}, {info['cores']} cores; {info['model']}; flags: {info['cpu_flags']}\n")
-    print("| runtime | batch 1 (ms) | batch 32 (img/s) | vs Keras | max abs prob diff | top-1 agreement |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['runtime']} | {r['batch1_ms']:.1f} | {r['batch32_images_per_s']:.1f} | "
-              f"{r['batch32_images_per_s'] / keras_rate:.2f}x | {r['max_abs_prob_diff']:.1e} | "
-              f"{r['top1_agreement']:.3f} |")  # fmt: skip
-    print(
+    model = build_predictor(args.backbone, args.image_size, work).model
+    x32 = (
+        np.random.default_rng(0)
+        .integers(0, 256, (32, args.image_size, args.image_size, 3))
+        .astype(np.float32)
+    )
+    seconds: dict[str, float] = {}
+    calls = runtimes(model, work, seconds)
+    reference = calls["keras"](x32)
+    rows = []
+    for name, call in calls.items():
+        out = call(x32)
+        rows.append({
+            "runtime": name, "batch1_ms": median_ms(call, x32[:1], args.repeats),
+            "batch32_images_per_s": 32_000 / median_ms(call, x32, max(3, args.repeats // 3)),
+            "max_abs_prob_diff": float(np.abs(out - reference).max()),
+            "top1_agreement": float((out.argmax(1) == reference.argmax(1)).mean()),
+        })  # fmt: skip
+    shapes = batch_shapes(calls["openvino-f32"], x32, args.repeats)
+    after_keras = interleaved(calls["keras"], calls["openvino-f32"], x32[:1], args.repeats)
+    return {"machine": {"model": f"{args.backbone} at {args.image_size}"}, "rows": rows, "shapes": shapes,
+            "openvino_f32_b1_after_keras_ms": after_keras, "load_seconds": seconds}  # fmt: skip
+
+
+def render(results: dict) -> str:
+    info, rows, keras_rate = results["machine"], results["rows"], results["rows"][0]["batch32_images_per_s"]
+    runtimes_table = harness.table(
+        ["runtime", "batch 1 (ms)", "batch 32 (img/s)", "vs Keras", "max abs prob diff", "top-1 agreement"],
+        ([r["runtime"], f"{r['batch1_ms']:.1f}", f"{r['batch32_images_per_s']:.1f}",
+          f"{r['batch32_images_per_s'] / keras_rate:.2f}x", f"{r['max_abs_prob_diff']:.1e}", f"{r['top1_agreement']:.3f}"]
+         for r in rows),
+    )  # fmt: skip
+    shapes = harness.table(["batch", "first call (ms)", "steady (ms)", "padded to", "padded steady (ms)"],
+                           ([r["batch"], f"{r['first_ms']:.1f}", f"{r['steady_ms']:.1f}", r["padded_to"],
+                             f"{r['padded_ms']:.1f}"] for r in results["shapes"]))  # fmt: skip
+    return "\n".join([
+        f"\n{info['model']}\n", runtimes_table,
         "\nopenvino-f32 on the batch sizes the batcher forms: a new shape's first call, then steady, "
-        "against padding to the next power of two (what the JAX path does)\n"
-    )
-    print("| batch | first call (ms) | steady (ms) | padded to | padded steady (ms) |")
-    print("|---|---|---|---|---|")
-    for r in shapes:
-        print(f"| {r['batch']} | {r['first_ms']:.1f} | {r['steady_ms']:.1f} | {r['padded_to']} | "
-              f"{r['padded_ms']:.1f} |")  # fmt: skip
-    print(
+        "against padding to the next power of two (what the JAX path does)\n", shapes,
         f"\nopenvino-f32 batch 1 right after a Keras call (TensorFlow's threads just busy): "
-        f"{after_keras:.1f} ms, alone {rows[1]['batch1_ms']:.1f} ms"
-    )
-    print("\nOpenVINO load times: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
-    out = {"machine": info, "rows": rows, "shapes": shapes, "openvino_f32_b1_after_keras_ms": after_keras}
-    out["seconds"] = seconds
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
-    return 0
+        f"{results['openvino_f32_b1_after_keras_ms']:.1f} ms, alone {rows[1]['batch1_ms']:.1f} ms",
+        "\nOpenVINO load times: " + ", ".join(f"{k} {v:.2f} s" for k, v in results["load_seconds"].items()),
+    ])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = harness.parser(__doc__, "runtime_bench.json", shared=False, logs=False)
+    p.add_argument("--backbone", default="resnet50", help="the model's backbone (resnet50)")
+    p.add_argument("--image-size", type=int, default=224, help="its input size (224)")
+    p.add_argument("--repeats", type=int, default=15, help="timed calls at batch 1 (15; a third at batch 32)")
+    args = p.parse_args(argv)
+    harness.run("runtime-bench", args, lambda work, _stop: measure(args, work), render)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -14,10 +14,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.cases import ALIAS, CLASSES, Case, tracking_settings
+from bench.cases import ALIAS, CLASSES, Case, tracking_settings, untrained_model
+from bench.harness import ROOT
 from imgcls.processes import HOST, QUIET_ENV, ServerProcess, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 # BentoML loads ResNet50 and warms it before /readyz answers: minutes on 2 busy cores.
 READY_TIMEOUT_S = 240
 
@@ -37,27 +37,35 @@ def bento_model(work: Path, name: str, size: int) -> None:
     os.environ["BENTOML_HOME"] = str(work / "bentoml")
     from imgcls.modelcard import ModelCard
     from service.store import save_to_bento_store
-    from training.config import load_config
-    from training.model import build_model
 
-    config = load_config(None, data=work, backbone="simple_cnn", weights="none", image_size=size,
-                         **{"augment.enabled": False})  # fmt: skip
-    build_model(config, 3).save(work / "model.keras")
+    untrained_model("simple_cnn", size, 3).save(work / "model.keras")
     card = ModelCard(class_names=["a", "b", "c"], image_size=(size, size), backbone="simple_cnn",
                      dataset_fingerprint=name)  # fmt: skip
     save_to_bento_store(work / "model.keras", card, name=name, version=1)
 
 
-def bento_server(work: Path, name: str, log: Path, cwd: Path = ROOT, **settings) -> ServerProcess:
-    """`imgcls serve` of `name` from the BentoML store under `work` (`bento_model`), not
-    following, with IMGCLS_SERVE_<SETTING> variables for `settings`, run from `cwd`."""
-    from service.cli import serve_command
+def imgcls_server(log: Path, *, cwd: Path = ROOT, env=None, timeout_s: float = READY_TIMEOUT_S, **options):
+    """`imgcls serve`'s command on a free port, with the IMGCLS_SERVE_* variables of
+    `options` (service.cli.settings_env: those None are left out), in `env` (default: this
+    process's) made quiet, run from `cwd`."""
+    from service.cli import serve_command, settings_env
 
     port = free_port()
-    env = {**os.environ, **QUIET_ENV, "BENTOML_HOME": str(work / "bentoml"), "IMGCLS_SERVE_SOURCE": "bentoml",
-           "IMGCLS_SERVE_MODEL_NAME": name, "IMGCLS_SERVE_POLL_INTERVAL_S": "0"}  # fmt: skip
-    env |= {f"IMGCLS_SERVE_{key.upper()}": str(value) for key, value in settings.items()}
-    return _server(serve_command(HOST, port), env, "/readyz", port, log, cwd)
+    env = {**(os.environ if env is None else env), **QUIET_ENV}
+    env |= settings_env(argparse.Namespace(**options, host=HOST, port=port))
+    ready = f"http://{HOST}:{port}/readyz"
+    return ServerProcess(
+        serve_command(HOST, port), ready, log, env=env, cwd=cwd, port=port, timeout_s=timeout_s
+    )
+
+
+def bento_server(work: Path, name: str, log: Path, cwd: Path = ROOT, **settings) -> ServerProcess:
+    """`imgcls serve` of `name` from the BentoML store under `work` (`bento_model`), not
+    following, with the service settings `settings`, run from `cwd`."""
+    env = {**os.environ, "BENTOML_HOME": str(work / "bentoml")}
+    return imgcls_server(
+        log, cwd=cwd, env=env, source="bentoml", model_name=name, poll_interval_s=0, **settings
+    )
 
 
 # Way of serving -> its `imgcls serve` options beside the benchmark's (issue 20: the default,
@@ -72,40 +80,23 @@ SERVICE_OPTIONS = {
 }
 
 
-def service_server(
-    case: Case, batching: bool, args: argparse.Namespace, log: Path, name: str = "imgcls"
-) -> ServerProcess:
-    """`imgcls serve`'s command and IMGCLS_SERVE_* variables, source=bentoml, exact tag, with
-    the options of `name` (SERVICE_OPTIONS; `--one-process`: one front worker, the model in
-    it); builds kept in `args.cache_dir` (if set: the benchmark's own folder)."""
-    from service.cli import serve_command, settings_env
-
-    port = free_port()
-    own = SERVICE_OPTIONS[name]
-    options = argparse.Namespace(
-        source="bentoml",
-        model_name=case.name,
-        bento_tag=case.bento_tag,
-        batching=batching,
-        max_batch_size=args.max_batch_size,
-        max_latency_ms=args.max_latency_ms,
-        front_workers=1 if own.get("one_process") else args.front_workers,
-        one_process=own.get("one_process"),
-        runtime=own.get("runtime"),
-        precision=own.get("precision"),
-        cache_dir=getattr(args, "cache_dir", None),
-        max_concurrent_requests=getattr(args, "max_concurrent_requests", None),
-        host=HOST,
-        port=port,
-    )
-    env = {**os.environ, **QUIET_ENV, **settings_env(options)}
+def service_server(case: Case, batching: bool, args, log: Path, name: str = "imgcls") -> ServerProcess:
+    """`imgcls serve` of the case's exact tag (source=bentoml) with the options of `name`
+    (SERVICE_OPTIONS; `--one-process`: one front worker, the model in it); builds kept in
+    `args.cache_dir` (if set: the benchmark's own folder)."""
+    own, env, cwd = SERVICE_OPTIONS[name], dict(os.environ), ROOT
     if name != "imgcls":
         env["BENTOML_HOME"] = str(_own_bentoml_home(Path(env["BENTOML_HOME"]), name))
-    if name != "imgcls-base":
-        return _server(serve_command(HOST, port), env, "/readyz", port, log)
-    tree = Path(args.base_tree).resolve()
-    env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return _server(serve_command(HOST, port), env, "/readyz", port, log, cwd=tree)
+    if name == "imgcls-base":
+        cwd = Path(args.base_tree).resolve()
+        env["PYTHONPATH"] = os.pathsep.join([str(cwd), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return imgcls_server(
+        log, cwd=cwd, env=env, source="bentoml", model_name=case.name, bento_tag=case.bento_tag, batching=batching,
+        max_batch_size=args.max_batch_size, max_latency_ms=args.max_latency_ms,
+        front_workers=1 if own.get("one_process") else args.front_workers, one_process=own.get("one_process"),
+        runtime=own.get("runtime"), precision=own.get("precision"), cache_dir=getattr(args, "cache_dir", None),
+        max_concurrent_requests=getattr(args, "max_concurrent_requests", None),
+    )  # fmt: skip
 
 
 def _own_bentoml_home(home: Path, name: str) -> Path:
@@ -119,26 +110,13 @@ def _own_bentoml_home(home: Path, name: str) -> Path:
     return own
 
 
-def following_server(case: Case, args: argparse.Namespace, log: Path, work: Path) -> ServerProcess:
+def following_server(case: Case, args, log: Path, work: Path) -> ServerProcess:
     """`imgcls serve --source mlflow --poll-interval S` on the case's registered model: it
     follows `models:/<name>@champion` of the temporary store in `work`."""
-    from service.cli import serve_command, settings_env
-
-    port = free_port()
-    options = argparse.Namespace(
-        source="mlflow",
-        model_name=case.name,
-        alias=ALIAS,
-        poll_interval_s=args.poll_interval,
-        cache_dir=work / "serve-cache",
-        front_workers=args.front_workers,
-        model_workers=getattr(args, "model_workers", 1),
-        host=HOST,
-        port=port,
-    )
-    env = {**os.environ, **QUIET_ENV, **settings_env(options)}
-    env["MLFLOW_TRACKING_URI"] = tracking_settings(work).tracking_uri
-    return _server(serve_command(HOST, port), env, "/readyz", port, log)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_settings(work).tracking_uri}
+    return imgcls_server(log, env=env, source="mlflow", model_name=case.name, alias=ALIAS,
+                         poll_interval_s=args.poll_interval, cache_dir=work / "serve-cache",
+                         front_workers=args.front_workers, model_workers=getattr(args, "model_workers", 1))  # fmt: skip
 
 
 def mlflow_server(case: Case, args: argparse.Namespace, work: Path) -> ServerProcess:

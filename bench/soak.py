@@ -7,12 +7,13 @@ knows each record's kind from its index alone.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.loadgen import Http, Record, body_files, percentiles
+from bench import harness
+from bench.harness import ms, percentiles
+from bench.loadgen import Http, Record, body_files
 
 # Per 40 requests: 28 /predict, 4 /predict_batch (4 images), 2 /explain, and 6 bad
 # inputs, one or two of each kind. "too_big" is rare on purpose: each is a 20 MiB upload.
@@ -155,7 +156,7 @@ def targets(result: dict) -> list[tuple[bool, str]]:
         growth = mem["growth"]
         ok = growth is not None and growth < GROWTH_LIMIT
         shown = "n/a" if growth is None else f"{growth:+.1%}"
-        checks.append((ok, f"RSS of {key}: {_ms(mem['after_warm_up_mb'])} -> {_ms(mem['end_mb'])} MB, {shown} "
+        checks.append((ok, f"RSS of {key}: {ms(mem['after_warm_up_mb'], 0)} -> {ms(mem['end_mb'], 0)} MB, {shown} "
                            f"(target < {GROWTH_LIMIT:.0%})"))  # fmt: skip
     p99s = sorted(r["p99_ms"] for r in rows[1:] if r["p99_ms"] is not None) or [
         r["p99_ms"] for r in rows if r["p99_ms"] is not None
@@ -168,38 +169,28 @@ def targets(result: dict) -> list[tuple[bool, str]]:
     return checks
 
 
+def with_targets(results: dict) -> dict:
+    """The results with "targets" ({passed, check}) filled in."""
+    return results | {"targets": [{"passed": ok, "check": line} for ok, line in targets(results["result"])]}
+
+
 def render(results: dict) -> str:
     """The Markdown report: settings, the per-minute table, memory per process, targets."""
-    result, out = results["result"], io.StringIO()
-    machine = results["machine"]
-    out.write(f"soak: {results['settings']}\n")
-    out.write(f"machine: {machine['cpu']}, {machine['cores']} cores; load average "
-              f"{machine['load_average_at_start']:.2f} at start, {results['load_average_at_end']:.2f} at end\n\n")  # fmt: skip
-    out.write(
-        "| minute | requests | failed | 5xx | bad inputs 4xx | p50 ms | p99 ms | /predict p99 ms | load |\n"
-    )
-    out.write("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-    for row in result["minutes"]:
-        out.write(f"| {row['minute']} | {row['requests']} | {row['failed']} | {row['status_5xx']} | "
-                  f"{row['bad_4xx']} | {_ms(row['p50_ms'])} | {_ms(row['p99_ms'])} | "
-                  f"{_ms(row['predict_p99_ms'])} | {row.get('load', float('nan')):.2f} |\n")  # fmt: skip
-    out.write(
-        "\n| process | RSS after warm-up MB | RSS at end MB | peak MB | growth |\n|---|---:|---:|---:|---:|\n"
-    )
-    for key, mem in sorted(result["memory"].items()):
-        growth = "n/a" if mem["growth"] is None else f"{mem['growth']:+.1%}"
-        out.write(f"| {key} | {_ms(mem['after_warm_up_mb'])} | {_ms(mem['end_mb'])} | {_ms(mem['peak_mb'])} | "
-                  f"{growth} |\n")  # fmt: skip
-    out.write("\nRSS per process at the end of each minute, MB (mean of its last 10 s):\n")
-    for key, mem in sorted(result["memory"].items()):
-        out.write(f"  {key}: {' '.join(_ms(mb) for mb in mem.get('per_minute_mb', []))}\n")
-    out.write("\ntargets:\n")
-    for ok, line in targets(result):
-        out.write(f"  {'PASS' if ok else 'FAIL'} {line}\n")
+    result = results["result"]
+    minutes = harness.table(
+        ["minute", "requests", "failed", "5xx", "bad inputs 4xx", "p50 ms", "p99 ms", "/predict p99 ms", "load"],
+        ([r["minute"], r["requests"], r["failed"], r["status_5xx"], r["bad_4xx"], ms(r["p50_ms"], 0),
+          ms(r["p99_ms"], 0), ms(r["predict_p99_ms"], 0), f"{r.get('load', float('nan')):.2f}"]
+         for r in result["minutes"]),
+    )  # fmt: skip
+    memory = sorted(result["memory"].items())
+    growth = {key: "n/a" if mem["growth"] is None else f"{mem['growth']:+.1%}" for key, mem in memory}
+    rss = harness.table(["process", "RSS after warm-up MB", "RSS at end MB", "peak MB", "growth"],
+                        ([key, ms(mem["after_warm_up_mb"], 0), ms(mem["end_mb"], 0), ms(mem["peak_mb"], 0),
+                          growth[key]] for key, mem in memory))  # fmt: skip
+    lines = [f"soak: {results['settings']}", "", minutes, "", rss, "", "RSS per process at the end of each minute, MB (mean of its last 10 s):"]  # fmt: skip
+    lines += [f"  {key}: {' '.join(ms(mb, 0) for mb in mem.get('per_minute_mb', []))}" for key, mem in memory]
+    lines += ["", "targets:", *(f"  {'PASS' if ok else 'FAIL'} {line}" for ok, line in targets(result))]
     if result.get("first_errors"):
-        out.write(f"first failures: {result['first_errors']}\n")
-    return out.getvalue()
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}"
+        lines.append(f"first failures: {result['first_errors']}")
+    return "\n".join(lines)

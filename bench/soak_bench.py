@@ -15,33 +15,20 @@ Reported: a row per minute (requests, failures, 5xx, 4xx of bad inputs, p50/p99 
 good requests and p99 of /predict, load average), each process's resident memory at the
 end of minute 1 and at the end, and the targets: 0 responses 5xx, growth under 10% per
 process, every minute's p99 within 2x of the median minute's.
-
-This script only parses arguments and calls the shared modules: bench.cases (the model),
-bench.photos (JPEGs), bench.servers (the service), bench.loadgen (the open loop),
-bench.sampling (memory), bench.soak (mix, analysis, report).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import time
 from pathlib import Path
 
-if not __package__:  # `python bench/soak_bench.py` from a checkout: make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import harness, loadgen, soak
+from bench.cases import register_case
+from bench.photos import PHOTO_SIZE, photo_jpegs
+from bench.sampling import TreeSampler, bentoml_role
+from bench.servers import service_server
 
-from bench import loadgen, soak  # noqa: E402
-from bench.cases import register_case  # noqa: E402
-from bench.machine import bench_home, machine, quiet_environment  # noqa: E402
-from bench.photos import PHOTO_SIZE, photo_jpegs  # noqa: E402
-from bench.sampling import TreeSampler, bentoml_role  # noqa: E402
-from bench.serve_bench import stop_on_signals  # noqa: E402
-from bench.servers import service_server  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 DISTINCT_IMAGES = 32
 # 20 requests/s keeps the demo model and two fronts at about a third of two cores,
 # leaving room for the clients and for other jobs: a soak, not a stress test.
@@ -53,7 +40,7 @@ def per_process(proc, server_pid: int) -> str:
     return f"{bentoml_role(proc, server_pid)} {proc.pid}"
 
 
-def run_soak(args: argparse.Namespace, work: Path, jpegs: list[bytes], stop) -> dict:
+def run_soak(args, work: Path, jpegs: list[bytes], stop) -> dict:
     """Register the demo model, serve it, drive the open loop, analyse."""
     from service.settings import ServiceSettings
 
@@ -88,57 +75,36 @@ def run_soak(args: argparse.Namespace, work: Path, jpegs: list[bytes], stop) -> 
     }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--minutes", type=int, default=10, help="length of the soak in minutes (10)")
-    parser.add_argument("--rate", type=float, default=DEFAULT_RATE, help="requests started per second (20)")
-    parser.add_argument("--max-in-flight", type=int, default=64, help="Locust users, at most (64)")
-    parser.add_argument(
-        "--request-timeout", type=float, default=30, help="client timeout per request, s (30)"
-    )
-    parser.add_argument("--front-workers", type=int, default=2, help="service's HTTP fronts (2)")
-    parser.add_argument("--max-batch-size", type=int, default=32, help="service's largest batch (32)")
-    parser.add_argument(
-        "--max-latency-ms", type=int, default=10_000, help="service's batching deadline (10000)"
-    )
-    parser.add_argument("--quick", action="store_true", help="one minute (a smoke run)")
-    parser.add_argument(
-        "--shared", type=Path, default=ROOT.parent / "shared", help="folder with data/ (photos)"
-    )
-    parser.add_argument("--logs", type=Path, help="keep the server log in this folder (default: dropped)")
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / ".imgcls/bench/soak_bench.json", help="JSON results"
-    )
-    args = parser.parse_args(argv)
+def parse_args(argv: list[str] | None = None):
+    p = harness.parser(__doc__, "soak_bench.json", front_workers=2)
+    p.add_argument("--minutes", type=int, default=10, help="length of the soak in minutes (10)")
+    p.add_argument("--rate", type=float, default=DEFAULT_RATE, help="requests started per second (20)")
+    p.add_argument("--max-in-flight", type=int, default=64, help="Locust users, at most (64)")
+    p.add_argument("--request-timeout", type=float, default=30, help="client timeout per request, s (30)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="service's largest batch (32)")
+    p.add_argument("--max-latency-ms", type=int, default=10_000, help="service's batching deadline (10000)")
+    p.add_argument("--quick", action="store_true", help="one minute (a smoke run)")
+    args = p.parse_args(argv)
     if args.quick:
         args.minutes = 1
     if args.minutes < 1 or args.rate <= 0:
-        parser.error("--minutes must be 1 or more and --rate above 0")
+        p.error("--minutes must be 1 or more and --rate above 0")
     return args
+
+
+def measure(args, work: Path, stop) -> dict:
+    jpegs, source = photo_jpegs(args.shared, DISTINCT_IMAGES)
+    settings = {k: getattr(args, k) for k in ("minutes", "rate", "front_workers", "max_in_flight")}
+    return {"images": f"{len(jpegs)} JPEGs at {PHOTO_SIZE}: {source}", "settings": settings,
+            "mix_per_40": dict(soak.MIX), "result": run_soak(args, work, jpegs, stop)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the arguments, soak the service in a temporary MLflow and BentoML home, report."""
-    quiet_environment()
     args = parse_args(argv)
-    stop = stop_on_signals()
-    started = time.perf_counter()
-    with bench_home("imgcls-soak-bench-", args.logs) as (work, args.log_dir):
-        jpegs, source = photo_jpegs(args.shared, DISTINCT_IMAGES)
-        results: dict = {"machine": machine(), "images": f"{len(jpegs)} JPEGs at {PHOTO_SIZE}: {source}"}
-        results["settings"] = {
-            k: getattr(args, k) for k in ("minutes", "rate", "front_workers", "max_in_flight")
-        }
-        results["mix_per_40"] = dict(soak.MIX)
-        results["result"] = run_soak(args, work, jpegs, stop)
-        results |= {"seconds": time.perf_counter() - started, "load_average_at_end": os.getloadavg()[0]}
-    results["targets"] = [{"passed": ok, "check": line} for ok, line in soak.targets(results["result"])]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, default=str))
-    print(soak.render(results))
-    print(f"results: {args.out}")
+    harness.run(
+        "soak-bench", args, lambda work, stop: measure(args, work, stop), soak.render, soak.with_targets
+    )
 
 
 if __name__ == "__main__":

@@ -20,33 +20,16 @@ Needs ../shared (not shipped with the package); prints a Markdown table and writ
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 
-if not __package__:  # `python bench/train_bench.py` from a checkout: make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.machine import machine, quiet_environment  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def extract(archive: Path, dest: Path) -> Path:
-    """Unpack a shared data archive once; returns the folder holding train/ and test/."""
-    marker = dest / ".done"
-    if not marker.exists():
-        with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter="data")
-        marker.touch()
-    return next(p.parent for p in dest.rglob("train") if p.is_dir())
+from bench import harness
+from bench.train_data import extract
 
 
 def run(config, home: Path):
+    """One tracked training run of `config` into a SQLite MLflow store in `home`."""
     from imgcls.settings import TrackingSettings
     from training.train import train
 
@@ -54,48 +37,31 @@ def run(config, home: Path):
     return train(config, settings)
 
 
-def quality(shared: Path, work: Path) -> dict:
+def train_with(home: Path, **options):
+    """`run` of the default config with `options` (config fields; "augment.enabled" and such too)."""
     from training.config import load_config
 
-    out = {}
+    return run(load_config(None, **options), home)
+
+
+def quality(shared: Path, work: Path) -> dict:
+    off = {"augment.enabled": False}
     mnist = extract(shared / "data/mnist-png.tar.gz", work / "mnist")
-    config = load_config(
-        None,
-        data=mnist,
-        backbone="simple_cnn",
-        image_size=28,
-        epochs=5,
-        batch_size=32,
-        **{"augment.enabled": False},
+    result = train_with(
+        work / "runs", data=mnist, backbone="simple_cnn", image_size=28, epochs=5, batch_size=32, **off
     )
-    result = run(config, work / "runs")
-    out["mnist_simple_cnn"] = {
-        "test_images": len(result.evaluation.y_true),
-        "epochs": len(result.history["loss"]),
-        "test_accuracy": result.metrics["accuracy"],
-        "seconds": sum(result.epoch_seconds),
-    }
+    out = {"mnist_simple_cnn": {"test_images": len(result.evaluation.y_true), "epochs": len(result.history["loss"]),
+                                "test_accuracy": result.metrics["accuracy"], "seconds": sum(result.epoch_seconds)}}  # fmt: skip
     cifar = extract(shared / "data/cifar10-small.tar.gz", work / "cifar")
-    weights = shared / "weights/vgg16_imagenet_notop.h5"
+    weights = str(shared / "weights/vgg16_imagenet_notop.h5")
     # The course's figures read the last block; the third row is today's default at 96 px.
-    rows = (("pretrained", str(weights), "last"), ("random", "none", "last"))
-    for label, value, blocks in (*rows, ("pretrained_two_blocks", str(weights), "auto")):
-        config = load_config(
-            None,
-            data=cifar,
-            backbone="vgg16",
-            weights=value,
-            image_size=96,
-            epochs=30,
-            backbone_blocks=blocks,
-            **{"augment.enabled": False},
-        )
-        result = run(config, work / "runs")
-        out[f"cifar10_vgg16_{label}"] = {
-            "test_images": len(result.evaluation.y_true),
-            "test_accuracy": result.metrics["accuracy"],
-            "test_macro_f1": result.metrics["macro_f1"],
-        }
+    for label, value, blocks in (("pretrained", weights, "last"), ("random", "none", "last"),
+                                 ("pretrained_two_blocks", weights, "auto")):  # fmt: skip
+        result = train_with(work / "runs", data=cifar, backbone="vgg16", weights=value, image_size=96, epochs=30,
+                            backbone_blocks=blocks, **off)  # fmt: skip
+        out[f"cifar10_vgg16_{label}"] = {"test_images": len(result.evaluation.y_true),
+                                         "test_accuracy": result.metrics["accuracy"],
+                                         "test_macro_f1": result.metrics["macro_f1"]}  # fmt: skip
     return out
 
 
@@ -117,8 +83,6 @@ def forward_throughput(backbone: str, size: int, images: int, batch: int) -> flo
 
 
 def speed(shared: Path, work: Path, backbone: str = "vgg16", size: int = 96, epochs: int = 4) -> dict:
-    from training.config import load_config
-
     cifar = extract(shared / "data/cifar10-small.tar.gz", work / "cifar")
     base = {"data": cifar, "backbone": backbone, "weights": "none", "image_size": size, "epochs": epochs}
     base |= {"early_stopping_patience": 100, "batch_size": 32}
@@ -129,15 +93,11 @@ def speed(shared: Path, work: Path, backbone: str = "vgg16", size: int = 96, epo
         ("augmented", {"augment.enabled": True, "augment_passes": 0}),
         ("augmented_cached_passes", {"augment.enabled": True}),
     ):
-        result = run(load_config(None, **base, **extra), work / "runs")
-        n = len(result.scan.files["train"])
-        seconds = result.epoch_seconds
-        out[label] = {
-            "train_images": n,
-            "epoch1_images_per_s": n / seconds[0],
-            "later_epochs_images_per_s": n / (sum(seconds[1:]) / len(seconds[1:])),
-            "later_epoch_fraction_of_epoch1": (sum(seconds[1:]) / len(seconds[1:])) / seconds[0],
-        }
+        result = train_with(work / "runs", **base, **extra)
+        n, first, *later = len(result.scan.files["train"]), *result.epoch_seconds
+        later_s = sum(later) / len(later)
+        out[label] = {"train_images": n, "epoch1_images_per_s": n / first, "later_epochs_images_per_s": n / later_s,
+                      "later_epoch_fraction_of_epoch1": later_s / first}  # fmt: skip
     out["forward_images_per_s"] = forward_throughput(backbone, size, images=1000, batch=32)
     out["augmented_vs_forward"] = out["augmented"]["later_epochs_images_per_s"] / out["forward_images_per_s"]
     return out
@@ -222,11 +182,9 @@ PASS_TARGET = ("run / pass", lambda r: r["seconds_vs_backbone_pass"] <= 2, "<= 2
 
 def defaults_table(rows: dict) -> str:
     """The defaults rows as the Markdown table of docs/benchmarks.md."""
-    lines = [
-        "| row | options | images train/val/test | augmentation | epochs | test accuracy | seconds "
-        "| backbone pass (all images) | run / pass | linear probe | target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["row", "options", "images train/val/test", "augmentation", "epochs", "test accuracy", "seconds",
+              "backbone pass (all images)", "run / pass", "linear probe", "target"]  # fmt: skip
+    lines = []
     for name, r in rows.items():
         images = "/".join(str(r["images"][s]) for s in ("train", "val", "test"))
         options = ", ".join(f"{k}={Path(v).name if k == 'weights' else v}" for k, v in r["options"].items())
@@ -239,11 +197,9 @@ def defaults_table(rows: dict) -> str:
         if "seconds_vs_backbone_pass" in r and "search" not in r["options"]:
             targets.append(PASS_TARGET)  # any folder, the default command
         target = "; ".join(f"{text}: {'met' if met(r) else 'missed'}" for _, met, text in targets)
-        lines.append(
-            f"| {name} | {options} | {images} | {augmentation} | {r['epochs']} | {r['test_accuracy']:.4f} "
-            f"| {r['seconds']:.1f} | {pass_s} | {ratio} | {probe} | {target} |"
-        )
-    return "\n".join(lines)
+        lines.append([name, options, images, augmentation, r["epochs"], f"{r['test_accuracy']:.4f}",
+                      f"{r['seconds']:.1f}", pass_s, ratio, probe, target])  # fmt: skip
+    return harness.table(header, lines)
 
 
 def _mlflow_run(run_id: str):
@@ -293,36 +249,10 @@ def backbone_pass_and_probe(result, config) -> dict:
     return out
 
 
-def main() -> None:
-    quiet_environment()
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--only", choices=["quality", "speed", "defaults"], help="run one part only")
-    parser.add_argument(
-        "--rows",
-        default=",".join(DEFAULT_ROWS),
-        help=f"defaults rows, comma-separated ({', '.join(DEFAULT_ROWS)})",
-    )
-    parser.add_argument(
-        "--seeds", help="defaults rows: run each once per seed, comma-separated (e.g. 42,0,1,2)"
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="defaults rows: a config field added to every row (e.g. ensemble_fit=train); repeatable",
-    )
-    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="the shared data folder")
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / ".imgcls/bench/train_bench.json", help="JSON results file"
-    )
-    args = parser.parse_args()
+def measure(args, work: Path) -> dict:
     if not (args.shared / "data").is_dir():
         raise SystemExit(f"shared data not found at {args.shared} (pass --shared)")
-    work = Path(tempfile.mkdtemp(prefix="imgcls-bench-"))
-    results: dict = {"machine": machine()}
+    results: dict = {}
     if args.only in (None, "quality"):
         results["quality"] = quality(args.shared, work)
     if args.only in (None, "speed"):
@@ -331,11 +261,32 @@ def main() -> None:
         seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else None
         extra = dict(field.split("=", 1) for field in args.set)
         results["defaults"] = defaults(args.shared, work, args.rows.split(","), seeds, extra)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    print(json.dumps(results, indent=1))
-    if "defaults" in results:
-        print(defaults_table(results["defaults"]))
+    return results
+
+
+def render(results: dict) -> str:
+    text = json.dumps(results, indent=1)
+    return text + ("\n" + defaults_table(results["defaults"]) if "defaults" in results else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = harness.parser(__doc__, "train_bench.json", logs=False)
+    p.add_argument("--only", choices=["quality", "speed", "defaults"], help="run one part only")
+    p.add_argument(
+        "--rows",
+        default=",".join(DEFAULT_ROWS),
+        help=f"defaults rows, comma-separated ({', '.join(DEFAULT_ROWS)})",
+    )
+    p.add_argument("--seeds", help="defaults rows: run each once per seed, comma-separated (e.g. 42,0,1,2)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="defaults rows: a config field added to every row (e.g. ensemble_fit=train); repeatable",
+    )
+    args = p.parse_args(argv)
+    harness.run("train-bench", args, lambda work, _stop: measure(args, work), render)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Folders the training benchmarks train on, made once from the archives in ../shared.
 
+- `extract`: an archive unpacked as it is (train/ and test/).
 - `mnist_subset`: the first N training images of each digit (the issue's "MNIST, 500 per
   class"), one folder per class; the run carves validation and test from it.
 - `photo_folder`: ../shared has no photo set, so CIFAR-10 photos upscaled to 256x256 JPEGs
@@ -12,6 +13,16 @@ from __future__ import annotations
 import io
 import tarfile
 from pathlib import Path
+
+
+def extract(archive: Path, dest: Path) -> Path:
+    """Unpack a shared data archive once; returns the folder holding train/ and test/."""
+    marker = dest / ".done"
+    if not marker.exists():
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest, filter="data")
+        marker.touch()
+    return next(p.parent for p in dest.rglob("train") if p.is_dir())
 
 
 def mnist_subset(archive: Path, dest: Path, per_class: int) -> Path:

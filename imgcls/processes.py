@@ -348,7 +348,15 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         """Start the server and wait until it is ready; stops it if it never is."""
+        return self.launch().wait_ready()
+
+    def launch(self) -> ServerProcess:
+        """Start the server without waiting for it (`wait_ready` next): several can start at once."""
         self.proc = start(self.cmd, self.log_path, self.env, self.cwd)
+        return self
+
+    def wait_ready(self) -> ServerProcess:
+        """Wait until the launched server is ready; stops it if it never is."""
         try:
             wait_ready(self.ready_url, self.proc, self.log_path, self.timeout_s)
         except BaseException:

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import litserve as ls
 
-from bench.peers import args as cli
-from bench.peers import work
+from bench.peers import parse, work
 
 
 class ImageAPI(ls.LitAPI):
@@ -43,7 +42,7 @@ class ImageAPI(ls.LitAPI):
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = cli.parse(__doc__, argv)
+    args = parse(__doc__, argv)
     api = ImageAPI(args, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
     server = ls.LitServer(api, accelerator="cpu", timeout=120)
     server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")

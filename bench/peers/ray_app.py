@@ -16,8 +16,7 @@ import threading
 
 from starlette.requests import Request
 
-from bench.peers import args as cli
-from bench.peers import work
+from bench.peers import parse, work
 
 
 def build_app(args):
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from ray import serve
 
-    args = cli.parse(__doc__, argv)
+    args = parse(__doc__, argv)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
