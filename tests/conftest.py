@@ -119,6 +119,16 @@ def shapes_dir_shared(tmp_path_factory) -> Path:
     return write_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes")
 
 
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> Path:
+    """A BentoML home holding the tiny model of tests/service_fixtures.py as registry
+    version 7, written once per worker (a child process that imports BentoML): the service
+    tests give each server a copy (`service_fixtures.copy_store`), not a process each."""
+    from tests.service_fixtures import write_tiny_store
+
+    return write_tiny_store(tmp_path_factory.mktemp("tiny_store"))
+
+
 @pytest.fixture
 def tracking(tmp_path):
     """TrackingSettings on a fresh SQLite MLflow store inside tmp_path."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -233,28 +234,39 @@ class Clients:
         raise TimeoutError(f"clients never all got version {version}: {self.versions_since(started)}")
 
 
-def store_tiny_model(model_file: Path, env: dict[str, str]) -> None:
-    """Save the tiny model in the BentoML store of `env` as registry version 7 (a child
-    process, so this one never imports BentoML's store with another BENTOML_HOME)."""
+def write_tiny_store(home: Path) -> Path:
+    """`home`, a BentoML home holding the tiny model as registry version 7 (saved by a child
+    process, so this one never imports BentoML's store with another BENTOML_HOME). The
+    `tiny_store` fixture writes it once per worker; servers get copies (`copy_store`)."""
     save = (
         "import sys; from imgcls.modelcard import ModelCard; from service.store import "
         "save_to_bento_store as s; "
         "s(sys.argv[1], ModelCard.model_validate_json(sys.argv[2]), 'image-classifier', 7)"
     )
+    model_file = save_tiny_model(home)
     card = tiny_card().model_dump_json()
     root = Path(__file__).resolve().parents[1]
+    env = service_env(home)
     subprocess.run([sys.executable, "-c", save, str(model_file), card], env=env, check=True, cwd=root)
+    return home
+
+
+def copy_store(store: Path, home: Path) -> Path:
+    """`home` (a server's BentoML home) holding a copy of the models of `store` (a BentoML
+    home written by `write_tiny_store`): each server's store is its own."""
+    shutil.copytree(store / "models", home / "models", dirs_exist_ok=True)
+    return home
 
 
 @contextlib.contextmanager
 def tiny_model_server(
-    home: Path, model_file: Path, hooks: dict[str, str] | None = None, **settings: object
+    home: Path, store: Path, hooks: dict[str, str] | None = None, **settings: object
 ) -> Iterator[ServerProcess]:
-    """A real `bentoml serve` of the tiny model (BentoML store under `home`, registry
-    version 7), stopped at the end of the block. `hooks`: IMGCLS_HOOK_<STEP> values."""
-    env = service_env(home, **settings)
+    """A real `bentoml serve` of the tiny model (a copy of the `tiny_store` fixture's
+    BentoML store under `home`: registry version 7), stopped at the end of the block.
+    `hooks`: IMGCLS_HOOK_<STEP> values."""
+    env = service_env(copy_store(store, home), **settings)
     env.update({f"IMGCLS_HOOK_{step.upper()}": action for step, action in (hooks or {}).items()})
-    store_tiny_model(model_file, env)
     root = Path(__file__).resolve().parents[1]
     port = free_port()
     cmd = serve_command("127.0.0.1", port)

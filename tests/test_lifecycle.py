@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -30,7 +29,7 @@ from imgcls.processes import (
     wait_ready,
 )
 from service.cli import serve_command
-from tests.service_fixtures import colour_image, encode, save_tiny_model, service_env, tiny_card
+from tests.service_fixtures import colour_image, copy_store, encode, service_env
 
 # timing: every test bounds how long a stop takes (seconds, on a busy machine too).
 pytestmark = [pytest.mark.slow, pytest.mark.timing]
@@ -39,18 +38,9 @@ GRACEFUL_S = 10  # the serve tests' --graceful-timeout
 
 
 @pytest.fixture(scope="module")
-def bento_home(tmp_path_factory) -> Path:
+def bento_home(tmp_path_factory, tiny_store) -> Path:
     """A BentoML store holding the tiny model as registry version 7."""
-    home = tmp_path_factory.mktemp("bentoml_home")
-    model_file = save_tiny_model(tmp_path_factory.mktemp("model"))
-    save = (
-        "import sys; from imgcls.modelcard import ModelCard; from service.store import "
-        "save_to_bento_store as s; "
-        "s(sys.argv[1], ModelCard.model_validate_json(sys.argv[2]), 'image-classifier', 7)"
-    )
-    card = tiny_card().model_dump_json()
-    subprocess.run([sys.executable, "-c", save, str(model_file), card], env=service_env(home), check=True)
-    return home
+    return copy_store(tiny_store, tmp_path_factory.mktemp("bentoml_home"))
 
 
 def _serve_env(bento_home: Path, hold: Path) -> dict[str, str]:

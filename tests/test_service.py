@@ -29,13 +29,13 @@ from tests.service_fixtures import (
     bomb_png,
     cmyk_jpeg,
     colour_image,
+    copy_store,
     encode,
     exif_rotated_jpeg,
     palette_png_with_transparency,
     png16,
     save_tiny_model,
     service_env,
-    tiny_card,
 )
 
 pytestmark = pytest.mark.slow
@@ -52,14 +52,14 @@ def model_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module", params=["two-processes", "one-process"])
-def server(request, tmp_path_factory, model_file) -> str:
+def server(request, tmp_path_factory, tiny_store) -> str:
     """A real server on the tiny model (BentoML store, registry version 7); its base URL.
 
     Two front processes and a model process: every test below also holds whichever front
     answers. One process: the front holds the model, no model process starts.
     """
     one_process = request.param == "one-process"
-    home = tmp_path_factory.mktemp("bentoml_home")
+    home = copy_store(tiny_store, tmp_path_factory.mktemp("bentoml_home"))
     env = service_env(
         home,
         max_upload_bytes=MAX_UPLOAD,
@@ -73,13 +73,6 @@ def server(request, tmp_path_factory, model_file) -> str:
         front_upload_memory_mib=1,  # two of the biggest uploads at once: the second is refused
     )
     env["IMGCLS_HOOK_MODEL_CALL"] = f"hold:{home / 'hold-model'}"  # see test_concurrent_...
-    card = tiny_card().model_dump_json()
-    save = (
-        "import sys; from imgcls.modelcard import ModelCard; from service.store import "
-        "save_to_bento_store as s; "
-        "s(sys.argv[1], ModelCard.model_validate_json(sys.argv[2]), 'image-classifier', 7)"
-    )
-    subprocess.run([sys.executable, "-c", save, str(model_file), card], env=env, check=True)
     port = free_port()
     root = Path(__file__).resolve().parents[1]
     with ServerProcess(

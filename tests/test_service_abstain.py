@@ -27,10 +27,10 @@ def _abstentions(url: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def abstaining_server(tmp_path_factory) -> str:
+def abstaining_server(tmp_path_factory, tiny_store) -> str:
     """A real server of the tiny model with `--min-confidence 0.5`; its base URL."""
     folder = tmp_path_factory.mktemp("abstain")
-    with tiny_model_server(folder / "home", save_tiny_model(folder), min_confidence=0.5) as srv:
+    with tiny_model_server(folder / "home", tiny_store, min_confidence=0.5) as srv:
         yield srv.url
 
 

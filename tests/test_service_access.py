@@ -16,10 +16,9 @@ from service.settings import read_keys
 from tests.browser import Chromium
 from tests.service_fixtures import (
     colour_image,
+    copy_store,
     encode,
-    save_tiny_model,
     service_env,
-    store_tiny_model,
     tiny_model_server,
 )
 
@@ -40,28 +39,22 @@ PROTECTED = [
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
-def keyed_server(tmp_path_factory, model_file) -> str:
+def keyed_server(tmp_path_factory, tiny_store) -> str:
     """A real server with one key inline and one from a keys file; its base URL."""
     home = tmp_path_factory.mktemp("keyed_home")
     keys = home / "keys.txt"
     keys.write_text(f"# the team's keys\n{FILE_KEY}\n\n")
-    with tiny_model_server(home, model_file, api_keys=INLINE_KEY, api_keys_file=keys) as srv:
+    with tiny_model_server(home, tiny_store, api_keys=INLINE_KEY, api_keys_file=keys) as srv:
         yield srv.url
 
 
 @pytest.fixture(scope="module")
-def cli_server(tmp_path_factory, model_file) -> str:
+def cli_server(tmp_path_factory, tiny_store) -> str:
     """`imgcls serve --api-keys-file F --protect-probes` on the tiny model; its base URL."""
     home = tmp_path_factory.mktemp("cli_home")
     keys = home / "keys.txt"
     keys.write_text(FILE_KEY + "\n")
-    env = service_env(home)
-    store_tiny_model(model_file, env)
+    env = service_env(copy_store(tiny_store, home))
     port = free_port()
     cmd = [sys.executable, "-m", "imgcls.cli", "serve", "--port", str(port), "--api-keys-file", str(keys)]
     cmd.append("--protect-probes")

@@ -17,7 +17,6 @@ import pytest
 from tests.service_fixtures import (
     colour_image,
     encode,
-    save_tiny_model,
     tiny_model_server,
 )
 
@@ -33,12 +32,11 @@ GIVE_UP_S = 2
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> tuple[str, int, Path]:
+def server(tmp_path_factory, tiny_store) -> tuple[str, int, Path]:
     """A real server on the tiny model whose heatmaps fail (a real 5xx); its URL, port, log."""
     home = tmp_path_factory.mktemp("malformed_home")
-    model = save_tiny_model(tmp_path_factory.mktemp("model"))
     with tiny_model_server(
-        home, model, hooks={"heatmap": "fail"}, max_upload_bytes=MAX_UPLOAD, max_batch_images=4
+        home, tiny_store, hooks={"heatmap": "fail"}, max_upload_bytes=MAX_UPLOAD, max_batch_images=4
     ) as srv:
         yield srv.url, srv.port, home / "server.log"
 

@@ -3,8 +3,6 @@ its memory stays bounded, with no ML framework loaded in it (see bench/memory_be
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -13,9 +11,8 @@ import pytest
 
 from bench.hostile import WORST_CASES, long_thin_png, png_16bit_grey
 from bench.sampling import bentoml_role, process_tree
-from imgcls.processes import ServerProcess, free_port
-from service.cli import serve_command
-from tests.service_fixtures import save_tiny_model, service_env, tiny_card
+from imgcls.processes import ServerProcess
+from tests.service_fixtures import tiny_model_server
 
 pytestmark = pytest.mark.slow
 # Loose on purpose: an idle front is ~110 MB and one 40 MP decode ~160 MB; before this
@@ -24,25 +21,9 @@ FRONT_RSS_BOUND = 600 * 1024**2
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> ServerProcess:
-    """One front, one model process, today's default limits, the tiny model as v3."""
-    home = tmp_path_factory.mktemp("bentoml_home")
-    env = service_env(home, poll_interval_s=0)
-    model = save_tiny_model(tmp_path_factory.mktemp("model"))
-    save = (
-        "import sys; from imgcls.modelcard import ModelCard; from service.store import "
-        "save_to_bento_store as s; "
-        "s(sys.argv[1], ModelCard.model_validate_json(sys.argv[2]), 'image-classifier', 3)"
-    )
-    subprocess.run(
-        [sys.executable, "-c", save, str(model), tiny_card().model_dump_json()], env=env, check=True
-    )
-    port = free_port()
-    root = Path(__file__).resolve().parents[1]
-    with ServerProcess(
-        serve_command("127.0.0.1", port), f"http://127.0.0.1:{port}/readyz", home / "server.log",
-        env=env, cwd=root, port=port, timeout_s=150,
-    ) as srv:  # fmt: skip
+def server(tmp_path_factory, tiny_store) -> ServerProcess:
+    """One front, one model process, today's default limits, the tiny model as v7."""
+    with tiny_model_server(tmp_path_factory.mktemp("bentoml_home"), tiny_store, poll_interval_s=0) as srv:
         yield srv
 
 
@@ -56,7 +37,7 @@ def test_worst_case_uploads_are_answered_and_the_front_stays_small(server):
     for name, data in uploads * 2:
         response = httpx.post(f"{server.url}/predict", files={"image": (name, data)}, timeout=60)
         assert response.status_code == 200, (name, response.text)
-        assert response.json()["version"] == "3"
+        assert response.json()["version"] == "7"
     explained = httpx.post(f"{server.url}/explain", files={"image": uploads[1]}, timeout=60)
     assert explained.status_code == 200
     (front,) = _fronts(server)

@@ -16,7 +16,7 @@ from bentoml.exceptions import ServiceUnavailable
 
 from service.settings import ServiceSettings
 from service.shedding import HeatmapLane, heatmap_pause, model_max_concurrency
-from tests.service_fixtures import colour_image, encode, save_tiny_model, tiny_model_server
+from tests.service_fixtures import colour_image, encode, tiny_model_server
 
 MAX_EXPLAINS = 2
 MAX_REQUESTS = 4
@@ -24,14 +24,13 @@ RED = encode(colour_image("red"), "PNG")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> tuple[str, Path]:
+def server(tmp_path_factory, tiny_store) -> tuple[str, Path]:
     """A real server (one front) with small limits and held heatmaps / model calls; its URL
     and the folder of its hold files."""
     home = tmp_path_factory.mktemp("overload_home")
-    model = save_tiny_model(tmp_path_factory.mktemp("model"))
     hooks = {"heatmap": f"hold:{home / 'hold-heatmap'}", "model_call": f"hold:{home / 'hold-model'}"}
     limits = {"max_concurrent_explains": MAX_EXPLAINS, "max_concurrent_requests": MAX_REQUESTS}
-    with tiny_model_server(home, model, hooks=hooks, **limits) as srv:
+    with tiny_model_server(home, tiny_store, hooks=hooks, **limits) as srv:
         yield srv.url, home
 
 
