@@ -52,7 +52,7 @@ demo: install ## train, register, promote and serve the digits demo, then show a
 # worker (one team stack, a module's servers, the timing tests) in one xdist_group each.
 XDIST := -n 2 --dist loadgroup
 
-test: install peers browser postgres ## run the test suite on both cores (16-34 minutes on 2 cores by CPU, install included)
+test: install peers browser postgres ## run the test suite on both cores (about 11 minutes on 2 AVX-512 cores, install included)
 	$(BIN)/pytest -q $(XDIST) --durations=15
 
 test-fast: install ## the suite without the slow tests
