@@ -6,9 +6,10 @@ input size, on its decode threads: on the CPU, in the batch, just before its for
 with a GPU (`--gpu`), on arrival, while the previous batch runs there. On the CPU the
 forward pass already uses every core: a decode beside it slows it down, and a request shed
 in the queue is never decoded (docs/benchmarks.md, "Decodes between forward passes"). The
-batch reads the served model once: an image decoded for a model that a swap replaced meanwhile
-(another input size) is decoded again from its bytes for the model that now computes it. A request's images stay together in one batch (service/batching.py),
-so one version answers all of them, and each answer names it: no retry, nothing stale.
+batch reads the served model once: an image decoded for a model that a swap replaced
+meanwhile (another input size) is decoded again from its bytes for the model that now
+computes it. A request's images stay together in one batch (service/batching.py), so one
+version answers all of them, and each answer names it: no retry, nothing stale.
 """
 
 from __future__ import annotations
